@@ -1,0 +1,1 @@
+"""The user-facing language: sparsity specs, policy strings, the decorator and sparsify()."""

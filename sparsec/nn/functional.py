@@ -1,0 +1,93 @@
+"""The CPU execution path: sparse matmul forward, input gradient and sampled weight gradient.
+
+``Y = X @ W^T`` runs as a CSR product; ``dX = dY @ W`` as a product with the CSR of ``W^T``; the
+gradient of the kept values is ``dY^T @ X`` sampled at the kept positions (SDDMM,
+``torch.sparse.sampled_addmm``), so the dense ``[out, in]`` weight gradient never exists. A layer
+armed for a grow step hands ``dY`` and ``X`` to its capture object in the backward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from sparsec.nn.formats import Layout
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
+
+
+@dataclass(frozen=True)
+class CSRPlan:
+    """CSR index structures of ``W`` and ``W^T`` for one mask, and where each value goes."""
+
+    shape: tuple[int, int]
+    crow: torch.Tensor
+    col: torch.Tensor
+    order: torch.Tensor | None  # CSR slot -> stored value (None: stored order is CSR order)
+    crow_t: torch.Tensor
+    col_t: torch.Tensor
+    order_t: torch.Tensor  # CSR-of-W^T slot -> stored value
+
+    @staticmethod
+    def build(layout: Layout, flat_items: torch.Tensor) -> CSRPlan:
+        out, inn = layout.out_features, layout.in_features
+        elem = layout.element_positions(flat_items)
+        order = None if layout.item == (1, 1) else elem.argsort()
+        sorted_elem = elem if order is None else elem[order]
+        rows, cols = sorted_elem // inn, sorted_elem % inn
+        crow = _offsets(rows, out)
+        order_t = (elem % inn * out + elem // inn).argsort()
+        rows_t, cols_t = elem[order_t] % inn, elem[order_t] // inn
+        return CSRPlan((out, inn), crow, cols, order, _offsets(rows_t, inn), cols_t, order_t)
+
+    def weight(self, values: torch.Tensor) -> torch.Tensor:
+        v = values.reshape(-1)
+        return _csr(self.crow, self.col, v if self.order is None else v[self.order], self.shape)
+
+    def weight_t(self, values: torch.Tensor) -> torch.Tensor:
+        return _csr(self.crow_t, self.col_t, values.reshape(-1)[self.order_t], self.shape[::-1])
+
+    def sampled_grad(self, dy: torch.Tensor, x: torch.Tensor, values_shape) -> torch.Tensor:
+        """``(dY^T @ X)`` at the kept positions, in stored value order."""
+        pattern = _csr(self.crow, self.col, torch.zeros(self.col.numel(), dtype=dy.dtype, device=dy.device), self.shape)
+        sampled = torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
+        if self.order is None:
+            return sampled.view(values_shape)
+        out = torch.empty_like(sampled)
+        out[self.order] = sampled
+        return out.view(values_shape)
+
+
+def _offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    return crow
+
+
+class SparseMatmul(torch.autograd.Function):
+    """``y2d = x2d @ W^T`` for a compressed ``W``; gradients for ``x2d`` and the kept values only."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, plan: CSRPlan, capture):
+        ctx.plan, ctx.capture = plan, capture
+        ctx.save_for_backward(x2d, values)
+        return torch.sparse.mm(plan.weight(values), x2d.t()).t()
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2d, values = ctx.saved_tensors
+        plan: CSRPlan = ctx.plan
+        dx = dvalues = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.sparse.mm(plan.weight_t(values), dy.t()).t()
+        if ctx.needs_input_grad[1]:
+            dvalues = plan.sampled_grad(dy, x2d, values.shape)
+        if ctx.capture is not None:
+            ctx.capture.observe(dy, x2d)
+        return dx, dvalues, None, None
