@@ -1,0 +1,26 @@
+"""sparsec: declared sparsity, real compressed layers, and RigL-family mask updates.
+
+Stable import paths: the names in ``__all__`` below, ``sparsec.config`` and ``sparsec.errors``.
+Everything else (``sparsec.nn.formats``, ``sparsec.policies.decision``, ...) is internal and may
+change between releases.
+"""
+
+from sparsec import config
+from sparsec.dsl.policy import parse_policy
+from sparsec.dsl.sparsify import sparse, sparsify
+from sparsec.dsl.spec import NM, Block, Dense, FanIn, Unstructured, parse_spec
+from sparsec.errors import ShapeError, SparsecError, SparsecWarning, SpecError
+from sparsec.nn.layers import SparseConv2d, SparseLinear
+from sparsec.policies.base import rigl, set_, static
+from sparsec.policies.decision import rigl_step
+from sparsec.policies.distributions import erk_densities
+from sparsec.train.updater import MaskUpdater
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NM", "Block", "Dense", "FanIn", "Unstructured", "parse_spec", "parse_policy",
+    "SparseLinear", "SparseConv2d", "sparsify", "sparse",
+    "static", "set_", "rigl", "MaskUpdater", "rigl_step", "erk_densities",
+    "SparsecError", "SpecError", "ShapeError", "SparsecWarning", "config",
+]

@@ -1,0 +1,119 @@
+"""``sparsify(model, ...)`` and the ``@sparse(...)`` class decorator.
+
+Both replace ``nn.Linear`` and ``nn.Conv2d`` modules in place with compressed sparse layers that
+start from the dense layer's values at randomly chosen kept positions (the RigL initial topology).
+Per-layer specs come from, in order: ``dense=[...]`` (names or globs kept dense), the first
+matching glob of ``overrides``, else the global ``spec`` spread by ``distribution``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import threading
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from sparsec.dsl.policy import parse_policy
+from sparsec.dsl.spec import Dense, Spec, parse_spec
+from sparsec.errors import SparsecError
+from sparsec.nn.layers import SparseConv2d, SparseLayer, SparseLinear
+from sparsec.policies.base import Policy, rigl
+from sparsec.policies.distributions import DISTRIBUTIONS
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def plan_specs(shapes: Mapping[str, tuple[int, ...]], spec: str | Spec, distribution: str = "uniform",
+               dense: Iterable[str] = (), overrides: Mapping[str, str | Spec] | None = None) -> dict[str, Spec]:
+    """The spec of every named layer (weight ``shapes``) after dense, overrides and the distribution."""
+    spec = parse_spec(spec)
+    dense, overrides = list(dense), dict(overrides or {})
+    if distribution not in DISTRIBUTIONS:
+        raise SparsecError(f"distribution={distribution!r}; choose one of {sorted(DISTRIBUTIONS)}")
+    for pattern in [*dense, *overrides]:
+        if not any(_matches(n, pattern) for n in shapes):
+            raise SparsecError(f"{pattern!r} matches no Linear/Conv2d layer; the layers are {sorted(shapes)}")
+    fixed: dict[str, Spec] = {}
+    for name in shapes:
+        if any(_matches(name, p) for p in dense):
+            fixed[name] = Dense()
+        else:
+            found = next((s for p, s in overrides.items() if _matches(name, p)), None)
+            if found is not None:
+                fixed[name] = parse_spec(found)
+    free = [n for n in shapes if n not in fixed]
+    if distribution != "uniform" and free and not spec.has_free_sparsity:
+        raise SparsecError(
+            f"distribution={distribution!r} sets a sparsity per layer, but spec {spec} fixes each layer's density; "
+            f"use distribution='uniform' or a spec with a sparsity (90%, block(...), fanin(90%))"
+        )
+    result = dict(fixed)
+    if distribution == "uniform" or not free:
+        result.update({n: spec for n in free})  # the spec as written: no float round trip
+    else:
+        densities = DISTRIBUTIONS[distribution]([shapes[n] for n in free], spec.sparsity)
+        for name, density in zip(free, densities):
+            result[name] = Dense() if density >= 1.0 else dataclasses.replace(spec, sparsity=1.0 - density)
+    return {n: result[n] for n in shapes}
+
+
+def sparsify(model: nn.Module, spec: str | Spec = "90%", policy: str | Policy = rigl, distribution: str = "uniform",
+             dense: Iterable[str] = (), overrides: Mapping[str, str | Spec] | None = None) -> nn.Module:
+    """Replace the model's Linear/Conv2d layers with sparse ones, in place; returns the model."""
+    policy = parse_policy(policy)
+    targets = {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, SparseLayer)
+    }
+    if not targets:
+        raise SparsecError("the model has no nn.Linear or nn.Conv2d layers to sparsify")
+    shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
+    specs = plan_specs(shapes, spec, distribution, dense, overrides)
+    for name, module in targets.items():
+        layer_spec = specs[name]
+        if isinstance(layer_spec, Dense):
+            continue
+        kind = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
+        sparse_module = kind.from_dense(module, layer_spec, policy, name=name)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, sparse_module)
+    return model
+
+
+_building = threading.local()
+
+
+def sparse(spec: str | Spec = "90%", policy: str | Policy = rigl, **sparsify_kwargs):
+    """Class decorator: instances of the decorated ``nn.Module`` class come out sparsified.
+
+    ``@sparse(spec="2:4", policy=rigl)`` on a class sparsifies after its ``__init__`` (the
+    outermost decorated ``__init__`` when decorated classes nest). Keyword arguments go to
+    ``sparsify`` (``distribution``, ``dense``, ``overrides``).
+    """
+    parse_spec(spec), parse_policy(policy)  # fail at decoration time on a bad spec or policy
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise SparsecError(f"@sparse decorates torch.nn.Module classes, not {cls!r}")
+        original = cls.__init__
+
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):
+            depth = getattr(_building, "depth", 0)
+            _building.depth = depth + 1
+            try:
+                original(self, *args, **kwargs)
+            finally:
+                _building.depth = depth
+            if depth == 0:
+                sparsify(self, spec=spec, policy=policy, **sparsify_kwargs)
+
+        cls.__init__ = __init__
+        return cls
+
+    return decorate

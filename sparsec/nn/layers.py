@@ -1,0 +1,217 @@
+"""Compressed sparse layers: only kept values are parameters; index buffers say where they sit.
+
+``SparseLinear`` and ``SparseConv2d`` hold no dense weight and no dense mask. ``mask()`` and
+``dense_weight()`` build them on request (tests, plots, export). A conv weight is seen as
+``[out, in * kh * kw]``: one output channel's fan-in, in PyTorch's flattening order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsec.dsl.policy import parse_policy
+from sparsec.dsl.spec import Dense, Spec, parse_spec
+from sparsec.errors import ShapeError, SparsecError
+from sparsec.nn.formats import Layout, make_layout
+from sparsec.nn.functional import CSRPlan, SparseMatmul
+from sparsec.policies.base import Policy, rigl
+
+
+class SparseLayer(nn.Module):
+    """What SparseLinear and SparseConv2d share: storage, positions, updates, dense loading."""
+
+    layout: Layout
+    spec: Spec
+    policy: Policy
+    values: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_sparse(self, spec, policy, out_features: int, in_features: int, weight: torch.Tensor | None,
+                     bias: bool, name: str, device=None, dtype=None) -> None:
+        self.spec = parse_spec(spec)
+        if isinstance(self.spec, Dense):
+            raise SparsecError(f"{name}: spec 'dense' keeps a layer dense; use torch.nn.Linear/Conv2d instead")
+        self.policy = parse_policy(policy)
+        self.layout = make_layout(self.spec, out_features, in_features, name)
+        self.grow_capture = None  # set by MaskUpdater one step before a gradient-driven grow
+        self._cache: tuple | None = None
+        for buf, buf_dtype, shape in self.layout.buffers:
+            self.register_buffer(buf, torch.empty(shape, dtype=buf_dtype, device=device))
+        flat = self.layout.random_positions(device=device)
+        self._write_positions(flat)
+        if weight is None:
+            # The distribution nn.Linear / nn.Conv2d give their dense weight, drawn only where kept.
+            bound = 1.0 / math.sqrt(in_features)
+            values = torch.empty(self.layout.values_shape, device=device, dtype=dtype).uniform_(-bound, bound)
+        else:
+            values = self.layout.values_from_dense(weight.detach().reshape(out_features, in_features), flat)
+            values = values.to(device=device, dtype=dtype or weight.dtype)
+        self.values = nn.Parameter(values.clone())
+        if bias:
+            bound = 1.0 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=self.values.dtype).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    # --- positions -------------------------------------------------------------------------------
+
+    def _buffers_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name, _, _ in self.layout.buffers}
+
+    def _cached(self) -> tuple[torch.Tensor, CSRPlan]:
+        bufs = self._buffers_dict()
+        # In-place writes (load_state_dict, updates) bump _version; .to() changes data_ptr.
+        key = tuple((b._version, b.data_ptr(), b.device) for b in bufs.values())
+        if self._cache is None or self._cache[0] != key:
+            flat = self.layout.decode(bufs)
+            self._cache = (key, flat, CSRPlan.build(self.layout, flat))
+        return self._cache[1], self._cache[2]
+
+    def positions(self) -> torch.Tensor:
+        """Sorted flat item positions (weights, or blocks for block specs) of the kept items."""
+        return self._cached()[0]
+
+    def _write_positions(self, flat: torch.Tensor) -> None:
+        for name, tensor in self.layout.encode(flat).items():
+            getattr(self, name).copy_(tensor)
+
+    @torch.no_grad()
+    def set_positions(self, flat: torch.Tensor, src: torch.Tensor) -> None:
+        """Move to new kept positions; ``src[i]`` is the old slot of new item ``i`` or -1 (grown: 0)."""
+        self.layout.check_positions(flat, what="new mask")
+        self.values.copy_(remap_rows(self.values, src))
+        self._write_positions(flat)
+
+    # --- dense views -----------------------------------------------------------------------------
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.layout.out_features, self.layout.in_features)
+
+    def mask(self) -> torch.Tensor:
+        """Dense boolean mask in the dense weight's shape (materialised on request)."""
+        ones = torch.ones(self.layout.values_shape, dtype=torch.bool, device=self.values.device)
+        return self.layout.to_dense(ones, self.positions()).view(self.weight_shape)
+
+    def dense_weight(self) -> torch.Tensor:
+        """Dense weight with zeros where nothing is kept (materialised on request)."""
+        return self.layout.to_dense(self.values.detach(), self.positions()).view(self.weight_shape)
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if x2d.dtype != self.values.dtype:
+            raise SparsecError(
+                f"input dtype {x2d.dtype} does not match the layer's {self.values.dtype}; "
+                f"cast the input or call layer.to({x2d.dtype})"
+            )
+        if x2d.device != self.values.device:
+            raise SparsecError(f"input on {x2d.device} but the layer on {self.values.device}; move one of them")
+        return SparseMatmul.apply(x2d, self.values, self._cached()[1], self.grow_capture)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A dense checkpoint (`weight`) loads into the current mask: kept positions take its values.
+        dense = state_dict.pop(prefix + "weight", None)
+        if dense is not None:
+            if tuple(dense.shape) != self.weight_shape:
+                raise ShapeError(f"{prefix}weight has shape {tuple(dense.shape)}, the layer's dense shape is {self.weight_shape}")
+            flat = self.positions()
+            state_dict[prefix + "values"] = self.layout.values_from_dense(dense.reshape(self.layout.out_features, -1), flat)
+            for name, tensor in self._buffers_dict().items():
+                state_dict.setdefault(prefix + name, tensor)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _sparse_repr(self) -> str:
+        return f"spec={self.spec}, policy={self.policy}, kept={self.layout.nnz}/{math.prod(self.weight_shape)}"
+
+
+def remap_rows(tensor: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Items of ``tensor`` (first dim, or flat) reordered by ``src``; ``src == -1`` gives zeros."""
+    items = tensor.reshape(src.numel(), -1)
+    out = torch.zeros_like(items)
+    keep = src >= 0
+    out[keep] = items[src[keep]]
+    return out.view_as(tensor)
+
+
+class SparseLinear(SparseLayer):
+    """``y = x @ W_sparse^T + b`` with ``W_sparse`` stored compressed in the spec's format."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, spec: str | Spec = "90%",
+                 policy: str | Policy = rigl, weight: torch.Tensor | None = None, name: str = "SparseLinear",
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_sparse(spec, policy, out_features, in_features, weight, bias, name, device, dtype)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, spec, policy=rigl, name: str = "SparseLinear") -> SparseLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, spec=spec, policy=policy,
+                    weight=linear.weight, name=name, device=linear.weight.device, dtype=linear.weight.dtype)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(f"input has {x.shape[-1]} features in its last dim; this layer takes {self.in_features}")
+        y = self._matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._sparse_repr()}"
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class SparseConv2d(SparseLayer):
+    """2-D convolution (im2col + sparse matmul); a filter's fan-in is ``in_channels * kh * kw``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, *, spec: str | Spec = "90%", policy: str | Policy = rigl,
+                 weight: torch.Tensor | None = None, name: str = "SparseConv2d", device=None, dtype=None):
+        super().__init__()
+        if isinstance(padding, str):
+            raise ShapeError(f"{name}: padding={padding!r}; SparseConv2d takes integer padding (for 'same' with an "
+                             f"odd kernel k, use padding=k//2)")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self._init_sparse(spec, policy, out_channels, fan_in, weight, bias, name, device, dtype)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, spec, policy=rigl, name: str = "SparseConv2d") -> SparseConv2d:
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ShapeError(f"{name}: groups={conv.groups}, padding_mode={conv.padding_mode!r}; sparse convs need "
+                             f"groups=1 and zero padding: keep this layer dense with dense=[{name!r}]")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.bias is not None, spec=spec, policy=policy, weight=conv.weight, name=name,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+        if conv.bias is not None:
+            layer.bias.data.copy_(conv.bias.detach())
+        return layer
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ShapeError(f"input shape {tuple(x.shape)}; this conv takes [N, {self.in_channels}, H, W]")
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [N, K, L]
+        y2d = self._matmul(cols.transpose(1, 2).reshape(n * ho * wo, -1))
+        y = y2d.reshape(n, ho * wo, self.out_channels).transpose(1, 2).reshape(n, self.out_channels, ho, wo)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, {self._sparse_repr()}")

@@ -1,0 +1,117 @@
+"""``MaskUpdater``: runs every sparse layer's policy on its schedule inside a user's training loop.
+
+Use ``loss.backward(); optimizer.step(); updater.step()``. Step ``t`` counts optimizer steps
+from 1. For gradient-driven policies (RigL) the updater arms a layer one step ahead, so that the
+backward of the update step collects grow candidates chunk by chunk (``policies.candidates``);
+the drop uses the weights after that step's optimizer update.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from sparsec.errors import SparsecError, SparsecWarning
+from sparsec.nn.layers import SparseLayer
+from sparsec.policies.candidates import GrowCapture, random_candidates
+from sparsec.policies.decision import drop_scores, n_drop_for, select_update
+from sparsec.train.optim_state import remap_optimizer_state
+
+STATE_VERSION = 1
+
+
+class MaskUpdater:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int, *, seed: int = 0):
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise SparsecError(f"total_steps={total_steps!r} must be a positive integer (optimizer steps in training)")
+        self.layers: dict[str, SparseLayer] = {n: m for n, m in model.named_modules() if isinstance(m, SparseLayer)}
+        if not self.layers:
+            raise SparsecError("the model has no sparse layers; apply sparsec.sparsify(model, ...) or @sparse first")
+        if optimizer is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [n for n, layer in self.layers.items() if id(layer.values) not in held]
+            if missing:
+                raise SparsecError(
+                    f"the optimizer does not hold the sparse values of {missing}; create the optimizer after "
+                    f"sparsify() so it trains model.parameters() of the sparse model"
+                )
+        self.optimizer, self.total_steps = optimizer, total_steps
+        self.t = 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_changes: dict[str, int] = {}  # layer -> positions newly grown at the last update
+        self._warned: set[str] = set()
+        self._arm(1)
+
+    def step(self) -> dict[str, int]:
+        """Advance one optimizer step; update the masks whose schedule says so. Returns the changes."""
+        self.t += 1
+        self.last_changes = {}
+        for name, layer in self.layers.items():
+            if layer.policy.is_update_step(self.t, self.total_steps):
+                self._update(name, layer, layer.policy.drop_fraction(self.t, self.total_steps))
+        self._arm(self.t + 1)
+        return self.last_changes
+
+    def _arm(self, t: int) -> None:
+        for layer in self.layers.values():
+            policy = layer.policy
+            if policy.grow == "gradient" and policy.is_update_step(t, self.total_steps):
+                n_drop = n_drop_for(layer.layout, policy.drop_fraction(t, self.total_steps))
+                layer.grow_capture = GrowCapture(layer.layout, layer.positions(), layer.layout.grow_cap(n_drop))
+            else:
+                layer.grow_capture = None
+
+    def _skip(self, name: str, why: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(f"{name}: mask update at step {self.t} skipped: {why}; mask and values are unchanged",
+                          SparsecWarning, stacklevel=3)
+
+    @torch.no_grad()
+    def _update(self, name: str, layer: SparseLayer, drop_fraction: float) -> None:
+        layout, kept = layer.layout, layer.positions()
+        n_drop = n_drop_for(layout, drop_fraction)
+        if layer.policy.grow == "gradient":
+            collector = layer.grow_capture.collector if layer.grow_capture is not None else None
+            layer.grow_capture = None
+            if collector is None or not collector.complete:
+                return self._skip(name, "no backward ran through the layer since the updater armed it")
+        else:
+            collector = random_candidates(layout, kept, layout.grow_cap(n_drop), self.generator)
+        drop = drop_scores(layout, layer.values)
+        if not (collector.finite and bool(torch.isfinite(drop).all())):
+            return self._skip(name, "a NaN or Inf weight or gradient score")
+        new_flat, src = select_update(layout, kept, drop, collector.kept_scores, *collector.candidates(), n_drop)
+        remap_optimizer_state(self.optimizer, layer.values, src)
+        layer.set_positions(new_flat, src)
+        self.last_changes[name] = int((src < 0).sum())
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "step": self.t,
+            "total_steps": self.total_steps,
+            "generator": self.generator.get_state(),
+            "masks": {n: {k: v.clone() for k, v in layer._buffers_dict().items()} for n, layer in self.layers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise SparsecError(f"updater state version {state.get('version')!r}; this sparsec reads {STATE_VERSION}")
+        if state["total_steps"] != self.total_steps:
+            raise SparsecError(f"the checkpoint was made with total_steps={state['total_steps']}, this updater has "
+                               f"{self.total_steps}; construct MaskUpdater with the same total_steps")
+        if set(state["masks"]) != set(self.layers):
+            raise SparsecError(f"checkpoint layers {sorted(state['masks'])} differ from the model's {sorted(self.layers)}")
+        for name, buffers in state["masks"].items():
+            layer = self.layers[name]
+            flat = layer.layout.decode(buffers)
+            layer.layout.check_positions(flat, what=f"{name} mask in the checkpoint")
+            layer._write_positions(flat)
+        self.t = state["step"]
+        self.generator.set_state(state["generator"])
+        self._arm(self.t + 1)
