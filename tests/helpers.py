@@ -1,0 +1,50 @@
+"""Shared test helpers: float64 references, the tolerance table, and a CPU peak-memory probe."""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# One table of tolerances per dtype, for results compared with a float64 reference.
+TOLERANCES = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+}
+
+# Every structure, each on a shape that is not a multiple of any tile or block it could use.
+SPECS_AND_SHAPES = [
+    ("90%", 37, 53),
+    ("unstructured(0.5)", 19, 31),
+    ("2:4", 37, 52),
+    ("1:8", 21, 40),
+    ("block(4x8, 50%)", 36, 48),
+    ("block(3x5, 75%)", 21, 35),
+    ("fanin(k=5)", 37, 53),
+    ("fanin(80%)", 23, 41),
+]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """Close within the dtype's tolerances; on failure report how many elements and where."""
+    tol = TOLERANCES[dtype]
+    actual, expected = actual.double(), expected.double()
+    bad = ~torch.isclose(actual, expected, **tol)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ beyond {tol}; first at {idx}; "
+            f"max abs error {(actual - expected).abs().max().item():.3e}"
+        )
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Peak of live CPU tensor bytes allocated while ``fn`` runs (from the profiler's memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
