@@ -75,7 +75,7 @@ def item_scores(layout: Layout, dense_scores: torch.Tensor) -> torch.Tensor:
     if layout.item == (1, 1):
         return dense_scores
     bh, bw = layout.item
-    return dense_scores.reshape(layout.grid[0], bh, layout.grid[1], bw).mean(dim=(1, 3))
+    return dense_scores.reshape(-1, bh, layout.grid[1], bw).mean(dim=(1, 3))
 
 
 def drop_scores(layout: Layout, values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,262 @@
+"""The conventions of README 'Mask updates', pinned on small hand-checked cases."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import SPECS_AND_SHAPES
+from torch import nn
+
+import sparsec
+from sparsec import MaskUpdater, SparseLinear, SparsecWarning, config, rigl_step
+from sparsec.nn.formats import make_layout
+from sparsec.policies.candidates import CandidateCollector
+from sparsec.policies.decision import select_update
+
+
+def mask_of(rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+# --- rigl_step: the decision on dense tensors --------------------------------------------------------
+
+def test_drop_smallest_magnitude_grow_largest_gradient():
+    mask = mask_of([[1, 1, 0, 0, 1], [0, 1, 0, 1, 0]])  # 5 of 10 kept: spec 50%
+    weight = torch.tensor([[5.0, -0.1, 9, 9, 3], [9, 4, 9, 0.2, 9]])
+    grad = torch.tensor([[0.0, 0, 1, 7, 0], [2, 0, 8, 0, 0.5]])
+    new = rigl_step(mask, weight, grad, 0.4, "50%")  # floor(5 * 0.4) = 2: drop |w| 0.1 and 0.2
+    expected = mask_of([[1, 0, 0, 1, 1], [0, 1, 1, 0, 0]])  # grow grad 8 and 7
+    assert torch.equal(new, expected)
+
+
+def test_ties_go_to_the_lower_flat_index():
+    mask = mask_of([[1, 1, 1, 0, 0, 0]])
+    weight = torch.tensor([[1.0, 1.0, 1.0, 0, 0, 0]])
+    grad = torch.tensor([[0.0, 0, 0, 3, 3, 3]])
+    new = rigl_step(mask, weight, grad, 0.5, "50%")  # drop 1 of 3 tied -> index 0; grow tied -> index 3
+    assert torch.equal(new, mask_of([[0, 1, 1, 1, 0, 0]]))
+
+
+def test_just_dropped_positions_are_eligible_for_regrowth():
+    mask = mask_of([[1, 1, 0, 0]])
+    weight = torch.tensor([[0.1, 5.0, 0, 0]])
+    grad = torch.tensor([[9.0, 0, 1, 2]])  # the dropped weight has the largest gradient
+    assert torch.equal(rigl_step(mask, weight, grad, 0.5, "50%"), mask)
+
+
+def test_nm_groups_keep_exactly_n():
+    mask = mask_of([[1, 1, 0, 0, 1, 1, 0, 0]])  # 2:4, two groups
+    weight = torch.tensor([[0.1, 0.2, 0, 0, 5, 6, 0, 0]])
+    grad = torch.tensor([[0.0, 0, 1, 2, 0, 0, 9, 9]])
+    # layer-wide drop of floor(4 * 0.5) = 2: both in group 0 (|w| 0.1, 0.2); group 0 regrows 2 of
+    # its own 4 positions; group 1's large gradients cannot be taken by group 0.
+    new = rigl_step(mask, weight, grad, 0.5, "2:4")
+    assert torch.equal(new, mask_of([[0, 0, 1, 1, 1, 1, 0, 0]]))
+
+
+def test_fanin_rows_keep_exactly_k():
+    mask = mask_of([[1, 1, 0, 0], [1, 1, 0, 0]])
+    weight = torch.tensor([[0.1, 5, 0, 0], [0.2, 6, 0, 0]])
+    grad = torch.tensor([[0.0, 0, 0.5, 0], [0, 0, 9, 8]])
+    new = rigl_step(mask, weight, grad, 0.5, "fanin(k=2)")  # drop 0.1 (row 0) and 0.2 (row 1)
+    assert torch.equal(new, mask_of([[0, 1, 1, 0], [0, 1, 1, 0]]))
+
+
+def test_blocks_are_scored_by_mean_magnitude():
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:2, :2] = mask[2:, 2:] = True  # blocks 0 and 3 of a 2x2 grid of 2x2 blocks
+    weight = torch.zeros(4, 4)
+    weight[:2, :2] = torch.tensor([[10.0, 0], [0, 0]])  # mean |w| 2.5
+    weight[2:, 2:] = 1.0  # mean 1.0 though its max is smaller
+    grad = torch.zeros(4, 4)
+    grad[:2, 2:] = torch.tensor([[4.0, 0], [0, 0]])  # block 1: mean 1.0
+    grad[2:, :2] = 0.9  # block 2: mean 0.9, larger max would not matter
+    new = rigl_step(mask, weight, grad, 0.5, "block(2x2, 50%)")
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[:2, :2] = expected[:2, 2:] = True
+    assert torch.equal(new, expected)
+
+
+def test_rigl_step_rejects_masks_that_break_the_spec():
+    with pytest.raises(sparsec.ShapeError, match="unit 0 .* keeps 3 instead of 2"):
+        rigl_step(mask_of([[1, 1, 1, 0, 0, 0, 0, 1]]), torch.ones(1, 8), torch.ones(1, 8), 0.3, "2:4")
+    with pytest.raises(sparsec.ShapeError, match="partly kept 2x2 blocks"):
+        m = torch.zeros(2, 4, dtype=torch.bool)
+        m[0, 0] = m[1, 0] = True
+        rigl_step(m, torch.ones(2, 4), torch.ones(2, 4), 0.3, "block(2x2, 50%)")
+
+
+def test_rigl_step_nan_leaves_mask_unchanged():
+    mask = mask_of([[1, 1, 0, 0]])
+    with pytest.warns(SparsecWarning, match="NaN or Inf"):
+        new = rigl_step(mask, torch.ones(1, 4), torch.tensor([[0, 1, float("nan"), 0]]), 0.5, "50%")
+    assert torch.equal(new, mask)
+
+
+# --- MaskUpdater on compressed layers ------------------------------------------------------------------
+
+def _layer(spec, out, inn, policy, flat=None, values=None):
+    layer = SparseLinear(inn, out, bias=False, spec=spec, policy=policy)
+    if flat is not None:
+        layer._write_positions(torch.tensor(flat))
+    if values is not None:
+        layer.values.data.copy_(torch.tensor(values))
+    return layer
+
+
+def _train_step(layer, opt, updater, grad_dense):
+    """One step whose dense weight gradient is exactly ``grad_dense`` (x = I, dY = grad^T)."""
+    x = torch.eye(layer.in_features)
+    (layer(x) * grad_dense.t()).sum().backward()
+    opt.step()
+    changes = updater.step()
+    opt.zero_grad()
+    return changes
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.0, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=0.0),
+    lambda p: torch.optim.AdamW(p, lr=0.0, amsgrad=True),
+])
+def test_grown_weights_and_state_start_at_zero_survivors_keep_theirs(make_opt):
+    # 1x6 layer, 50%: kept flat 0, 1, 2. alpha=0.5 at t=1 of 10**6 steps drops floor(3 * ~0.5) = 1.
+    layer = _layer("50%", 1, 6, sparsec.rigl(delta_t=1, alpha=0.5), flat=[0, 1, 2], values=[0.5, 0.1, 3.0])
+    opt = make_opt(layer.parameters())
+    updater = MaskUpdater(layer, opt, total_steps=10**6)
+    grad = torch.tensor([[1.0, 2.0, 3.0, 0.0, 6.0, 5.0]])
+    changes = _train_step(layer, opt, updater, grad)
+    assert changes == {"": 1}
+    assert layer.positions().tolist() == [0, 2, 4]  # drop |w|=0.1 at 1, grow grad 6 at 4
+    assert layer.values.tolist() == [0.5, 3.0, 0.0]
+    state = opt.state[layer.values]
+    for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key in state:
+            expected = [1.0, 3.0, 0.0] if key in ("momentum_buffer", "exp_avg") else None
+            assert state[key][2] == 0.0, key  # grown: zero state
+            assert state[key][0] != 0 and state[key][1] != 0, key  # survivors keep theirs
+            if expected and key == "momentum_buffer":
+                assert state[key].tolist() == expected
+
+
+def test_dropped_and_regrown_keeps_value_and_state():
+    layer = _layer("50%", 1, 4, sparsec.rigl(delta_t=1, alpha=0.5), flat=[0, 1], values=[0.1, 5.0])
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0, momentum=0.9)
+    updater = MaskUpdater(layer, opt, total_steps=10**6)
+    changes = _train_step(layer, opt, updater, torch.tensor([[9.0, 1.0, 2.0, 3.0]]))
+    assert changes == {"": 0}
+    assert torch.equal(layer.values, torch.tensor([0.1, 5.0]))
+    assert opt.state[layer.values]["momentum_buffer"].tolist() == [9.0, 1.0]
+
+
+def test_set_is_seeded_and_static_never_changes():
+    def run(seed, policy):
+        torch.manual_seed(1)
+        layer = SparseLinear(20, 10, spec="80%", policy=policy)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        updater = MaskUpdater(layer, opt, total_steps=100, seed=seed)
+        masks = []
+        for _ in range(30):
+            layer(torch.randn(4, 20)).square().sum().backward()
+            opt.step()
+            updater.step()
+            opt.zero_grad()
+            masks.append(layer.mask().clone())
+        return masks
+
+    a, b, c = run(0, sparsec.set_(delta_t=5)), run(0, sparsec.set_(delta_t=5)), run(1, sparsec.set_(delta_t=5))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[-1], c[-1])
+    assert not torch.equal(a[3], a[4])  # step 5 changed the mask
+    s = run(0, sparsec.static)
+    assert all(torch.equal(s[0], m) for m in s)
+
+
+@pytest.mark.parametrize("spec,out,inn", SPECS_AND_SHAPES)
+def test_updater_matches_rigl_step_on_the_dense_gradient(spec, out, inn):
+    """The chunked, compressed grow step chooses exactly what the dense reference chooses."""
+    torch.manual_seed(3)
+    layer = SparseLinear(inn, out, spec=spec, policy=sparsec.rigl(delta_t=1, alpha=0.6), dtype=torch.float64)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    updater = MaskUpdater(layer, opt, total_steps=1000)
+    x = torch.randn(9, inn, dtype=torch.float64)
+    before = layer.mask().clone()
+    w = layer.dense_weight().requires_grad_()
+    (x @ w.t() + layer.bias).tanh().sum().backward()  # the dense gradient, for the reference only
+    with config.patch(grow_chunk_bytes=inn * 8 * 2):  # several chunks of output rows
+        layer(x).tanh().sum().backward()
+    opt.step()
+    f = layer.policy.drop_fraction(1, 1000)
+    expected = rigl_step(before.view(out, -1), layer.dense_weight(), w.grad, f, spec)
+    changes = updater.step()
+    assert changes[""] > 0
+    assert torch.equal(layer.mask(), expected)
+
+
+@pytest.mark.parametrize("spec,out,inn", [("90%", 13, 17), ("2:4", 9, 16), ("block(2x3, 60%)", 10, 12), ("fanin(k=3)", 11, 7)])
+def test_invariants_hold_after_1000_random_updates(spec, out, inn):
+    layout = make_layout(sparsec.parse_spec(spec), out, inn)
+    gen = torch.Generator().manual_seed(0)
+    kept = layout.random_positions(gen)
+    slots = torch.arange(layout.n_items)  # follow one identity per slot to check src bookkeeping
+    for _ in range(1000):
+        n_drop = int(torch.randint(0, layout.n_items + 1, (1,), generator=gen))
+        collector = CandidateCollector(layout, kept, layout.grow_cap(n_drop))
+        for r0 in range(0, layout.grid[0], 3):
+            rows = min(3, layout.grid[0] - r0)
+            collector.add_rows(r0, torch.randint(0, 4, (rows, layout.grid[1]), generator=gen).float())
+        drop = torch.randint(0, 4, (layout.n_items,), generator=gen).float()
+        kept_new, src = select_update(layout, kept, drop, collector.kept_scores, *collector.candidates(), n_drop)
+        # independent checks on the dense item mask
+        item_mask = torch.zeros(layout.grid[0] * layout.grid[1], dtype=torch.bool)
+        item_mask[kept_new] = True
+        assert int(item_mask.sum()) == layout.n_items
+        per_unit = item_mask.view(-1, layout.unit_size).sum(1)
+        assert bool((per_unit == layout.kept_per_unit).all())
+        assert int((src < 0).sum()) <= n_drop
+        survivors = src >= 0
+        assert torch.equal(kept_new[survivors], kept[src[survivors]])  # a slot keeps its position
+        slots = torch.where(survivors, slots[src.clamp(min=0)], -1)
+        kept = kept_new
+
+
+def test_nan_gradient_skips_update_and_warns_once_per_layer():
+    model = nn.Sequential(SparseLinear(6, 5, spec="50%", policy=sparsec.rigl(delta_t=1)),
+                          SparseLinear(5, 3, spec="50%", policy=sparsec.rigl(delta_t=1)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = MaskUpdater(model, opt, total_steps=100)
+    masks = [m.mask().clone() for m in model]
+    with pytest.warns(SparsecWarning) as record:
+        for _ in range(3):
+            x = torch.randn(4, 6)
+            x[0, 0] = float("nan")
+            model(x).sum().backward()
+            values = [m.values.detach().clone() for m in model]
+            updater.step()  # no optimizer step: values must stay exactly as they are
+            opt.zero_grad()
+            assert all(torch.equal(m.mask(), k) for m, k in zip(model, masks))
+            assert all(torch.equal(m.values, v) for m, v in zip(model, values))
+    assert len(record) == 2 and {str(r.message).split(":")[0] for r in record} == {"0", "1"}
+    assert "NaN or Inf" in str(record[0].message)
+
+
+def test_update_without_backward_warns_and_keeps_the_mask():
+    layer = SparseLinear(6, 5, spec="50%", policy=sparsec.rigl(delta_t=1))
+    updater = MaskUpdater(layer, torch.optim.SGD(layer.parameters(), lr=0.1), total_steps=100)
+    mask = layer.mask().clone()
+    with pytest.warns(SparsecWarning, match="no backward ran"):
+        updater.step()
+    assert torch.equal(layer.mask(), mask)
+
+
+def test_updater_setup_errors():
+    layer = SparseLinear(6, 5, spec="50%")
+    with pytest.raises(sparsec.SparsecError, match="optimizer does not hold the sparse values"):
+        MaskUpdater(layer, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), total_steps=10)
+    with pytest.raises(sparsec.SparsecError, match="no sparse layers"):
+        MaskUpdater(nn.Linear(3, 3), None, total_steps=10)
+    with pytest.raises(sparsec.SparsecError, match="total_steps=0"):
+        MaskUpdater(layer, None, total_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MaskUpdater(layer, None, total_steps=10)
