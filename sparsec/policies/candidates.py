@@ -12,7 +12,7 @@ import torch
 
 from sparsec import config
 from sparsec.nn.formats import Layout
-from sparsec.policies.decision import item_scores, top_per_unit
+from sparsec.policies.decision import item_scores
 
 
 class CandidateCollector:
@@ -46,13 +46,15 @@ class CandidateCollector:
         keep = top > -torch.inf  # a unit with fewer free positions than cap
         self._flat.append(flat[keep])
         self._score.append(top[keep])
+        del top, idx, flat, keep  # free the chunk's full sort before merging
         if self.layout.unit_size > unit:  # a layer-wide unit spans chunks: keep only the best cap so far
             self._merge()
 
     def _merge(self) -> None:
+        # Both lists are ordered by (score desc, flat asc) and every earlier chunk's flat indices are
+        # smaller, so one stable sort by score of [earlier, new] keeps that order.
         flat, score = torch.cat(self._flat), torch.cat(self._score)
-        take = torch.tensor([self.cap], device=flat.device)
-        best = top_per_unit(torch.zeros_like(flat), score, flat, take)
+        best = score.sort(descending=True, stable=True).indices[: self.cap]
         self._flat, self._score = [flat[best]], [score[best]]
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:

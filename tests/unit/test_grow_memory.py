@@ -1,0 +1,50 @@
+"""The grow step never materialises the dense gradient: its extra memory follows the chunk budget."""
+
+import pytest
+import torch
+from helpers import peak_allocated_bytes
+
+import sparsec
+from sparsec import MaskUpdater, SparseLinear, config
+
+OUT = IN = 2048  # the dense fp32 gradient would be 16 MiB
+BUDGET = 256 * 1024
+
+
+@pytest.mark.parametrize("spec", ["99%", "fanin(k=16)", "block(16x16, 99%)"])
+def test_armed_backward_extra_memory_is_bounded_by_the_chunk_budget(spec):
+    layer = SparseLinear(IN, OUT, spec=spec, policy=sparsec.rigl(delta_t=1))
+    x = torch.randn(32, IN, requires_grad=True)
+
+    def backward():
+        layer(x).square().sum().backward()
+
+    backward()  # warm-up: builds and caches the layer's CSR plan
+    with config.patch(grow_chunk_bytes=BUDGET):
+        plain = peak_allocated_bytes(backward)
+        updater = MaskUpdater(layer, torch.optim.SGD(layer.parameters(), lr=0.1), total_steps=100)
+        assert layer.grow_capture is not None  # armed for step 1
+        armed = peak_allocated_bytes(backward)
+    extra = armed - plain
+    dense_bytes = OUT * IN * 4
+    nnz_bytes = layer.layout.nnz * 4
+    # a chunk of scores, its sort (values + int64 indices) and candidate lists that scale with nnz
+    assert extra <= 4 * BUDGET + 8 * nnz_bytes, (extra, BUDGET, nnz_bytes)
+    assert extra < dense_bytes / 4, (extra, dense_bytes)
+    assert updater.step() == {"": updater.last_changes[""]} and updater.last_changes[""] > 0
+
+
+def test_the_probe_sees_a_dense_gradient_when_the_budget_allows_one():
+    """Guards the test above: with one chunk as large as the layer, the extra is the dense size."""
+    layer = SparseLinear(IN, OUT, spec="99%", policy=sparsec.rigl(delta_t=1))
+    x = torch.randn(32, IN)
+
+    def backward():
+        layer(x).sum().backward()
+
+    backward()
+    plain = peak_allocated_bytes(backward)
+    with config.patch(grow_chunk_bytes=OUT * IN * 4):
+        MaskUpdater(layer, None, total_steps=100)
+        armed = peak_allocated_bytes(backward)
+    assert armed - plain >= OUT * IN * 4
