@@ -27,7 +27,9 @@ class _Setting:
         try:
             value = int(raw)
         except ValueError:
-            raise SparsecError(f"{self.env}={raw!r} is not an integer; set it to a byte count such as 4194304") from None
+            raise SparsecError(
+                f"{self.env}={raw!r} is not an integer; set it to a byte count such as 4194304"
+            ) from None
         if value < 1:
             raise SparsecError(f"{self.env}={value} must be at least 1 byte")
         return value

@@ -14,7 +14,9 @@ def parse_policy(policy: str | Policy) -> Policy:
     if isinstance(policy, Policy):
         return policy
     if not isinstance(policy, str):
-        raise SpecError(f"a policy is a string such as 'rigl(delta_t=50)' or a value such as sparsec.rigl, not {policy!r}")
+        raise SpecError(
+            f"a policy is a string such as 'rigl(delta_t=50)' or a value such as sparsec.rigl, not {policy!r}"
+        )
     toks = _tokenize(policy)
     first = toks[0]
     if first.kind != "word" or first.text.lower() not in POLICIES:

@@ -28,8 +28,13 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
-def plan_specs(shapes: Mapping[str, tuple[int, ...]], spec: str | Spec, distribution: str = "uniform",
-               dense: Iterable[str] = (), overrides: Mapping[str, str | Spec] | None = None) -> dict[str, Spec]:
+def plan_specs(
+    shapes: Mapping[str, tuple[int, ...]],
+    spec: str | Spec,
+    distribution: str = "uniform",
+    dense: Iterable[str] = (),
+    overrides: Mapping[str, str | Spec] | None = None,
+) -> dict[str, Spec]:
     """The spec of every named layer (weight ``shapes``) after dense, overrides and the distribution."""
     spec = parse_spec(spec)
     dense, overrides = list(dense), dict(overrides or {})
@@ -57,17 +62,24 @@ def plan_specs(shapes: Mapping[str, tuple[int, ...]], spec: str | Spec, distribu
         result.update({n: spec for n in free})  # the spec as written: no float round trip
     else:
         densities = DISTRIBUTIONS[distribution]([shapes[n] for n in free], spec.sparsity)
-        for name, density in zip(free, densities):
+        for name, density in zip(free, densities, strict=True):
             result[name] = Dense() if density >= 1.0 else dataclasses.replace(spec, sparsity=1.0 - density)
     return {n: result[n] for n in shapes}
 
 
-def sparsify(model: nn.Module, spec: str | Spec = "90%", policy: str | Policy = rigl, distribution: str = "uniform",
-             dense: Iterable[str] = (), overrides: Mapping[str, str | Spec] | None = None) -> nn.Module:
+def sparsify(
+    model: nn.Module,
+    spec: str | Spec = "90%",
+    policy: str | Policy = rigl,
+    distribution: str = "uniform",
+    dense: Iterable[str] = (),
+    overrides: Mapping[str, str | Spec] | None = None,
+) -> nn.Module:
     """Replace the model's Linear/Conv2d layers with sparse ones, in place; returns the model."""
     policy = parse_policy(policy)
     targets = {
-        name: m for name, m in model.named_modules()
+        name: m
+        for name, m in model.named_modules()
         if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, SparseLayer)
     }
     if not targets:

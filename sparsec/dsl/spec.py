@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import ClassVar, Union
+from typing import ClassVar
 
 from sparsec.errors import ShapeError, SpecError
 
@@ -46,7 +46,7 @@ class _SpecBase:
     @property
     def has_free_sparsity(self) -> bool:
         """Whether a layer distribution (uniform, ERK) may set this spec's sparsity per layer."""
-        return "sparsity" in {f.name for f in fields(self)} and getattr(self, "sparsity") is not None
+        return "sparsity" in {f.name for f in fields(self)} and self.sparsity is not None
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class FanIn(_SpecBase):
         return f"fanin({inner})"
 
 
-Spec = Union[Dense, Unstructured, NM, Block, FanIn]
+Spec = Dense | Unstructured | NM | Block | FanIn
 SPEC_TYPES: tuple[type, ...] = (Dense, Unstructured, NM, Block, FanIn)
 
 
@@ -248,7 +248,10 @@ class _Parser:
             r, rtok = self.integer("the block height")
             xtok = self.take()
             if xtok.text.lower() != "x":
-                raise self.fail(f"expected 'x' between block sides, as in block(32x32, 90%), found {_describe(xtok)}", xtok)
+                raise self.fail(
+                    f"expected 'x' between block sides, as in block(32x32, 90%), found {_describe(xtok)}",
+                    xtok,
+                )
             c, ctok = self.integer("the block width")
             self.expect(",", "',' after the block size")
             s, stok = self.sparsity()

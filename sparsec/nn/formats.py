@@ -97,7 +97,9 @@ class Layout:
         """Raise ``ShapeError`` unless ``flat`` is a sorted, unique set with exact per-unit counts."""
         total = self.grid[0] * self.grid[1]
         if flat.numel() != self.n_items:
-            raise ShapeError(f"{what} keeps {flat.numel()} items; spec {self.spec} on {self.shape_text} keeps {self.n_items}")
+            raise ShapeError(
+                f"{what} keeps {flat.numel()} items; spec {self.spec} on {self.shape_text} keeps {self.n_items}"
+            )
         if flat.numel() and (flat.min() < 0 or flat.max() >= total):
             raise ShapeError(f"{what} has positions outside the {self.grid[0]}x{self.grid[1]} item grid")
         if flat.numel() > 1 and not bool((flat.diff() > 0).all()):
@@ -171,21 +173,47 @@ def make_layout(spec: Spec, out_features: int, in_features: int, layer: str = "l
     if isinstance(spec, NM):
         kept = out * inn // spec.m * spec.n
         pos_dtype = torch.uint8 if spec.m <= 256 else torch.int32
-        return Layout(spec, out, inn, (out, inn), (1, 1), spec.m, spec.n, (out, inn // spec.m * spec.n),
-                      (("nm_positions", pos_dtype, (out, inn // spec.m * spec.n)),))
+        return Layout(
+            spec,
+            out,
+            inn,
+            (out, inn),
+            (1, 1),
+            spec.m,
+            spec.n,
+            (out, inn // spec.m * spec.n),
+            (("nm_positions", pos_dtype, (out, inn // spec.m * spec.n)),),
+        )
     if isinstance(spec, FanIn):
         k = spec.k if spec.k is not None else max(1, inn - math.floor(spec.sparsity * inn))
-        return Layout(spec, out, inn, (out, inn), (1, 1), inn, k, (out, k),
-                      (("fanin_indices", torch.int32, (out, k)),))
+        return Layout(spec, out, inn, (out, inn), (1, 1), inn, k, (out, k), (("fanin_indices", torch.int32, (out, k)),))
     if isinstance(spec, Block):
         grid = (out // spec.rows, inn // spec.cols)
         n = grid[0] * grid[1]
         kept = max(1, n - math.floor(spec.sparsity * n))
-        return Layout(spec, out, inn, grid, (spec.rows, spec.cols), n, kept, (kept, spec.rows, spec.cols),
-                      (("block_row_offsets", torch.int32, (grid[0] + 1,)), ("block_cols", torch.int32, (kept,))))
+        return Layout(
+            spec,
+            out,
+            inn,
+            grid,
+            (spec.rows, spec.cols),
+            n,
+            kept,
+            (kept, spec.rows, spec.cols),
+            (("block_row_offsets", torch.int32, (grid[0] + 1,)), ("block_cols", torch.int32, (kept,))),
+        )
     if isinstance(spec, Unstructured):
         n = out * inn
         kept = max(1, n - math.floor(spec.sparsity * n))
-        return Layout(spec, out, inn, (out, inn), (1, 1), n, kept, (kept,),
-                      (("row_offsets", torch.int32, (out + 1,)), ("col_indices", torch.int32, (kept,))))
+        return Layout(
+            spec,
+            out,
+            inn,
+            (out, inn),
+            (1, 1),
+            n,
+            kept,
+            (kept,),
+            (("row_offsets", torch.int32, (out + 1,)), ("col_indices", torch.int32, (kept,))),
+        )
     raise SparsecError(f"spec {spec} has no sparse storage format; a dense spec keeps the layer dense")

@@ -30,8 +30,18 @@ class SparseLayer(nn.Module):
     values: nn.Parameter
     bias: nn.Parameter | None
 
-    def _init_sparse(self, spec, policy, out_features: int, in_features: int, weight: torch.Tensor | None,
-                     bias: bool, name: str, device=None, dtype=None) -> None:
+    def _init_sparse(
+        self,
+        spec,
+        policy,
+        out_features: int,
+        in_features: int,
+        weight: torch.Tensor | None,
+        bias: bool,
+        name: str,
+        device=None,
+        dtype=None,
+    ) -> None:
         self.spec = parse_spec(spec)
         if isinstance(self.spec, Dense):
             raise SparsecError(f"{name}: spec 'dense' keeps a layer dense; use torch.nn.Linear/Conv2d instead")
@@ -53,7 +63,9 @@ class SparseLayer(nn.Module):
         self.values = nn.Parameter(values.clone())
         if bias:
             bound = 1.0 / math.sqrt(in_features)
-            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=self.values.dtype).uniform_(-bound, bound))
+            self.bias = nn.Parameter(
+                torch.empty(out_features, device=device, dtype=self.values.dtype).uniform_(-bound, bound)
+            )
         else:
             self.register_parameter("bias", None)
 
@@ -116,9 +128,13 @@ class SparseLayer(nn.Module):
         dense = state_dict.pop(prefix + "weight", None)
         if dense is not None:
             if tuple(dense.shape) != self.weight_shape:
-                raise ShapeError(f"{prefix}weight has shape {tuple(dense.shape)}, the layer's dense shape is {self.weight_shape}")
+                raise ShapeError(
+                    f"{prefix}weight has shape {tuple(dense.shape)}, the layer's dense shape is {self.weight_shape}"
+                )
             flat = self.positions()
-            state_dict[prefix + "values"] = self.layout.values_from_dense(dense.reshape(self.layout.out_features, -1), flat)
+            state_dict[prefix + "values"] = self.layout.values_from_dense(
+                dense.reshape(self.layout.out_features, -1), flat
+            )
             for name, tensor in self._buffers_dict().items():
                 state_dict.setdefault(prefix + name, tensor)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -139,17 +155,36 @@ def remap_rows(tensor: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 class SparseLinear(SparseLayer):
     """``y = x @ W_sparse^T + b`` with ``W_sparse`` stored compressed in the spec's format."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, spec: str | Spec = "90%",
-                 policy: str | Policy = rigl, weight: torch.Tensor | None = None, name: str = "SparseLinear",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        spec: str | Spec = "90%",
+        policy: str | Policy = rigl,
+        weight: torch.Tensor | None = None,
+        name: str = "SparseLinear",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_sparse(spec, policy, out_features, in_features, weight, bias, name, device, dtype)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, spec, policy=rigl, name: str = "SparseLinear") -> SparseLinear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, spec=spec, policy=policy,
-                    weight=linear.weight, name=name, device=linear.weight.device, dtype=linear.weight.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            spec=spec,
+            policy=policy,
+            weight=linear.weight,
+            name=name,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         return layer
@@ -171,13 +206,29 @@ def _pair(v) -> tuple[int, int]:
 class SparseConv2d(SparseLayer):
     """2-D convolution (im2col + sparse matmul); a filter's fan-in is ``in_channels * kh * kw``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 bias: bool = True, *, spec: str | Spec = "90%", policy: str | Policy = rigl,
-                 weight: torch.Tensor | None = None, name: str = "SparseConv2d", device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        *,
+        spec: str | Spec = "90%",
+        policy: str | Policy = rigl,
+        weight: torch.Tensor | None = None,
+        name: str = "SparseConv2d",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if isinstance(padding, str):
-            raise ShapeError(f"{name}: padding={padding!r}; SparseConv2d takes integer padding (for 'same' with an "
-                             f"odd kernel k, use padding=k//2)")
+            raise ShapeError(
+                f"{name}: padding={padding!r}; SparseConv2d takes integer padding (for 'same' with an "
+                f"odd kernel k, use padding=k//2)"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
@@ -187,11 +238,25 @@ class SparseConv2d(SparseLayer):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, spec, policy=rigl, name: str = "SparseConv2d") -> SparseConv2d:
         if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ShapeError(f"{name}: groups={conv.groups}, padding_mode={conv.padding_mode!r}; sparse convs need "
-                             f"groups=1 and zero padding: keep this layer dense with dense=[{name!r}]")
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.bias is not None, spec=spec, policy=policy, weight=conv.weight, name=name,
-                    device=conv.weight.device, dtype=conv.weight.dtype)
+            raise ShapeError(
+                f"{name}: groups={conv.groups}, padding_mode={conv.padding_mode!r}; sparse convs need "
+                f"groups=1 and zero padding: keep this layer dense with dense=[{name!r}]"
+            )
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            spec=spec,
+            policy=policy,
+            weight=conv.weight,
+            name=name,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
         if conv.bias is not None:
             layer.bias.data.copy_(conv.bias.detach())
         return layer
@@ -213,5 +278,7 @@ class SparseConv2d(SparseLayer):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, {self._sparse_repr()}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, {self._sparse_repr()}"
+        )

@@ -60,7 +60,9 @@ class _Scheduled(Policy):
 
     def __post_init__(self) -> None:
         if not isinstance(self.delta_t, int) or self.delta_t < 1:
-            raise SpecError(f"{self.name}: delta_t={self.delta_t!r} must be an integer of at least 1 (steps between updates)")
+            raise SpecError(
+                f"{self.name}: delta_t={self.delta_t!r} must be an integer of at least 1 (steps between updates)"
+            )
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
             raise SpecError(f"{self.name}: alpha={self.alpha!r} must be in [0, 1] (initial drop fraction)")
         if not (isinstance(self.t_end, (int, float)) and 0.0 < self.t_end <= 1.0):

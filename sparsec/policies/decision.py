@@ -43,8 +43,15 @@ def top_per_unit(unit: torch.Tensor, score: torch.Tensor, flat: torch.Tensor, ta
     return perm[rank < take[u]]
 
 
-def select_update(layout: Layout, kept: torch.Tensor, drop_score: torch.Tensor, kept_grow_score: torch.Tensor,
-                  cand_flat: torch.Tensor, cand_score: torch.Tensor, n_drop: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_update(
+    layout: Layout,
+    kept: torch.Tensor,
+    drop_score: torch.Tensor,
+    kept_grow_score: torch.Tensor,
+    cand_flat: torch.Tensor,
+    cand_score: torch.Tensor,
+    n_drop: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New sorted kept positions and, for each, its old slot (``-1`` for a grown item)."""
     n = kept.numel()
     slots = torch.arange(n, device=kept.device)
@@ -84,8 +91,9 @@ def drop_scores(layout: Layout, values: torch.Tensor) -> torch.Tensor:
     return magnitude[:, 0] if magnitude.shape[1] == 1 else magnitude.mean(dim=1)
 
 
-def rigl_step(mask: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, drop_fraction: float,
-              spec: str | Spec) -> torch.Tensor:
+def rigl_step(
+    mask: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, drop_fraction: float, spec: str | Spec
+) -> torch.Tensor:
     """One RigL mask update on dense tensors (the reference semantics, for tests and parity).
 
     ``mask``, ``weight`` and ``grad`` share the dense weight shape (conv weights are seen as
@@ -102,8 +110,11 @@ def rigl_step(mask: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, drop
     w_items = item_scores(layout, weight.reshape(layout.out_features, -1).abs())
     g_items = item_scores(layout, grad.reshape(layout.out_features, -1).abs())
     if not (torch.isfinite(w_items).all() and torch.isfinite(g_items).all()):
-        warnings.warn("rigl_step: NaN or Inf in the weight or gradient; the mask is unchanged", SparsecWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "rigl_step: NaN or Inf in the weight or gradient; the mask is unchanged",
+            SparsecWarning,
+            stacklevel=2,
+        )
         return mask.clone()
     n_drop = n_drop_for(layout, drop_fraction)
     collector = CandidateCollector(layout, kept, layout.grow_cap(n_drop), dtype=g_items.dtype)

@@ -66,8 +66,11 @@ class MaskUpdater:
     def _skip(self, name: str, why: str) -> None:
         if name not in self._warned:
             self._warned.add(name)
-            warnings.warn(f"{name}: mask update at step {self.t} skipped: {why}; mask and values are unchanged",
-                          SparsecWarning, stacklevel=3)
+            warnings.warn(
+                f"{name}: mask update at step {self.t} skipped: {why}; mask and values are unchanged",
+                SparsecWarning,
+                stacklevel=3,
+            )
 
     @torch.no_grad()
     def _update(self, name: str, layer: SparseLayer, drop_fraction: float) -> None:
@@ -103,10 +106,14 @@ class MaskUpdater:
         if state.get("version") != STATE_VERSION:
             raise SparsecError(f"updater state version {state.get('version')!r}; this sparsec reads {STATE_VERSION}")
         if state["total_steps"] != self.total_steps:
-            raise SparsecError(f"the checkpoint was made with total_steps={state['total_steps']}, this updater has "
-                               f"{self.total_steps}; construct MaskUpdater with the same total_steps")
+            raise SparsecError(
+                f"the checkpoint was made with total_steps={state['total_steps']}, this updater has "
+                f"{self.total_steps}; construct MaskUpdater with the same total_steps"
+            )
         if set(state["masks"]) != set(self.layers):
-            raise SparsecError(f"checkpoint layers {sorted(state['masks'])} differ from the model's {sorted(self.layers)}")
+            raise SparsecError(
+                f"checkpoint layers {sorted(state['masks'])} differ from the model's {sorted(self.layers)}"
+            )
         for name, buffers in state["masks"].items():
             layer = self.layers[name]
             flat = layer.layout.decode(buffers)

@@ -1,8 +1,8 @@
 """Helper process for test_checkpoint: train straight, or save at a step, or resume and finish.
 
-    python checkpoint_run.py straight OUT          # steps 1..TOTAL, writes OUT
-    python checkpoint_run.py first CKPT            # steps 1..SAVE_AT, writes a checkpoint
-    python checkpoint_run.py resume CKPT OUT       # loads CKPT in a new process, steps SAVE_AT+1..TOTAL
+python checkpoint_run.py straight OUT          # steps 1..TOTAL, writes OUT
+python checkpoint_run.py first CKPT            # steps 1..SAVE_AT, writes a checkpoint
+python checkpoint_run.py resume CKPT OUT       # loads CKPT in a new process, steps SAVE_AT+1..TOTAL
 """
 
 import sys
@@ -18,10 +18,16 @@ TOTAL, SAVE_AT = 40, 14  # updates every 3 steps until t < 30: the save falls ju
 def build():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 32), nn.ReLU(), nn.Linear(32, 10)
+        nn.Conv2d(2, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 25, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
     )
-    sparsec.sparsify(model, spec="80%", policy=sparsec.rigl(delta_t=3), distribution="erk",
-                     overrides={"3": "fanin(k=20)"})
+    sparsec.sparsify(
+        model, spec="80%", policy=sparsec.rigl(delta_t=3), distribution="erk", overrides={"3": "fanin(k=20)"}
+    )
     model[5] = sparsec.SparseLinear.from_dense(nn.Linear(32, 10), "block(2x4, 50%)", sparsec.set_(delta_t=3), name="5")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     return model, opt, sparsec.MaskUpdater(model, opt, total_steps=TOTAL, seed=7)

@@ -29,8 +29,12 @@ def test_resumed_training_is_bit_identical_to_straight_training(tmp_path):
             assert torch.equal(tensor, b["opt"]["state"][pid][name]), (pid, name)
     # the run changed masks after the save point, so the comparison covers updates
     ckpt = torch.load(tmp_path / "ckpt.pt")
-    changed = [k for k in ckpt["model"] if k.endswith(("col_indices", "fanin_indices", "block_cols"))
-               and not torch.equal(ckpt["model"][k], a["model"][k])]
+    changed = [
+        k
+        for k in ckpt["model"]
+        if k.endswith(("col_indices", "fanin_indices", "block_cols"))
+        and not torch.equal(ckpt["model"][k], a["model"][k])
+    ]
     assert changed
 
 

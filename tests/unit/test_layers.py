@@ -4,7 +4,7 @@ from helpers import SPECS_AND_SHAPES, assert_close
 from torch import nn
 
 import sparsec
-from sparsec import ShapeError, SparseConv2d, SparseLinear, SparsecError
+from sparsec import ShapeError, SparsecError, SparseConv2d, SparseLinear
 
 
 def _reference_linear(layer: SparseLinear, x: torch.Tensor, dy: torch.Tensor):

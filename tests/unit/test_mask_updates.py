@@ -8,7 +8,7 @@ from helpers import SPECS_AND_SHAPES
 from torch import nn
 
 import sparsec
-from sparsec import MaskUpdater, SparseLinear, SparsecWarning, config, rigl_step
+from sparsec import MaskUpdater, SparsecWarning, SparseLinear, config, rigl_step
 from sparsec.nn.formats import make_layout
 from sparsec.policies.candidates import CandidateCollector
 from sparsec.policies.decision import select_update
@@ -19,6 +19,7 @@ def mask_of(rows):
 
 
 # --- rigl_step: the decision on dense tensors --------------------------------------------------------
+
 
 def test_drop_smallest_magnitude_grow_largest_gradient():
     mask = mask_of([[1, 1, 0, 0, 1], [0, 1, 0, 1, 0]])  # 5 of 10 kept: spec 50%
@@ -95,6 +96,7 @@ def test_rigl_step_nan_leaves_mask_unchanged():
 
 # --- MaskUpdater on compressed layers ------------------------------------------------------------------
 
+
 def _layer(spec, out, inn, policy, flat=None, values=None):
     layer = SparseLinear(inn, out, bias=False, spec=spec, policy=policy)
     if flat is not None:
@@ -114,11 +116,14 @@ def _train_step(layer, opt, updater, grad_dense):
     return changes
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=0.0, momentum=0.9),
-    lambda p: torch.optim.Adam(p, lr=0.0),
-    lambda p: torch.optim.AdamW(p, lr=0.0, amsgrad=True),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.0, momentum=0.9),
+        lambda p: torch.optim.Adam(p, lr=0.0),
+        lambda p: torch.optim.AdamW(p, lr=0.0, amsgrad=True),
+    ],
+)
 def test_grown_weights_and_state_start_at_zero_survivors_keep_theirs(make_opt):
     # 1x6 layer, 50%: kept flat 0, 1, 2. alpha=0.5 at t=1 of 10**6 steps drops floor(3 * ~0.5) = 1.
     layer = _layer("50%", 1, 6, sparsec.rigl(delta_t=1, alpha=0.5), flat=[0, 1, 2], values=[0.5, 0.1, 3.0])
@@ -162,8 +167,12 @@ def test_set_is_seeded_and_static_never_changes():
             masks.append(layer.mask().clone())
         return masks
 
-    a, b, c = run(0, sparsec.set_(delta_t=5)), run(0, sparsec.set_(delta_t=5)), run(1, sparsec.set_(delta_t=5))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    a, b, c = (
+        run(0, sparsec.set_(delta_t=5)),
+        run(0, sparsec.set_(delta_t=5)),
+        run(1, sparsec.set_(delta_t=5)),
+    )
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[-1], c[-1])
     assert not torch.equal(a[3], a[4])  # step 5 changed the mask
     s = run(0, sparsec.static)
@@ -191,7 +200,9 @@ def test_updater_matches_rigl_step_on_the_dense_gradient(spec, out, inn):
     assert torch.equal(layer.mask(), expected)
 
 
-@pytest.mark.parametrize("spec,out,inn", [("90%", 13, 17), ("2:4", 9, 16), ("block(2x3, 60%)", 10, 12), ("fanin(k=3)", 11, 7)])
+@pytest.mark.parametrize(
+    "spec,out,inn", [("90%", 13, 17), ("2:4", 9, 16), ("block(2x3, 60%)", 10, 12), ("fanin(k=3)", 11, 7)]
+)
 def test_invariants_hold_after_1000_random_updates(spec, out, inn):
     layout = make_layout(sparsec.parse_spec(spec), out, inn)
     gen = torch.Generator().manual_seed(0)
@@ -217,8 +228,10 @@ def test_invariants_hold_after_1000_random_updates(spec, out, inn):
 
 
 def test_nan_gradient_skips_update_and_warns_once_per_layer():
-    model = nn.Sequential(SparseLinear(6, 5, spec="50%", policy=sparsec.rigl(delta_t=1)),
-                          SparseLinear(5, 3, spec="50%", policy=sparsec.rigl(delta_t=1)))
+    model = nn.Sequential(
+        SparseLinear(6, 5, spec="50%", policy=sparsec.rigl(delta_t=1)),
+        SparseLinear(5, 3, spec="50%", policy=sparsec.rigl(delta_t=1)),
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     updater = MaskUpdater(model, opt, total_steps=100)
     masks = [m.mask().clone() for m in model]
@@ -230,8 +243,8 @@ def test_nan_gradient_skips_update_and_warns_once_per_layer():
             values = [m.values.detach().clone() for m in model]
             updater.step()  # no optimizer step: values must stay exactly as they are
             opt.zero_grad()
-            assert all(torch.equal(m.mask(), k) for m, k in zip(model, masks))
-            assert all(torch.equal(m.values, v) for m, v in zip(model, values))
+            assert all(torch.equal(m.mask(), k) for m, k in zip(model, masks, strict=True))
+            assert all(torch.equal(m.values, v) for m, v in zip(model, values, strict=True))
     assert len(record) == 2 and {str(r.message).split(":")[0] for r in record} == {"0", "1"}
     assert "NaN or Inf" in str(record[0].message)
 

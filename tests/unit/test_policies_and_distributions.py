@@ -61,7 +61,7 @@ def test_erk_against_hand_computed_values():
     eps = 190 / 115
     expected = [eps * 30 / 200, eps * 50 / 600, eps * 35 / 150]
     assert erk_densities(shapes, 0.8) == pytest.approx(expected, rel=1e-12)
-    kept = sum(n - math.floor((1 - d) * n) for d, n in zip(expected, (200, 600, 150)))
+    kept = sum(n - math.floor((1 - d) * n) for d, n in zip(expected, (200, 600, 150), strict=True))
     assert abs(kept - 190) <= 3  # floor rounding per layer only
 
 
@@ -122,7 +122,9 @@ def test_plan_specs_errors():
 
 
 def test_sparsify_replaces_layers_and_keeps_dense_ones():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 32), nn.Linear(32, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 32), nn.Linear(32, 4)
+    )
     sparsec.sparsify(model, spec="80%", policy="set(delta_t=5)", distribution="erk", dense=["4"])
     assert isinstance(model[0], sparsec.SparseConv2d) and isinstance(model[3], sparsec.SparseLinear)
     assert type(model[4]) is nn.Linear

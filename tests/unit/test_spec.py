@@ -106,7 +106,12 @@ def test_fuzz_only_spec_error_escapes(text):
 @pytest.mark.parametrize(
     "spec,out,inn,match",
     [
-        ("2:16", 8, 1000, r"in_features=1000 is not divisible by M=16; pad .* choose M in \{2, 4, 5, 8, 10, 20, 25, 40\}"),
+        (
+            "2:16",
+            8,
+            1000,
+            r"in_features=1000 is not divisible by M=16; pad .* choose M in \{2, 4, 5, 8, 10, 20, 25, 40\}",
+        ),
         ("block(32x32, 90%)", 100, 64, r"block 32x32 does not tile the weight.*out_features=100"),
         ("fanin(k=100)", 10, 64, r"fan-in k=100 is larger than in_features=64; choose k <= 64"),
     ],
