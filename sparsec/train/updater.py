@@ -1,9 +1,10 @@
 """``MaskUpdater``: runs every sparse layer's policy on its schedule inside a user's training loop.
 
 Use ``loss.backward(); optimizer.step(); updater.step()``. Step ``t`` counts optimizer steps
-from 1. For gradient-driven policies (RigL) the updater arms a layer one step ahead, so that the
-backward of the update step collects grow candidates chunk by chunk (``policies.candidates``);
-the drop uses the weights after that step's optimizer update.
+from 1. One step ahead of an update the updater *arms* the layer: it decides the drop from the
+weights the update step's forward will use (RigL's Algorithm 1), and for gradient-driven policies
+installs a capture so that step's backward selects the regrowth chunk by chunk
+(``policies.candidates``). ``step()`` after the optimizer step then applies drop and growth.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from torch import nn
 
 from sparsec.errors import SparsecError, SparsecWarning
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.candidates import GrowCapture, random_candidates
-from sparsec.policies.decision import drop_scores, n_drop_for, select_update
+from sparsec.policies.candidates import GrowCapture, random_selection
+from sparsec.policies.decision import apply_growth, choose_drops, drop_scores, n_drop_for
 from sparsec.train.optim_state import remap_optimizer_state
 
 STATE_VERSION = 1
@@ -50,18 +51,27 @@ class MaskUpdater:
         self.last_changes = {}
         for name, layer in self.layers.items():
             if layer.policy.is_update_step(self.t, self.total_steps):
-                self._update(name, layer, layer.policy.drop_fraction(self.t, self.total_steps))
+                self._update(name, layer)
         self._arm(self.t + 1)
         return self.last_changes
 
     def _arm(self, t: int) -> None:
-        for layer in self.layers.values():
+        """Decide the drops of step ``t``'s updates now, from the weights step ``t`` will use."""
+        self._armed: dict[str, torch.Tensor | str] = {}  # layer -> dropped slots, or why it is skipped
+        for name, layer in self.layers.items():
             policy = layer.policy
-            if policy.grow == "gradient" and policy.is_update_step(t, self.total_steps):
-                n_drop = n_drop_for(layer.layout, policy.drop_fraction(t, self.total_steps))
-                layer.grow_capture = GrowCapture(layer.layout, layer.positions(), layer.layout.grow_cap(n_drop))
-            else:
-                layer.grow_capture = None
+            layer.grow_capture = None
+            if not policy.is_update_step(t, self.total_steps):
+                continue
+            scores = drop_scores(layer.layout, layer.values)
+            if not bool(torch.isfinite(scores).all()):
+                self._armed[name] = "a NaN or Inf weight"
+                continue
+            kept = layer.positions()
+            dropped = choose_drops(scores, n_drop_for(layer.layout, policy.drop_fraction(t, self.total_steps)))
+            self._armed[name] = dropped
+            if policy.grow == "gradient":
+                layer.grow_capture = GrowCapture(layer.layout, kept, dropped)
 
     def _skip(self, name: str, why: str) -> None:
         if name not in self._warned:
@@ -73,20 +83,21 @@ class MaskUpdater:
             )
 
     @torch.no_grad()
-    def _update(self, name: str, layer: SparseLayer, drop_fraction: float) -> None:
+    def _update(self, name: str, layer: SparseLayer) -> None:
+        armed = self._armed[name]  # every update step was armed by the step before it (or __init__)
+        capture, layer.grow_capture = layer.grow_capture, None
+        if isinstance(armed, str):
+            return self._skip(name, armed)
         layout, kept = layer.layout, layer.positions()
-        n_drop = n_drop_for(layout, drop_fraction)
         if layer.policy.grow == "gradient":
-            collector = layer.grow_capture.collector if layer.grow_capture is not None else None
-            layer.grow_capture = None
-            if collector is None or not collector.complete:
+            selector = capture.selector if capture is not None else None
+            if selector is None or not selector.complete:
                 return self._skip(name, "no backward ran through the layer since the updater armed it")
         else:
-            collector = random_candidates(layout, kept, layout.grow_cap(n_drop), self.generator)
-        drop = drop_scores(layout, layer.values)
-        if not (collector.finite and bool(torch.isfinite(drop).all())):
-            return self._skip(name, "a NaN or Inf weight or gradient score")
-        new_flat, src = select_update(layout, kept, drop, collector.kept_scores, *collector.candidates(), n_drop)
+            selector = random_selection(layout, kept, armed, self.generator)
+        if not selector.finite:
+            return self._skip(name, "a NaN or Inf gradient score")
+        new_flat, src = apply_growth(layout, kept, armed, selector.grown())
         remap_optimizer_state(self.optimizer, layer.values, src)
         layer.set_positions(new_flat, src)
         self.last_changes[name] = int((src < 0).sum())

@@ -10,8 +10,8 @@ from torch import nn
 import sparsec
 from sparsec import MaskUpdater, SparsecWarning, SparseLinear, config, rigl_step
 from sparsec.nn.formats import make_layout
-from sparsec.policies.candidates import CandidateCollector
-from sparsec.policies.decision import select_update
+from sparsec.policies.candidates import GrowSelector
+from sparsec.policies.decision import apply_growth, choose_drops
 
 
 def mask_of(rows):
@@ -194,27 +194,35 @@ def test_updater_matches_rigl_step_on_the_dense_gradient(spec, out, inn):
         layer(x).tanh().sum().backward()
     opt.step()
     f = layer.policy.drop_fraction(1, 1000)
-    expected = rigl_step(before.view(out, -1), layer.dense_weight(), w.grad, f, spec)
+    expected = rigl_step(before.view(out, -1), w.detach(), w.grad, f, spec)  # w: the weight the step used
     changes = updater.step()
     assert changes[""] > 0
     assert torch.equal(layer.mask(), expected)
 
 
-@pytest.mark.parametrize(
-    "spec,out,inn", [("90%", 13, 17), ("2:4", 9, 16), ("block(2x3, 60%)", 10, 12), ("fanin(k=3)", 11, 7)]
-)
+SMALL = [("90%", 13, 17), ("2:4", 9, 16), ("3:8", 5, 24), ("block(2x3, 60%)", 10, 12), ("fanin(k=3)", 11, 7)]
+
+
+def _random_update(layout, kept, gen, n_drop, scores, chunk=3):
+    """Drop by random integer scores (many ties), then grow from ``scores`` fed in chunks."""
+    drop = torch.randint(0, 4, (layout.n_items,), generator=gen).float()
+    dropped = choose_drops(drop, n_drop)
+    selector = GrowSelector(layout, kept, dropped)
+    for r0 in range(0, layout.grid[0], chunk):
+        selector.add_rows(r0, scores[r0 : r0 + chunk].clone())
+    return dropped, selector
+
+
+@pytest.mark.parametrize("spec,out,inn", SMALL)
 def test_invariants_hold_after_1000_random_updates(spec, out, inn):
     layout = make_layout(sparsec.parse_spec(spec), out, inn)
     gen = torch.Generator().manual_seed(0)
     kept = layout.random_positions(gen)
     for _ in range(1000):
         n_drop = int(torch.randint(0, layout.n_items + 1, (1,), generator=gen))
-        collector = CandidateCollector(layout, kept, layout.grow_cap(n_drop))
-        for r0 in range(0, layout.grid[0], 3):
-            rows = min(3, layout.grid[0] - r0)
-            collector.add_rows(r0, torch.randint(0, 4, (rows, layout.grid[1]), generator=gen).float())
-        drop = torch.randint(0, 4, (layout.n_items,), generator=gen).float()
-        kept_new, src = select_update(layout, kept, drop, collector.kept_scores, *collector.candidates(), n_drop)
+        scores = torch.randint(0, 4, layout.grid, generator=gen).float()
+        dropped, selector = _random_update(layout, kept, gen, n_drop, scores)
+        kept_new, src = apply_growth(layout, kept, dropped, selector.grown())
         # independent checks on the dense item mask
         item_mask = torch.zeros(layout.grid[0] * layout.grid[1], dtype=torch.bool)
         item_mask[kept_new] = True
@@ -225,6 +233,26 @@ def test_invariants_hold_after_1000_random_updates(spec, out, inn):
         survivors = src >= 0
         assert torch.equal(kept_new[survivors], kept[src[survivors]])  # a slot keeps its position
         kept = kept_new
+
+
+@pytest.mark.parametrize("spec,out,inn", SMALL)
+def test_chunked_growth_equals_a_brute_force_choice_with_ties(spec, out, inn):
+    layout = make_layout(sparsec.parse_spec(spec), out, inn)
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        kept = layout.random_positions(gen)
+        scores = torch.randint(0, 3, layout.grid, generator=gen).double()  # many ties
+        n_drop = int(torch.randint(0, layout.n_items + 1, (1,), generator=gen))
+        chunk = int(torch.randint(1, 4, (1,), generator=gen))
+        dropped, selector = _random_update(layout, kept, gen, n_drop, scores, chunk)
+        survivors = set(kept.tolist()) - set(kept[dropped].tolist())
+        lost = torch.bincount(kept[dropped] // layout.unit_size, minlength=layout.n_units).tolist()
+        expected = []
+        for u in range(layout.n_units):
+            eligible = [p for p in range(u * layout.unit_size, (u + 1) * layout.unit_size) if p not in survivors]
+            eligible.sort(key=lambda p: (-scores.view(-1)[p].item(), p))
+            expected += eligible[: lost[u]]
+        assert selector.grown().tolist() == sorted(expected), trial
 
 
 def test_nan_gradient_skips_update_and_warns_once_per_layer():
