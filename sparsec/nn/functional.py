@@ -70,6 +70,13 @@ def _offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     return crow
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # PyTorch's CPU CSR kernels take float32/float64 only: half types compute in float32 there.
+    if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return t.dtype
+
+
 class SparseMatmul(torch.autograd.Function):
     """``y2d = x2d @ W^T`` for a compressed ``W``; gradients for ``x2d`` and the kept values only."""
 
@@ -77,17 +84,20 @@ class SparseMatmul(torch.autograd.Function):
     def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, plan: CSRPlan, capture):
         ctx.plan, ctx.capture = plan, capture
         ctx.save_for_backward(x2d, values)
-        return torch.sparse.mm(plan.weight(values), x2d.t()).t()
+        dt = _compute_dtype(x2d)
+        return torch.sparse.mm(plan.weight(values.to(dt)), x2d.to(dt).t()).t().to(x2d.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2d, values = ctx.saved_tensors
         plan: CSRPlan = ctx.plan
+        dt = _compute_dtype(x2d)
+        x, dy_c = x2d.to(dt), dy.to(dt)
         dx = dvalues = None
         if ctx.needs_input_grad[0]:
-            dx = torch.sparse.mm(plan.weight_t(values), dy.t()).t()
+            dx = torch.sparse.mm(plan.weight_t(values.to(dt)), dy_c.t()).t().to(x2d.dtype)
         if ctx.needs_input_grad[1]:
-            dvalues = plan.sampled_grad(dy, x2d, values.shape)
+            dvalues = plan.sampled_grad(dy_c, x, values.shape).to(values.dtype)
         if ctx.capture is not None:
-            ctx.capture.observe(dy, x2d)
+            ctx.capture.observe(dy_c, x)
         return dx, dvalues, None, None

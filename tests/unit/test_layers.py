@@ -17,7 +17,7 @@ def _reference_linear(layer: SparseLinear, x: torch.Tensor, dy: torch.Tensor):
     return y, xd.grad, w.grad[layer.mask()], (b.grad if b is not None else None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("spec,out,inn", SPECS_AND_SHAPES)
 def test_linear_forward_and_gradients_match_float64_reference(spec, out, inn, bias, dtype):

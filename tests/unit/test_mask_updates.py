@@ -200,6 +200,22 @@ def test_updater_matches_rigl_step_on_the_dense_gradient(spec, out, inn):
     assert torch.equal(layer.mask(), expected)
 
 
+@pytest.mark.parametrize("spec", ["80%", "1:3", "block(2x3, 50%)", "fanin(k=7)"])
+def test_conv_updater_matches_rigl_step(spec):
+    torch.manual_seed(5)
+    conv = nn.Conv2d(2, 6, 3, padding=1, dtype=torch.float64)  # fan-in 18
+    layer = sparsec.SparseConv2d.from_dense(conv, spec, sparsec.rigl(delta_t=1, alpha=0.6))
+    updater = MaskUpdater(layer, torch.optim.SGD(layer.parameters(), lr=0.1), total_steps=1000)
+    x = torch.randn(3, 2, 5, 4, dtype=torch.float64)
+    before = layer.mask().clone()
+    w = layer.dense_weight().requires_grad_()
+    nn.functional.conv2d(x, w, layer.bias, padding=1).square().sum().backward()
+    layer(x).square().sum().backward()
+    expected = rigl_step(before, w.detach(), w.grad, layer.policy.drop_fraction(1, 1000), spec)
+    assert updater.step()[""] > 0
+    assert torch.equal(layer.mask(), expected)
+
+
 SMALL = [("90%", 13, 17), ("2:4", 9, 16), ("3:8", 5, 24), ("block(2x3, 60%)", 10, 12), ("fanin(k=3)", 11, 7)]
 
 
