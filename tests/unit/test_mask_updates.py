@@ -209,8 +209,9 @@ def test_conv_updater_matches_rigl_step(spec):
     x = torch.randn(3, 2, 5, 4, dtype=torch.float64)
     before = layer.mask().clone()
     w = layer.dense_weight().requires_grad_()
-    nn.functional.conv2d(x, w, layer.bias, padding=1).square().sum().backward()
-    layer(x).square().sum().backward()
+    r = torch.randn(3, 6, 5, 4, dtype=torch.float64)  # a random projection: unstructured gradients
+    (nn.functional.conv2d(x, w, layer.bias, padding=1) * r).sum().backward()
+    (layer(x) * r).sum().backward()
     expected = rigl_step(before, w.detach(), w.grad, layer.policy.drop_fraction(1, 1000), spec)
     assert updater.step()[""] > 0
     assert torch.equal(layer.mask(), expected)
