@@ -51,12 +51,6 @@ class Layout:
     def nnz(self) -> int:
         return self.n_items * self.item[0] * self.item[1]
 
-    def grow_cap(self, n_drop: int) -> int:
-        """Most items one unit can regrow when ``n_drop`` are dropped layer-wide."""
-        # A unit loses at most min(n_drop, kept) items and regrows them from its just-dropped items
-        # plus its free positions; only the best of the free ones can matter.
-        return min(n_drop, self.kept_per_unit, self.unit_size - self.kept_per_unit)
-
     # --- buffers <-> sorted flat item positions --------------------------------------------------
 
     def encode(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -93,8 +93,10 @@ class SparseLayer(nn.Module):
 
     @torch.no_grad()
     def set_positions(self, flat: torch.Tensor, src: torch.Tensor) -> None:
-        """Move to new kept positions; ``src[i]`` is the old slot of new item ``i`` or -1 (grown: 0)."""
-        self.layout.check_positions(flat, what="new mask")
+        """Move to new kept positions; ``src[i]`` is the old slot of new item ``i`` or -1 (grown: 0).
+
+        ``flat`` must already satisfy the spec (``policies.decision.apply_growth`` checks it).
+        """
         self.values.copy_(remap_rows(self.values, src))
         self._write_positions(flat)
 
