@@ -164,50 +164,45 @@ def make_layout(spec: Spec, out_features: int, in_features: int, layer: str = "l
     """The layout of ``spec`` on an ``out_features x in_features`` weight (checked, clear errors)."""
     check_layer(spec, out_features, in_features, layer)
     out, inn = out_features, in_features
+    weights = dict(spec=spec, out_features=out, in_features=inn, grid=(out, inn), item=(1, 1))
     if isinstance(spec, NM):
-        kept = out * inn // spec.m * spec.n
+        per_row = inn // spec.m * spec.n
         pos_dtype = torch.uint8 if spec.m <= 256 else torch.int32
         return Layout(
-            spec,
-            out,
-            inn,
-            (out, inn),
-            (1, 1),
-            spec.m,
-            spec.n,
-            (out, inn // spec.m * spec.n),
-            (("nm_positions", pos_dtype, (out, inn // spec.m * spec.n)),),
+            **weights,
+            unit_size=spec.m,
+            kept_per_unit=spec.n,
+            values_shape=(out, per_row),
+            buffers=(("nm_positions", pos_dtype, (out, per_row)),),
         )
     if isinstance(spec, FanIn):
         k = spec.k if spec.k is not None else max(1, inn - math.floor(spec.sparsity * inn))
-        return Layout(spec, out, inn, (out, inn), (1, 1), inn, k, (out, k), (("fanin_indices", torch.int32, (out, k)),))
+        return Layout(
+            **weights,
+            unit_size=inn,
+            kept_per_unit=k,
+            values_shape=(out, k),
+            buffers=(("fanin_indices", torch.int32, (out, k)),),
+        )
     if isinstance(spec, Block):
         grid = (out // spec.rows, inn // spec.cols)
         n = grid[0] * grid[1]
         kept = max(1, n - math.floor(spec.sparsity * n))
         return Layout(
-            spec,
-            out,
-            inn,
-            grid,
-            (spec.rows, spec.cols),
-            n,
-            kept,
-            (kept, spec.rows, spec.cols),
-            (("block_row_offsets", torch.int32, (grid[0] + 1,)), ("block_cols", torch.int32, (kept,))),
+            **{**weights, "grid": grid, "item": (spec.rows, spec.cols)},
+            unit_size=n,
+            kept_per_unit=kept,
+            values_shape=(kept, spec.rows, spec.cols),
+            buffers=(("block_row_offsets", torch.int32, (grid[0] + 1,)), ("block_cols", torch.int32, (kept,))),
         )
     if isinstance(spec, Unstructured):
         n = out * inn
         kept = max(1, n - math.floor(spec.sparsity * n))
         return Layout(
-            spec,
-            out,
-            inn,
-            (out, inn),
-            (1, 1),
-            n,
-            kept,
-            (kept,),
-            (("row_offsets", torch.int32, (out + 1,)), ("col_indices", torch.int32, (kept,))),
+            **weights,
+            unit_size=n,
+            kept_per_unit=kept,
+            values_shape=(kept,),
+            buffers=(("row_offsets", torch.int32, (out + 1,)), ("col_indices", torch.int32, (kept,))),
         )
     raise SparsecError(f"spec {spec} has no sparse storage format; a dense spec keeps the layer dense")

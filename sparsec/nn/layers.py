@@ -141,6 +141,12 @@ class SparseLayer(nn.Module):
                 state_dict.setdefault(prefix + name, tensor)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _take_bias(self, dense: nn.Module):
+        """Copy a dense module's bias (``from_dense``); returns self."""
+        if dense.bias is not None:
+            self.bias.data.copy_(dense.bias.detach())
+        return self
+
     def _sparse_repr(self) -> str:
         return f"spec={self.spec}, policy={self.policy}, kept={self.layout.nnz}/{math.prod(self.weight_shape)}"
 
@@ -187,9 +193,7 @@ class SparseLinear(SparseLayer):
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
-        if linear.bias is not None:
-            layer.bias.data.copy_(linear.bias.detach())
-        return layer
+        return layer._take_bias(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -259,9 +263,7 @@ class SparseConv2d(SparseLayer):
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )
-        if conv.bias is not None:
-            layer.bias.data.copy_(conv.bias.detach())
-        return layer
+        return layer._take_bias(conv)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
