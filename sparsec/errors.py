@@ -31,3 +31,7 @@ class ShapeError(SparsecError, ValueError):
 
 class SparsecWarning(UserWarning):
     """Something sparsec chose not to do (for example a mask update skipped on a NaN score)."""
+
+
+class IRVerifyError(SparsecError):
+    """An IR graph that breaks a rule of the verifier (names the node and the rule)."""

@@ -155,7 +155,9 @@ def test_sparse_decorator_on_nested_classes():
 
 def test_sparsify_errors_name_the_layer():
     model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4))
-    with pytest.raises(sparsec.ShapeError, match=r"^0 \(weight 8x10, spec 2:4\): in_features=10 is not divisible by M=4"):
+    with pytest.raises(
+        sparsec.ShapeError, match=r"^0 \(weight 8x10, spec 2:4\): in_features=10 is not divisible by M=4"
+    ):
         sparsec.sparsify(model, spec="2:4")
     with pytest.raises(SparsecError, match="no nn.Linear or nn.Conv2d"):
         sparsec.sparsify(nn.ReLU())

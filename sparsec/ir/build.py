@@ -1,0 +1,127 @@
+"""Build the four programs of a sparse layer from its spec, shape, dtype, bias and activation.
+
+- ``forward``:     Y = act(X @ W^T + b)
+- ``grad_input``:  dX = dZ @ W            (dZ: gradient at X @ W^T, before bias and activation)
+- ``grad_values``: dV = (dZ^T @ X) sampled at W's kept positions (SDDMM), values-shaped
+- ``grow_scores``: per unit, the ``k`` best |dZ^T @ X| outside W's kept positions
+
+Shapes are sympy expressions in the batch ``BATCH`` and the layer's ``OUT`` and ``IN``; the SPARSE node
+records the concrete ``out_features``/``in_features`` the program is built for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy
+
+from sparsec.dsl.spec import NM, Block, Dense, FanIn, Spec, Unstructured, parse_spec
+from sparsec.errors import SparsecError
+from sparsec.ir.graph import BATCH, IN, OUT, Program, ProgramBuilder, make_node
+from sparsec.ir.ops import ACTIVATIONS, Op
+
+DTYPES = {"fp16", "bf16", "fp32", "fp64"}
+PROGRAMS = ("forward", "grad_input", "grad_values", "grow_scores")
+
+
+class kept(sympy.Function):  # noqa: N801 - reads as a formula: kept(n, s)
+    """``n - floor(s * n)`` (at least 1), evaluated with Python floats exactly as the runtime does."""
+
+    @classmethod
+    def eval(cls, n, s):
+        if n.is_Integer and s.is_Number:
+            return sympy.Integer(max(1, int(n) - math.floor(float(s) * int(n))))
+        return None
+
+
+def _kept(n: sympy.Expr, sparsity: float) -> sympy.Expr:
+    return kept(n, sympy.Float(sparsity)) if sparsity else n
+
+
+def values_shape(spec: Spec) -> tuple[sympy.Expr, ...]:
+    """Symbolic shape of the stored values (README's storage table)."""
+    if isinstance(spec, NM):
+        return (OUT, IN * spec.n / spec.m)
+    if isinstance(spec, FanIn):
+        return (OUT, sympy.Integer(spec.k) if spec.k is not None else _kept(IN, spec.sparsity))
+    if isinstance(spec, Block):
+        blocks = OUT * IN / (spec.rows * spec.cols)
+        return (_kept(blocks, spec.sparsity), sympy.Integer(spec.rows), sympy.Integer(spec.cols))
+    if isinstance(spec, Unstructured):
+        return (_kept(OUT * IN, spec.sparsity),)
+    raise SparsecError(f"spec {spec} has no sparse programs")
+
+
+def units_shape(spec: Spec) -> sympy.Expr:
+    """Number of units whose kept count is fixed (groups, rows, or the layer)."""
+    if isinstance(spec, NM):
+        return OUT * IN / spec.m
+    if isinstance(spec, FanIn):
+        return OUT
+    return sympy.Integer(1)
+
+
+def build_programs(
+    spec: str | Spec,
+    in_features: int,
+    out_features: int,
+    dtype: str = "fp32",
+    bias: bool = True,
+    activation: str | None = None,
+    grow_k: int = 1,
+) -> dict[str, Program]:
+    spec = parse_spec(spec)
+    if isinstance(spec, Dense):
+        raise SparsecError("spec 'dense' has no sparse programs; the layer stays a dense torch layer")
+    if dtype not in DTYPES:
+        raise SparsecError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise SparsecError(f"activation {activation!r} is not supported; choose one of {ACTIVATIONS} or None")
+    weight = make_node(
+        Op.SPARSE,
+        dtype,
+        (OUT, IN),
+        spec=str(spec),
+        out_features=out_features,
+        in_features=in_features,
+        values_shape=values_shape(spec),
+    )
+
+    def start(name: str) -> tuple[ProgramBuilder, int]:
+        builder = ProgramBuilder(name)
+        return builder, builder.add(weight)
+
+    fwd, w = start("forward")
+    x = fwd.add(make_node(Op.DENSE, dtype, (BATCH, IN), name="x"))
+    y = fwd.add(make_node(Op.SPMM, dtype, (BATCH, OUT)), x, w)
+    if bias:
+        y = fwd.add(
+            make_node(Op.ADD_BIAS, dtype, (BATCH, OUT)), y, fwd.add(make_node(Op.VECTOR, dtype, (OUT,), name="bias"))
+        )
+    if activation:
+        y = fwd.add(make_node(Op.ACTIVATION, dtype, (BATCH, OUT), fn=activation), y)
+    fwd.add(make_node(Op.OUTPUT, dtype, (BATCH, OUT), name="y"), y)
+
+    gin, w = start("grad_input")
+    dz = gin.add(make_node(Op.DENSE, dtype, (BATCH, OUT), name="dz"))
+    dx = gin.add(make_node(Op.SPMM_T, dtype, (BATCH, IN)), dz, w)
+    gin.add(make_node(Op.OUTPUT, dtype, (BATCH, IN), name="dx"), dx)
+
+    gval, w = start("grad_values")
+    dz, x = (
+        gval.add(make_node(Op.DENSE, dtype, (BATCH, OUT), name="dz")),
+        gval.add(make_node(Op.DENSE, dtype, (BATCH, IN), name="x")),
+    )
+    dv = gval.add(make_node(Op.SDDMM, dtype, values_shape(spec)), dz, x, w)
+    gval.add(make_node(Op.OUTPUT, dtype, values_shape(spec), name="dvalues"), dv)
+
+    grow, w = start("grow_scores")
+    dz, x = (
+        grow.add(make_node(Op.DENSE, dtype, (BATCH, OUT), name="dz")),
+        grow.add(make_node(Op.DENSE, dtype, (BATCH, IN), name="x")),
+    )
+    cand = (units_shape(spec), sympy.Integer(grow_k))
+    top = grow.add(make_node(Op.GROW_TOPK, "fp32", cand, k=grow_k), dz, x, w)
+    grow.add(make_node(Op.OUTPUT, "fp32", cand, name="candidates"), top)
+
+    return {p.name: p.build() for p in (fwd, gin, gval, grow)}
