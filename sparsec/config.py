@@ -1,52 +1,79 @@
 """Typed settings: every ``SPARSEC_*`` environment variable has its one home here.
 
-``config.grow_chunk_bytes`` reads the environment each time, so a test can set it with
-``config.patch(grow_chunk_bytes=...)`` or ``monkeypatch.setenv``.
+Settings are read from the environment each time they are used, so ``config.patch(...)`` (tests,
+experiments) and ``monkeypatch.setenv`` both work. A bad value is an error naming the variable,
+the value and what it takes. README's settings table lists the same entries.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
+
+import platformdirs
 
 from sparsec.errors import SparsecError
+
+
+def _positive_int(env: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SparsecError(f"{env}={raw!r} is not an integer; set it to a byte count such as 4194304") from None
+    if value < 1:
+        raise SparsecError(f"{env}={value} must be at least 1")
+    return value
+
+
+def _flag(env: str, raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise SparsecError(f"{env}={raw!r} is not a flag; set it to 1 or 0")
+
+
+def _path(env: str, raw: str) -> str:
+    return os.path.expanduser(raw)
 
 
 @dataclass(frozen=True)
 class _Setting:
     env: str
-    default: int
+    default: Callable[[], Any]
+    parse: Callable[[str, str], Any]
     doc: str
 
-    def read(self) -> int:
+    def read(self) -> Any:
         raw = os.environ.get(self.env)
-        if raw is None:
-            return self.default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise SparsecError(
-                f"{self.env}={raw!r} is not an integer; set it to a byte count such as 4194304"
-            ) from None
-        if value < 1:
-            raise SparsecError(f"{self.env}={value} must be at least 1 byte")
-        return value
+        return self.default() if raw is None else self.parse(self.env, raw)
 
 
 SETTINGS: dict[str, _Setting] = {
     "grow_chunk_bytes": _Setting(
         "SPARSEC_GROW_CHUNK_BYTES",
-        16 * 2**20,
-        "bytes of dense gradient scores one chunk of output rows may hold during a grow step",
+        lambda: 16 * 2**20,
+        _positive_int,
+        "working memory one chunk of output rows may use while a grow step scores |dY^T X|",
+    ),
+    "verify": _Setting(
+        "SPARSEC_VERIFY", lambda: False, _flag, "run the IR verifier between every pass of the lowering pipeline"
+    ),
+    "cache_dir": _Setting(
+        "SPARSEC_CACHE_DIR",
+        lambda: platformdirs.user_cache_dir("sparsec"),
+        _path,
+        "root of sparsec's caches (generated kernel source); default: the platform's user cache dir",
     ),
 }
 
-_overrides: dict[str, int] = {}
+_overrides: dict[str, Any] = {}
 
 
-def __getattr__(name: str) -> int:
+def __getattr__(name: str) -> Any:
     if name in _overrides:
         return _overrides[name]
     if name in SETTINGS:
@@ -55,7 +82,7 @@ def __getattr__(name: str) -> int:
 
 
 @contextlib.contextmanager
-def patch(**values: int) -> Iterator[None]:
+def patch(**values: Any) -> Iterator[None]:
     """Override settings inside a ``with`` block (tests, experiments)."""
     unknown = set(values) - set(SETTINGS)
     if unknown:

@@ -22,17 +22,17 @@ class Op(enum.Enum):
     OUTPUT = "output"  # (value,) -> a program result, attrs: name
 
 
-ARITY = {
-    Op.DENSE: 0,
-    Op.SPARSE: 0,
-    Op.VECTOR: 0,
-    Op.SPMM: 2,
-    Op.SPMM_T: 2,
-    Op.SDDMM: 3,
-    Op.GROW_TOPK: 3,
-    Op.ADD_BIAS: 2,
-    Op.ACTIVATION: 1,
-    Op.OUTPUT: 1,
+ARITY: dict[Op, tuple[int, ...]] = {  # allowed argument counts
+    Op.DENSE: (0,),
+    Op.SPARSE: (0,),
+    Op.VECTOR: (0,),
+    Op.SPMM: (2, 3),  # a third argument: the bias, once fuse_epilogue folded it in
+    Op.SPMM_T: (2,),
+    Op.SDDMM: (3,),
+    Op.GROW_TOPK: (3,),
+    Op.ADD_BIAS: (2,),
+    Op.ACTIVATION: (1,),
+    Op.OUTPUT: (1,),
 }
 
 ACTIVATIONS = ("relu", "gelu", "silu")

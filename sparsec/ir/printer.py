@@ -7,7 +7,7 @@ from sparsec.ir.graph import Program
 
 def _value(v) -> str:
     if isinstance(v, tuple):
-        return "(" + ", ".join(_value(x) for x in v) + ")"
+        return "(" + ", ".join(_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
     return repr(v) if isinstance(v, str) else str(v)
 
 

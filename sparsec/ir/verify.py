@@ -17,6 +17,7 @@ _SIGNATURES = {
     Op.GROW_TOPK: ((None, (BATCH, OUT)), (None, (BATCH, IN)), (Op.SPARSE, (OUT, IN))),
     Op.ADD_BIAS: ((None, (BATCH, OUT)), (Op.VECTOR, (OUT,))),
 }
+_FUSED_BIAS = (Op.VECTOR, (OUT,))  # SPMM's optional third argument
 
 
 def _same_shape(a, b) -> bool:
@@ -35,12 +36,16 @@ def verify(program: Program) -> None:
             raise IRVerifyError(f"{program.name}: node {nid} carries no IR Node")
         where = f"{program.name}: node {nid} ({node.op.value})"
         arg_ids = sorted(a for _, _, a in graph.in_edges(nid, data="arg"))
-        if arg_ids != list(range(ARITY[node.op])):
-            raise IRVerifyError(f"{where}: takes {ARITY[node.op]} arguments numbered 0.., has {arg_ids}")
+        if arg_ids not in [list(range(n)) for n in ARITY[node.op]]:
+            counts = " or ".join(map(str, ARITY[node.op]))
+            raise IRVerifyError(f"{where}: takes {counts} arguments numbered 0.., has {arg_ids}")
         if node.op is not Op.OUTPUT and graph.out_degree(nid) == 0:
             raise IRVerifyError(f"{where}: its result is never used (dead node)")
         args = [program.node(a) for a in program.args(nid)]
-        for i, (want_op, want_shape) in enumerate(_SIGNATURES.get(node.op, ())):
+        signature = _SIGNATURES.get(node.op, ())
+        if node.op is Op.SPMM and len(args) == 3:
+            signature = (*signature, _FUSED_BIAS)
+        for i, (want_op, want_shape) in enumerate(signature):
             if want_op is not None and args[i].op is not want_op:
                 raise IRVerifyError(f"{where}: argument {i} must be {want_op.value}, is {args[i].op.value}")
             if not _same_shape(args[i].shape, want_shape):

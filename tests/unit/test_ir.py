@@ -74,8 +74,8 @@ def test_verifier_names_node_and_rule():
     with pytest.raises(IRVerifyError, match=r"\(spmm\): argument 0 has shape \(B, O\), needs \(B, I\)"):
         verify(_break(program, x, shape=program.node(spmm).shape))
     graph = program.graph.copy()
-    graph.add_edge(program.find(Op.VECTOR)[0], spmm, arg=2)
-    with pytest.raises(IRVerifyError, match=r"\(spmm\): takes 2 arguments numbered 0.., has \[0, 1, 2\]"):
+    graph.add_edge(program.find(Op.VECTOR)[0], spmm, arg=3)
+    with pytest.raises(IRVerifyError, match=r"\(spmm\): takes 2 or 3 arguments numbered 0.., has \[0, 1, 3\]"):
         verify(Program("forward", graph))
     act = program.find(Op.ACTIVATION)[0]
     with pytest.raises(IRVerifyError, match="unknown activation 'tanh'"):

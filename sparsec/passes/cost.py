@@ -1,0 +1,106 @@
+"""cost_model: FLOPs and bytes of every product as sympy formulas, and a roofline against dense.
+
+Formulas are in the batch ``B`` and the layer's ``O``/``I``; ``nnz`` is the number of stored
+values. N:M decompresses to a dense tile before ``tl.dot``: it moves fewer bytes but executes the
+dense FLOPs. Gather strategies run on CUDA cores. Peaks are datasheet figures (dense, no sparsity
+feature): bf16/fp16 tensor cores, and FP32 CUDA cores for gathers and for fp32 operands (kernels keep
+fp32 dots in IEEE precision, as torch does by default, not TF32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy
+
+from sparsec.ir.graph import BATCH, IN, OUT, Program
+from sparsec.ir.ops import Op
+
+BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+INDEX_BYTES = {"nm": 1, "ell": 4, "csr": 4, "bsr": 4}  # per stored value (bsr: per block, see below)
+
+
+@dataclass(frozen=True)
+class Peak:
+    name: str
+    tensor_flops: float  # bf16/fp16 dense tensor cores
+    cuda_flops: float  # fp32 CUDA cores
+    bandwidth: float  # bytes/s
+
+
+GPUS = {
+    "A100": Peak("A100 SXM", 312e12, 19.5e12, 2.04e12),
+    "H100": Peak("H100 SXM", 989e12, 67e12, 3.35e12),
+}
+
+
+def _nnz(weight) -> sympy.Expr:
+    return sympy.Mul(*weight.attr("values_shape"))
+
+
+def formulas(op: Op, weight, dtype: str) -> dict[str, object]:
+    """FLOPs and bytes of one product, sparse and dense, and the engine that executes it."""
+    e = BYTES[dtype]
+    nnz = _nnz(weight)
+    fmt, strategy = weight.attr("format"), weight.attr("strategy")
+    if fmt == "bsr":
+        rows, cols = weight.attr("values_shape")[1:]
+        index = 4 * nnz / (rows * cols) + 4 * (OUT / rows + 1)
+    elif fmt == "csr":
+        index = 4 * nnz + 4 * (OUT + 1)
+    else:
+        index = INDEX_BYTES[fmt] * nnz
+    dense_mm = 2 * BATCH * OUT * IN
+    executed = dense_mm if strategy == "decompress-dot" else 2 * BATCH * nnz
+    if op is Op.GROW_TOPK:
+        executed = dense_mm  # every candidate's |dY^T X| must be computed
+    act_in, act_out = {
+        Op.SPMM: (BATCH * IN, BATCH * OUT),
+        Op.SPMM_T: (BATCH * OUT, BATCH * IN),
+        Op.SDDMM: (BATCH * OUT + BATCH * IN, nnz),
+        Op.GROW_TOPK: (BATCH * OUT + BATCH * IN, 0),
+    }[op]
+    dense_out = OUT * IN if op in (Op.SDDMM, Op.GROW_TOPK) else act_out
+    dense_weight = 0 if op in (Op.SDDMM, Op.GROW_TOPK) else OUT * IN
+    return {
+        "flops": executed,
+        "useful_flops": 2 * BATCH * nnz,
+        "bytes": e * (act_in + act_out + (nnz if op in (Op.SPMM, Op.SPMM_T) else 0)) + index,
+        "dense_flops": dense_mm,
+        "dense_bytes": e * (act_in + dense_out + dense_weight),
+        "engine": "cuda" if strategy == "gather" and op is not Op.GROW_TOPK else "tensor",
+    }
+
+
+def cost_model(program: Program) -> Program:
+    """Attach ``cost`` (formulas) to every product node."""
+    (wid,) = program.find(Op.SPARSE)
+    weight = program.node(wid)
+    for nid in program.order():
+        node = program.node(nid)
+        if node.op in (Op.SPMM, Op.SPMM_T, Op.SDDMM, Op.GROW_TOPK):
+            f = formulas(node.op, weight, weight.dtype)
+            program = program.replace_node(nid, node.with_attrs(cost=tuple(sorted(f.items()))))
+    return program
+
+
+def roofline(cost: dict, dtype: str, gpu: Peak, batch: int, out: int, inn: int) -> dict[str, float]:
+    """Predicted seconds of the sparse product and of dense, and the speed-up, at one shape."""
+    at = {BATCH: batch, OUT: out, IN: inn}
+    tensor = gpu.tensor_flops if dtype in ("fp16", "bf16") else gpu.cuda_flops  # fp32 dots stay IEEE
+    peak = tensor if cost["engine"] == "tensor" else gpu.cuda_flops
+    flops, nbytes = float(cost["flops"].subs(at)), float(sympy.sympify(cost["bytes"]).subs(at))
+    dflops, dbytes = float(cost["dense_flops"].subs(at)), float(sympy.sympify(cost["dense_bytes"]).subs(at))
+    t_sparse = max(flops / peak, nbytes / gpu.bandwidth)
+    t_dense = max(dflops / tensor, dbytes / gpu.bandwidth)
+    return {
+        "flops": flops,
+        "bytes": nbytes,
+        "dense_flops": dflops,
+        "dense_bytes": dbytes,
+        "t_sparse": t_sparse,
+        "t_dense": t_dense,
+        "speedup": t_dense / t_sparse if t_sparse else math.inf,
+        "bound": "compute" if flops / peak >= nbytes / gpu.bandwidth else "memory",
+    }

@@ -1,0 +1,46 @@
+"""tile: choose the tile sizes (kernel constexprs) of every product for its strategy and dtype.
+
+Defaults, not tuned values: the autotuner replaces them per GPU. Tensor-core strategies use tiles
+of at least 16 on every ``tl.dot`` side; gather strategies keep BLOCK_B x BLOCK_O x BLOCK_J small,
+since their 3-D gather lives in registers.
+"""
+
+from __future__ import annotations
+
+from sparsec.dsl.spec import NM, Block, parse_spec
+from sparsec.ir.graph import Program
+from sparsec.ir.ops import Op
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    p = floor
+    while p < n:
+        p *= 2
+    return p
+
+
+def tile_for(op: Op, spec, strategy: str, dtype: str) -> dict[str, int]:
+    wide = 64 if dtype in ("fp16", "bf16") else 32  # half types fit twice the K per byte of shared memory
+    if strategy == "decompress-dot":
+        assert isinstance(spec, NM)
+        return {"BLOCK_B": 32, "BLOCK_O": 32, "BLOCK_K": max(wide, spec.m)}
+    if strategy == "block-dot":
+        assert isinstance(spec, Block)
+        sides = {"BH": _pow2_at_least(spec.rows), "BW": _pow2_at_least(spec.cols)}
+        return {"BLOCK_B": 32, **sides}
+    if op is Op.SDDMM or op is Op.GROW_TOPK:
+        return {"BLOCK_E": 32, "BLOCK_B": 16}
+    return {"BLOCK_B": 16, "BLOCK_O": 16, "BLOCK_J": 16}
+
+
+def tile(program: Program) -> Program:
+    """Attach ``tile`` (sorted constexpr pairs) to every product node."""
+    (weight,) = program.find(Op.SPARSE)
+    w = program.node(weight)
+    spec = parse_spec(w.attr("spec"))
+    for nid in program.order():
+        node = program.node(nid)
+        if node.op in (Op.SPMM, Op.SPMM_T, Op.SDDMM, Op.GROW_TOPK):
+            sizes = tile_for(node.op, spec, w.attr("strategy"), w.dtype)
+            program = program.replace_node(nid, node.with_attrs(tile=tuple(sorted(sizes.items()))))
+    return program
