@@ -1,0 +1,1 @@
+"""Triton kernel templates (Jinja) that sparsec's code generator renders; shipped as sparsec.kernels."""

@@ -1,0 +1,1 @@
+"""Code generation: render Triton source from the templates in ``kernels/`` and load it from the cache."""

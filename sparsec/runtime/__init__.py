@@ -1,0 +1,1 @@
+"""Runtime: compiled kernels for a layer, their index plans, and launchers (triton and interpret)."""

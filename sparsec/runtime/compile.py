@@ -1,0 +1,88 @@
+"""From a layer's configuration to rendered kernel source: build programs, lower them, render.
+
+``compile_layer`` is memoised per configuration; the sources are deterministic, so the same
+configuration always maps to the same cache files. The template a program uses follows from the
+strategy the ``choose_format`` pass picked (see ``TEMPLATES``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from sparsec.codegen.render import render
+from sparsec.dsl.spec import parse_spec
+from sparsec.errors import SparsecError
+from sparsec.ir.build import build_programs
+from sparsec.ir.graph import Program, program_key
+from sparsec.ir.ops import Op
+from sparsec.passes import lower
+
+# (program, strategy) -> (template, fixed template parameters)
+TEMPLATES = {
+    ("forward", "decompress-dot"): ("nm_spmm.py.jinja", {}),
+    ("forward", "block-dot"): ("bsr_spmm.py.jinja", {"transposed": False}),
+    ("forward", "gather"): ("csr_spmm.py.jinja", {"has_perm": False}),
+    ("grad_input", "decompress-dot"): ("nm_spmm_t.py.jinja", {}),
+    ("grad_input", "block-dot"): ("bsr_spmm.py.jinja", {"transposed": True, "bias": False, "activation": None}),
+    ("grad_input", "gather"): ("csr_spmm.py.jinja", {"has_perm": True, "bias": False, "activation": None}),
+    ("grad_values", "decompress-dot"): ("nm_sddmm.py.jinja", {}),
+    ("grad_values", "block-dot"): ("bsr_sddmm.py.jinja", {}),
+    ("grad_values", "gather"): ("coo_sddmm.py.jinja", {}),
+}
+KERNEL_DTYPES = ("fp16", "bf16", "fp32")
+SUMMARIES = {
+    "forward": "forward: Y = act(X @ W^T + b)",
+    "grad_input": "grad_input: dX = dZ @ W",
+    "grad_values": "grad_values: dV = (dZ^T @ X) at the kept positions",
+}
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    program: Program  # lowered
+    template: str
+    source: str
+    tile: dict[str, int]
+
+    @property
+    def key(self) -> str:
+        return program_key(self.program)
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    spec: str
+    strategy: str
+    format: str
+    kernels: dict[str, KernelSource]  # program name -> source
+    passes: tuple[str, ...]
+
+
+@functools.cache
+def compile_layer(
+    spec: str, in_features: int, out_features: int, dtype: str, bias: bool, activation: str | None
+) -> LayerKernels:
+    """Lower the forward/backward programs of one layer configuration and render their kernels."""
+    if dtype not in KERNEL_DTYPES:
+        raise SparsecError(
+            f"dtype {dtype} has no generated kernels (they take {', '.join(KERNEL_DTYPES)}); "
+            f"run float64 on the cpu backend (SPARSEC_BACKEND=cpu)"
+        )
+    spec = str(parse_spec(spec))
+    programs = build_programs(spec, in_features, out_features, dtype, bias, activation)
+    kernels, applied = {}, ()
+    for name in ("forward", "grad_input", "grad_values"):
+        lowered, applied = lower(programs[name])
+        weight = lowered.node(lowered.find(Op.SPARSE)[0])
+        strategy = weight.attr("strategy")
+        template, fixed = TEMPLATES[(name, strategy)]
+        product = next(lowered.node(n) for n in lowered.order() if lowered.node(n).op in (Op.SPMM, Op.SPMM_T, Op.SDDMM))
+        params = {"bias": bool(product.attr("bias")), "activation": product.attr("activation"), **fixed}
+        source_text = _render(template, spec, dtype, program_key(lowered), SUMMARIES[name], params)
+        kernels[name] = KernelSource(lowered, template, source_text, dict(product.attr("tile")))
+    return LayerKernels(spec, strategy, weight.attr("format"), kernels, tuple(applied))
+
+
+def _render(template, spec, dtype, key, summary, params) -> str:
+    return render(template, spec=spec, dtype=dtype, key=key, summary=summary, **params)

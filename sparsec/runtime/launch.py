@@ -1,0 +1,185 @@
+"""Launchers: checks, grids and arguments for each generated kernel (kernel -> launcher -> autograd).
+
+Every launcher takes 2-D row-major tensors and returns a new output. With ``poison=True`` outputs
+start as NaN, so an element a kernel forgets to write cannot pass a test by luck.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from sparsec.codegen.cache import interpreting, load_kernel_module
+from sparsec.dsl.spec import NM, parse_spec
+from sparsec.errors import ShapeError, SparsecError
+from sparsec.nn.formats import Layout
+from sparsec.runtime.compile import LayerKernels
+from sparsec.runtime.plan import TritonPlan
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _new(shape, like: torch.Tensor, poison: bool) -> torch.Tensor:
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return out.fill_(float("nan")) if poison else out
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> None:
+    if tuple(t.shape) != shape:
+        raise ShapeError(f"{name} has shape {tuple(t.shape)}; the kernel needs {shape}")
+    if t.dtype != like.dtype or t.device != like.device:
+        raise SparsecError(f"{name} is {t.dtype} on {t.device}; the layer is {like.dtype} on {like.device}")
+    if not t.is_contiguous():
+        raise SparsecError(f"{name} is not contiguous (strides {t.stride()}); call .contiguous() first")
+
+
+class Launcher:
+    """Launches one layer's kernels; ``interpret`` runs them in Triton's interpreter (CPU)."""
+
+    def __init__(self, kernels: LayerKernels, layout: Layout, interpret: bool, poison: bool = False):
+        if interpret and not interpreting():
+            raise SparsecError(
+                "the interpret backend needs TRITON_INTERPRET=1 in the environment before triton is imported "
+                "(start the process with it set)"
+            )
+        self.kernels, self.layout, self.poison = kernels, layout, poison
+        self.spec = parse_spec(kernels.spec)
+
+    def _kernel(self, program: str):
+        return load_kernel_module(self.kernels.kernels[program].source).kernel
+
+    def _tile(self, program: str) -> dict[str, int]:
+        return self.kernels.kernels[program].tile
+
+    def _block_sides(self) -> dict[str, int]:
+        t = self._tile("forward")
+        return {"BH": self.spec.rows, "BW": self.spec.cols, "BH_P": t["BH"], "BW_P": t["BW"]}
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        values: torch.Tensor,
+        plan: TritonPlan,
+        positions: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        lay, strategy = self.layout, self.kernels.strategy
+        b = x.shape[0]
+        _check("x", x, (b, lay.in_features), values)
+        y = _new((b, lay.out_features), x, self.poison)
+        t = self._tile("forward")
+        bias_arg = bias if bias is not None else values
+        kernel = self._kernel("forward")
+        if strategy == "decompress-dot":
+            grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.out_features, t["BLOCK_O"]))
+            kernel[grid](
+                x,
+                values,
+                positions,
+                bias_arg,
+                y,
+                b,
+                lay.out_features,
+                lay.in_features,
+                N=self.spec.n,
+                M=self.spec.m,
+                **t,
+            )
+        elif strategy == "block-dot":
+            grid = (triton.cdiv(b, t["BLOCK_B"]), lay.grid[0])
+            kernel[grid](
+                x,
+                plan.ptr,
+                plan.idx,
+                plan.idx,
+                values,
+                bias_arg,
+                y,
+                b,
+                lay.in_features,
+                lay.out_features,
+                BLOCK_B=t["BLOCK_B"],
+                **self._block_sides(),
+            )
+        else:
+            grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.out_features, t["BLOCK_O"]))
+            kernel[grid](
+                x, plan.ptr, plan.idx, values, plan.idx, bias_arg, y, b, lay.out_features, lay.in_features, **t
+            )
+        return y
+
+    def grad_input(
+        self, dz: torch.Tensor, values: torch.Tensor, plan: TritonPlan, positions: torch.Tensor | None
+    ) -> torch.Tensor:
+        lay, strategy = self.layout, self.kernels.strategy
+        b = dz.shape[0]
+        _check("dz", dz, (b, lay.out_features), values)
+        dx = _new((b, lay.in_features), dz, self.poison)
+        t = self._tile("grad_input")
+        kernel = self._kernel("grad_input")
+        if strategy == "decompress-dot":
+            grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.in_features, t["BLOCK_K"]))
+            kernel[grid](
+                dz, values, positions, dx, b, lay.out_features, lay.in_features, N=self.spec.n, M=self.spec.m, **t
+            )
+        elif strategy == "block-dot":
+            grid = (triton.cdiv(b, t["BLOCK_B"]), lay.grid[1])
+            kernel[grid](
+                dz,
+                plan.ptr_t,
+                plan.idx_t,
+                plan.perm_t,
+                values,
+                values,
+                dx,
+                b,
+                lay.out_features,
+                lay.in_features,
+                BLOCK_B=t["BLOCK_B"],
+                **self._block_sides(),
+            )
+        else:
+            grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.in_features, t["BLOCK_O"]))
+            kernel[grid](
+                dz, plan.ptr_t, plan.idx_t, values, plan.perm_t, values, dx, b, lay.in_features, lay.out_features, **t
+            )
+        return dx
+
+    def grad_values(
+        self, dz: torch.Tensor, x: torch.Tensor, values: torch.Tensor, plan: TritonPlan, positions: torch.Tensor | None
+    ) -> torch.Tensor:
+        lay, strategy = self.layout, self.kernels.strategy
+        b = dz.shape[0]
+        _check("dz", dz, (b, lay.out_features), values)
+        _check("x", x, (b, lay.in_features), values)
+        dv = _new(lay.values_shape, values, self.poison)
+        t = self._tile("grad_values")
+        kernel = self._kernel("grad_values")
+        if strategy == "decompress-dot":
+            grid = (triton.cdiv(lay.out_features, t["BLOCK_O"]), triton.cdiv(lay.in_features, t["BLOCK_K"]))
+            kernel[grid](dz, x, positions, dv, b, lay.out_features, lay.in_features, N=self.spec.n, M=self.spec.m, **t)
+        elif strategy == "block-dot":
+            kernel[(lay.n_items,)](
+                dz,
+                x,
+                plan.rows,
+                plan.idx,
+                dv,
+                b,
+                lay.out_features,
+                lay.in_features,
+                BLOCK_B=t["BLOCK_B"],
+                **self._block_sides(),
+            )
+        else:
+            grid = (triton.cdiv(lay.nnz, t["BLOCK_E"]),)
+            kernel[grid](dz, x, plan.rows, plan.idx, dv, b, lay.out_features, lay.in_features, lay.nnz, **t)
+        return dv
+
+
+def positions_of(spec, buffers: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The tensor N:M kernels read directly (positions in group); None for other formats."""
+    return buffers["nm_positions"] if isinstance(spec, NM) else None
+
+
+__all__ = ["Launcher", "positions_of"]
