@@ -51,3 +51,20 @@ def peak_allocated_bytes(fn) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+# Generated kernels accumulate in fp32 and round once on store: error relative to the output's scale.
+KERNEL_RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_kernel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    rtol = KERNEL_RTOL[dtype]
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    actual, expected = actual.double(), expected.double()
+    bad = ~torch.isclose(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30))
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements beyond rtol {rtol} of scale {scale:.3g} "
+            f"(NaN = never written); first at {idx}; got {actual[bad][:3].tolist()} want {expected[bad][:3].tolist()}"
+        )
