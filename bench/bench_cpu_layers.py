@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import re
 import sys
-from pathlib import Path
 
 import torch
+from results import machine, write_section
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
@@ -26,21 +23,6 @@ from torch.utils.benchmark import Timer
 import sparsec
 
 SPECS = ["90%", "95%", "99%", "2:4", "block(32x32, 90%)", "fanin(90%)"]
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- cpu-layers:begin -->", "<!-- cpu-layers:end -->"
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = re.search(r"model name\s*:\s*(.*)", text).group(1)
-    except (OSError, AttributeError):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}"
-    )
 
 
 def median_ms(fn) -> float:
@@ -110,9 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = bench(args.out, args.inn, args.batch)
     budget = sparsec.config.grow_chunk_bytes
-    section = "\n".join(
+    body = "\n".join(
         [
-            BEGIN,
             "## CPU path: sparse layers against nn.Linear",
             "",
             f"Measured {datetime.date.today().isoformat()} on {machine()}.",
@@ -131,16 +112,10 @@ def main() -> None:
             "backward's; 0 means the selection fit under the backward's own peak.",
             "The CPU path uses PyTorch's CSR kernels (`torch.sparse.mm`, `sampled_addmm`); N:M and block specs are",
             "run through the same CSR product here, so they gain only from their density on this path.",
-            END,
         ]
     )
-    text = RESULTS.read_text() if RESULTS.exists() else "# sparsec benchmark results\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}", file=sys.stderr)
+    write_section("cpu-layers", body)
+    print("wrote bench/RESULTS.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,19 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 
 
 def tile_for(op: Op, spec, strategy: str, dtype: str) -> dict[str, int]:
-    wide = 64 if dtype in ("fp16", "bf16") else 32  # half types fit twice the K per byte of shared memory
+    half = dtype in ("fp16", "bf16")
+    # Tensor-core dots (half types): a 64-row M tile lets sm_90a use wgmma (one warpgroup, M = 64).
+    # fp32 dots stay IEEE on FMA units: smaller tiles keep them under 255 registers without spills.
+    rows = 64 if half else 32
     if strategy == "decompress-dot":
         assert isinstance(spec, NM)
-        return {"BLOCK_B": 32, "BLOCK_O": 32, "BLOCK_K": max(wide, spec.m)}
+        if op is Op.SDDMM:  # M of its dot is BLOCK_O
+            return {"BLOCK_B": 32, "BLOCK_O": rows, "BLOCK_K": max(64 if half else 32, spec.m)}
+        return {"BLOCK_B": rows, "BLOCK_O": 32, "BLOCK_K": max(64 if half else 32, spec.m)}
     if strategy == "block-dot":
         assert isinstance(spec, Block)
         sides = {"BH": _pow2_at_least(spec.rows), "BW": _pow2_at_least(spec.cols)}
-        return {"BLOCK_B": 32, **sides}
+        return {"BLOCK_B": rows, **sides}
     if op is Op.SDDMM or op is Op.GROW_TOPK:
         return {"BLOCK_E": 32, "BLOCK_B": 16}
     return {"BLOCK_B": 16, "BLOCK_O": 16, "BLOCK_J": 16}

@@ -45,8 +45,9 @@ class Launcher:
         self.kernels, self.layout, self.poison = kernels, layout, poison
         self.spec = parse_spec(kernels.spec)
 
-    def _kernel(self, program: str):
-        return load_kernel_module(self.kernels.kernels[program].source).kernel
+    def _launch(self, program: str, grid: tuple[int, ...], *args, **constexprs) -> None:
+        kernel = load_kernel_module(self.kernels.kernels[program].source).kernel
+        kernel[grid](*args, **constexprs)
 
     def _tile(self, program: str) -> dict[str, int]:
         return self.kernels.kernels[program].tile
@@ -69,10 +70,11 @@ class Launcher:
         y = _new((b, lay.out_features), x, self.poison)
         t = self._tile("forward")
         bias_arg = bias if bias is not None else values
-        kernel = self._kernel("forward")
         if strategy == "decompress-dot":
             grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.out_features, t["BLOCK_O"]))
-            kernel[grid](
+            self._launch(
+                "forward",
+                grid,
                 x,
                 values,
                 positions,
@@ -87,7 +89,9 @@ class Launcher:
             )
         elif strategy == "block-dot":
             grid = (triton.cdiv(b, t["BLOCK_B"]), lay.grid[0])
-            kernel[grid](
+            self._launch(
+                "forward",
+                grid,
                 x,
                 plan.ptr,
                 plan.idx,
@@ -103,8 +107,20 @@ class Launcher:
             )
         else:
             grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.out_features, t["BLOCK_O"]))
-            kernel[grid](
-                x, plan.ptr, plan.idx, values, plan.idx, bias_arg, y, b, lay.out_features, lay.in_features, **t
+            self._launch(
+                "forward",
+                grid,
+                x,
+                plan.ptr,
+                plan.idx,
+                values,
+                plan.idx,
+                bias_arg,
+                y,
+                b,
+                lay.out_features,
+                lay.in_features,
+                **t,
             )
         return y
 
@@ -116,15 +132,27 @@ class Launcher:
         _check("dz", dz, (b, lay.out_features), values)
         dx = _new((b, lay.in_features), dz, self.poison)
         t = self._tile("grad_input")
-        kernel = self._kernel("grad_input")
         if strategy == "decompress-dot":
             grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.in_features, t["BLOCK_K"]))
-            kernel[grid](
-                dz, values, positions, dx, b, lay.out_features, lay.in_features, N=self.spec.n, M=self.spec.m, **t
+            self._launch(
+                "grad_input",
+                grid,
+                dz,
+                values,
+                positions,
+                dx,
+                b,
+                lay.out_features,
+                lay.in_features,
+                N=self.spec.n,
+                M=self.spec.m,
+                **t,
             )
         elif strategy == "block-dot":
             grid = (triton.cdiv(b, t["BLOCK_B"]), lay.grid[1])
-            kernel[grid](
+            self._launch(
+                "grad_input",
+                grid,
                 dz,
                 plan.ptr_t,
                 plan.idx_t,
@@ -140,8 +168,20 @@ class Launcher:
             )
         else:
             grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.in_features, t["BLOCK_O"]))
-            kernel[grid](
-                dz, plan.ptr_t, plan.idx_t, values, plan.perm_t, values, dx, b, lay.in_features, lay.out_features, **t
+            self._launch(
+                "grad_input",
+                grid,
+                dz,
+                plan.ptr_t,
+                plan.idx_t,
+                values,
+                plan.perm_t,
+                values,
+                dx,
+                b,
+                lay.in_features,
+                lay.out_features,
+                **t,
             )
         return dx
 
@@ -154,12 +194,26 @@ class Launcher:
         _check("x", x, (b, lay.in_features), values)
         dv = _new(lay.values_shape, values, self.poison)
         t = self._tile("grad_values")
-        kernel = self._kernel("grad_values")
         if strategy == "decompress-dot":
             grid = (triton.cdiv(lay.out_features, t["BLOCK_O"]), triton.cdiv(lay.in_features, t["BLOCK_K"]))
-            kernel[grid](dz, x, positions, dv, b, lay.out_features, lay.in_features, N=self.spec.n, M=self.spec.m, **t)
+            self._launch(
+                "grad_values",
+                grid,
+                dz,
+                x,
+                positions,
+                dv,
+                b,
+                lay.out_features,
+                lay.in_features,
+                N=self.spec.n,
+                M=self.spec.m,
+                **t,
+            )
         elif strategy == "block-dot":
-            kernel[(lay.n_items,)](
+            self._launch(
+                "grad_values",
+                (lay.n_items,),
                 dz,
                 x,
                 plan.rows,
@@ -173,7 +227,9 @@ class Launcher:
             )
         else:
             grid = (triton.cdiv(lay.nnz, t["BLOCK_E"]),)
-            kernel[grid](dz, x, plan.rows, plan.idx, dv, b, lay.out_features, lay.in_features, lay.nnz, **t)
+            self._launch(
+                "grad_values", grid, dz, x, plan.rows, plan.idx, dv, b, lay.out_features, lay.in_features, lay.nnz, **t
+            )
         return dv
 
 

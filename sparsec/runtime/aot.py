@@ -1,0 +1,199 @@
+"""Ahead-of-time compilation of every generated kernel for real GPUs, without one.
+
+The launchers run on small CPU tensors with launching replaced by recording; each recorded call
+becomes ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` with the divisibility
+hints Triton's JIT would give (16-byte aligned pointers, integers divisible by 16), so the PTX is
+what a GPU would run: pipelined, with its real register and shared-memory use. ptxas reports
+registers and spills (ptxas -v, as Triton invokes it); the PTX is searched for tensor-core and async-copy instructions.
+
+Run in a process *without* ``TRITON_INTERPRET`` (the interpreter replaces jit functions):
+
+    python -m sparsec.runtime.aot [--json report.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Compute capability, the arch ptxas names, and the opt-in shared memory limit per block (bytes).
+ARCHS = {"sm_80": (80, "sm_80", 166912), "sm_90a": (90, "sm_90a", 232448)}
+
+# The structures and shapes of the interpreter tests, at the default tiles.
+MATRIX = [
+    ("90%", 37, 53),
+    ("2:4", 37, 52),
+    ("1:8", 21, 56),
+    ("1:3", 19, 33),
+    ("block(16x16, 50%)", 48, 80),
+    ("block(32x32, 75%)", 64, 96),
+    ("block(4x8, 50%)", 20, 40),
+    ("fanin(k=7)", 37, 53),
+]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_POINTER = {
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float32: "*fp32",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+    torch.uint8: "*u8",
+}
+
+
+@dataclass
+class KernelReport:
+    spec: str
+    dtype: str
+    program: str
+    template: str
+    arch: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    shared_limit: int
+    mma_sync: int
+    wgmma: int
+    cp_async: int
+    uses_dot: bool
+
+
+@dataclass
+class RecordedCall:
+    program: str
+    source: str
+    template: str
+    args: tuple
+    constexprs: dict
+
+
+def record_calls(spec: str, out: int, inn: int, dtype: str, batch: int = 19) -> list[RecordedCall]:
+    """The kernel calls of forward, grad_input and grad_values of one layer, recorded, not launched."""
+    import sparsec
+    from sparsec.runtime.compile import compile_layer
+    from sparsec.runtime.launch import Launcher, positions_of
+    from sparsec.runtime.plan import TritonPlan
+
+    calls: list[RecordedCall] = []
+
+    class Recorder(Launcher):
+        def _launch(self, program, grid, *args, **constexprs):
+            src = self.kernels.kernels[program]
+            calls.append(RecordedCall(program, src.source, src.template, args, constexprs))
+
+    torch_dtype = DTYPES[dtype]
+    layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=torch_dtype)
+    launcher = Recorder(compile_layer(str(layer.spec), inn, out, dtype, True, "relu"), layer.layout, interpret=False)
+    plan = TritonPlan.build(layer.layout, layer.positions())
+    pos = positions_of(layer.spec, layer._buffers_dict())
+    values = layer.values.detach()
+    x, dz = torch.zeros(batch, inn, dtype=torch_dtype), torch.zeros(batch, out, dtype=torch_dtype)
+    launcher.forward(x, values, plan, pos, layer.bias.detach())
+    launcher.grad_input(dz, values, plan, pos)
+    launcher.grad_values(dz, x, values, plan, pos)
+    return calls
+
+
+def _signature(fn, args, constexprs) -> tuple[dict, dict, dict]:
+    names = fn.arg_names
+    signature, attrs = {}, {}
+    for i, (name, value) in enumerate(zip(names, args, strict=False)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = _POINTER[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned or better
+        else:
+            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for name in names[len(args) :]:
+        signature[name] = "constexpr"
+    return signature, dict(constexprs), attrs
+
+
+def compile_call(call: RecordedCall, arch: str) -> dict:
+    """Compile one recorded call for ``arch``; returns the report fields (ptxas log parsed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparsec.codegen.cache import load_kernel_module
+
+    cc, ptx_arch, limit = ARCHS[arch]
+    fn = load_kernel_module(call.source).kernel
+    signature, constexprs, attrs = _signature(fn, call.args, call.constexprs)
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", cc, 32)
+    )
+    ptx = compiled.asm["ptx"]
+    text = ptxas_report(ptx, cc, ptx_arch)
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return {
+        "registers": regs,
+        "spill_bytes": spills,
+        "shared_bytes": int(compiled.metadata.shared),
+        "shared_limit": limit,
+        "mma_sync": len(re.findall(r"\bmma\.sync\b", ptx)),
+        "wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+        "cp_async": len(re.findall(r"\bcp\.async\b", ptx)),
+        "uses_dot": "tl.dot(" in call.source,
+    }
+
+
+def ptxas_report(ptx: str, cc: int, arch: str) -> str:
+    """ptxas -v on the PTX (run here, not read from Triton's log: a Triton cache hit prints nothing)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(cc).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src, "-o", src + ".cubin"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return done.stderr + done.stdout
+
+
+def _compile_case(case: tuple[str, int, int, str]) -> list[dict]:
+    spec, out, inn, dtype = case
+    reports = []
+    for call in record_calls(spec, out, inn, dtype):
+        for arch in ARCHS:
+            fields = compile_call(call, arch)
+            reports.append(asdict(KernelReport(spec, dtype, call.program, call.template, arch, **fields)))
+    return reports
+
+
+def compile_matrix(matrix=MATRIX, dtypes=tuple(DTYPES), workers: int | None = None) -> list[dict]:
+    """Compile every kernel of every (structure, dtype) for every arch; one report per kernel and arch."""
+    if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
+        raise RuntimeError("ahead-of-time compilation needs a process without TRITON_INTERPRET")
+    cases = [(spec, out, inn, dtype) for spec, out, inn in matrix for dtype in dtypes]
+    with ProcessPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        return [r for reports in pool.map(_compile_case, cases) for r in reports]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compile sparsec's generated kernels for sm_80 and sm_90a.")
+    parser.add_argument("--json", help="write the reports to this file (default: stdout)")
+    args = parser.parse_args(argv)
+    reports = compile_matrix()
+    text = json.dumps(reports, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
