@@ -25,8 +25,15 @@ def test_identical_inputs_give_byte_identical_source_and_keys():
 
 @pytest.mark.parametrize(
     "change",
-    [dict(spec="1:4"), dict(in_features=128), dict(out_features=48), dict(dtype="bf16"), dict(bias=False),
-     dict(activation="gelu"), dict(activation=None)],
+    [
+        dict(spec="1:4"),
+        dict(in_features=128),
+        dict(out_features=48),
+        dict(dtype="bf16"),
+        dict(bias=False),
+        dict(activation="gelu"),
+        dict(activation=None),
+    ],
 )
 def test_every_field_changes_the_forward_key(change):
     _, base_keys = _sources()

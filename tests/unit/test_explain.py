@@ -1,0 +1,50 @@
+import subprocess
+import sys
+
+import pytest
+
+import sparsec
+from sparsec.cli import main
+from sparsec.explain import explain
+
+
+def test_explain_cli_shows_every_stage(capsys):
+    assert main(["explain", "block(32x32, 90%)", "--shape", "256x512", "--dtype", "bf16", "--activation", "gelu"]) == 0
+    text = capsys.readouterr().out
+    for needle in (
+        "format: bsr   strategy: block-dot",
+        "passes: choose_format -> check_constraints -> fuse_epilogue -> tile -> cost_model",
+        "== forward: IR as built",
+        "%5 = activation(%4) : bf16[B, O] {fn='gelu'}",
+        "== forward: IR after the passes",
+        "activation='gelu', bias=True",
+        "cost model at batch 4096 (bf16",
+        "grad_values  H100",
+        "== grad_input: generated Triton source (bsr_spmm.py.jinja)",
+        "@triton.jit",
+    ):
+        assert needle in text, needle
+
+
+def test_explain_cli_errors_carry_the_caret(capsys):
+    assert main(["explain", "4:2", "--shape", "8x8"]) == 2
+    err = capsys.readouterr().err
+    assert "N must be smaller than M in an N:M spec\n  4:2\n  ^" in err
+    with pytest.raises(SystemExit):
+        main(["explain", "2:4", "--shape", "8by8"])
+
+
+def test_console_script_entry_point():
+    done = subprocess.run(
+        [sys.executable, "-m", "sparsec.cli", "explain", "2:4", "--shape", "64x64", "--no-source"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "strategy: decompress-dot" in done.stdout and "@triton.jit" not in done.stdout
+
+
+def test_explain_a_layer():
+    layer = sparsec.SparseLinear(96, 48, spec="fanin(k=8)")
+    text = explain(layer, source=False)
+    assert "weight 48x96, fp32" in text and "format: ell   strategy: gather" in text
