@@ -36,6 +36,15 @@ def _flag(env: str, raw: str) -> bool:
     raise SparsecError(f"{env}={raw!r} is not a flag; set it to 1 or 0")
 
 
+BACKENDS = ("auto", "triton", "interpret", "cpu")
+
+
+def _backend(env: str, raw: str) -> str:
+    if raw not in BACKENDS:
+        raise SparsecError(f"{env}={raw!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return raw
+
+
 def _path(env: str, raw: str) -> str:
     return os.path.expanduser(raw)
 
@@ -61,6 +70,13 @@ SETTINGS: dict[str, _Setting] = {
     ),
     "verify": _Setting(
         "SPARSEC_VERIFY", lambda: False, _flag, "run the IR verifier between every pass of the lowering pipeline"
+    ),
+    "backend": _Setting(
+        "SPARSEC_BACKEND",
+        lambda: "auto",
+        _backend,
+        "where sparse layers run: auto (triton on CUDA tensors, else cpu), triton, interpret (Triton's "
+        "interpreter on CPU, needs TRITON_INTERPRET=1), cpu (PyTorch's CSR kernels)",
     ),
     "cache_dir": _Setting(
         "SPARSEC_CACHE_DIR",

@@ -77,27 +77,45 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def csr_forward(plan: CSRPlan, x2d: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``x2d @ W^T`` (no bias)."""
+    dt = _compute_dtype(x2d)
+    # row-major result, like the dense op and the fake kernel of sparsec::spmm
+    return torch.sparse.mm(plan.weight(values.to(dt)), x2d.to(dt).t()).t().to(x2d.dtype).contiguous()
+
+
+def csr_grad_input(plan: CSRPlan, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``dy @ W`` through the CSR of ``W^T``."""
+    dt = _compute_dtype(dy)
+    return torch.sparse.mm(plan.weight_t(values.to(dt)), dy.to(dt).t()).t().to(dy.dtype).contiguous()
+
+
+def csr_grad_values(plan: CSRPlan, dy: torch.Tensor, x2d: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``(dy^T @ x2d)`` at the kept positions, in stored order (SDDMM)."""
+    dt = _compute_dtype(dy)
+    return plan.sampled_grad(dy.to(dt), x2d.to(dt), values.shape).to(values.dtype)
+
+
 class SparseMatmul(torch.autograd.Function):
-    """``y2d = x2d @ W^T`` for a compressed ``W``; gradients for ``x2d`` and the kept values only."""
+    """``y2d = x2d @ W^T`` on the CPU path, with a grow capture that sees ``dY`` and ``X`` in backward.
+
+    Used for steps where a layer is armed for a grow step; other steps go through the custom op
+    ``sparsec::spmm`` (``runtime.ops``), which torch.compile can trace.
+    """
 
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, plan: CSRPlan, capture):
         ctx.plan, ctx.capture = plan, capture
         ctx.save_for_backward(x2d, values)
-        dt = _compute_dtype(x2d)
-        return torch.sparse.mm(plan.weight(values.to(dt)), x2d.to(dt).t()).t().to(x2d.dtype)
+        return csr_forward(plan, x2d, values)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2d, values = ctx.saved_tensors
         plan: CSRPlan = ctx.plan
-        dt = _compute_dtype(x2d)
-        x, dy_c = x2d.to(dt), dy.to(dt)
-        dx = dvalues = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.sparse.mm(plan.weight_t(values.to(dt)), dy_c.t()).t().to(x2d.dtype)
-        if ctx.needs_input_grad[1]:
-            dvalues = plan.sampled_grad(dy_c, x, values.shape).to(values.dtype)
+        dx = csr_grad_input(plan, dy, values) if ctx.needs_input_grad[0] else None
+        dvalues = csr_grad_values(plan, dy, x2d, values) if ctx.needs_input_grad[1] else None
         if ctx.capture is not None:
-            ctx.capture.observe(dy_c, x)
+            dt = _compute_dtype(dy)
+            ctx.capture.observe(dy.to(dt), x2d.to(dt))
         return dx, dvalues, None, None

@@ -19,6 +19,7 @@ from sparsec.errors import ShapeError, SparsecError
 from sparsec.nn.formats import Layout, make_layout
 from sparsec.nn.functional import CSRPlan, SparseMatmul
 from sparsec.policies.base import Policy, rigl
+from sparsec.runtime.ops import layer_config
 
 
 class SparseLayer(nn.Module):
@@ -47,6 +48,7 @@ class SparseLayer(nn.Module):
             raise SparsecError(f"{name}: spec 'dense' keeps a layer dense; use torch.nn.Linear/Conv2d instead")
         self.policy = parse_policy(policy)
         self.layout = make_layout(self.spec, out_features, in_features, name)
+        self._op_config = layer_config(self.spec, out_features, in_features)
         self.grow_capture = None  # set by MaskUpdater one step before a gradient-driven grow
         self._cache: tuple | None = None
         for buf, buf_dtype, shape in self.layout.buffers:
@@ -116,6 +118,7 @@ class SparseLayer(nn.Module):
         return self.layout.to_dense(self.values.detach(), self.positions()).view(self.weight_shape)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """``x2d @ W^T + bias``: the custom op ``sparsec::spmm``, or the eager CPU path on an armed step."""
         if x2d.dtype != self.values.dtype:
             raise SparsecError(
                 f"input dtype {x2d.dtype} does not match the layer's {self.values.dtype}; "
@@ -123,7 +126,11 @@ class SparseLayer(nn.Module):
             )
         if x2d.device != self.values.device:
             raise SparsecError(f"input on {x2d.device} but the layer on {self.values.device}; move one of them")
-        return SparseMatmul.apply(x2d, self.values, self._cached()[1], self.grow_capture)
+        if self.grow_capture is not None:  # the backward must hand dY and X to the grow selection
+            y = SparseMatmul.apply(x2d, self.values, self._cached()[1], self.grow_capture)
+            return y if self.bias is None else y + self.bias
+        index = [getattr(self, name) for name, _, _ in self.layout.buffers]
+        return torch.ops.sparsec.spmm(x2d, self.values, self.bias, index, self._op_config)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A dense checkpoint (`weight`) loads into the current mask: kept positions take its values.
@@ -198,8 +205,7 @@ class SparseLinear(SparseLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"input has {x.shape[-1]} features in its last dim; this layer takes {self.in_features}")
-        y = self._matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return self._matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._sparse_repr()}"
@@ -278,8 +284,7 @@ class SparseConv2d(SparseLayer):
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [N, K, L]
         y2d = self._matmul(cols.transpose(1, 2).reshape(n * ho * wo, -1))
-        y = y2d.reshape(n, ho * wo, self.out_channels).transpose(1, 2).reshape(n, self.out_channels, ho, wo)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y2d.reshape(n, ho * wo, self.out_channels).transpose(1, 2).reshape(n, self.out_channels, ho, wo)
 
     def extra_repr(self) -> str:
         return (
