@@ -21,6 +21,11 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 
 def tile_for(op: Op, spec, strategy: str, dtype: str) -> dict[str, int]:
     half = dtype in ("fp16", "bf16")
+    if op is Op.GROW_TOPK:  # a [BLOCK_O, BLOCK_K] tile of |dY^T X| per program (blocks: one block)
+        if strategy == "block-dot":
+            return {"BLOCK_B": 64 if half else 32, "BH": _pow2_at_least(spec.rows), "BW": _pow2_at_least(spec.cols)}
+        m = spec.m if isinstance(spec, NM) else 1
+        return {"BLOCK_B": 32, "BLOCK_O": 64 if half else 32, "BLOCK_K": max(64 if m > 1 else 32, m)}
     # Tensor-core dots (half types): a 64-row M tile lets sm_90a use wgmma (one warpgroup, M = 64).
     # fp32 dots stay IEEE on FMA units: smaller tiles keep them under 255 registers without spills.
     rows = 64 if half else 32
@@ -33,7 +38,7 @@ def tile_for(op: Op, spec, strategy: str, dtype: str) -> dict[str, int]:
         assert isinstance(spec, Block)
         sides = {"BH": _pow2_at_least(spec.rows), "BW": _pow2_at_least(spec.cols)}
         return {"BLOCK_B": rows, **sides}
-    if op is Op.SDDMM or op is Op.GROW_TOPK:
+    if op is Op.SDDMM:
         return {"BLOCK_E": 32, "BLOCK_B": 16}
     return {"BLOCK_B": 16, "BLOCK_O": 16, "BLOCK_J": 16}
 

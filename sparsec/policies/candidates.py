@@ -140,6 +140,14 @@ class GrowCapture:
 
     def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         # Each backward replaces the last: the grow step uses the latest gradient.
+        from sparsec.runtime.ops import grow_selector  # generated kernels on the triton/interpret backends
+
+        self.selector = grow_selector(self.layout, self.kept, self.dropped, dy, x)
+        if self.selector is None:
+            self.selector = self._observe_chunked(dy, x)
+
+    def _observe_chunked(self, dy: torch.Tensor, x: torch.Tensor) -> GrowSelector:
+        """The CPU path: ``|dY^T X|`` chunk by chunk of output rows in torch."""
         layout = self.layout
         selector = GrowSelector(layout, self.kept, self.dropped)
         step = chunk_item_rows(layout, dy.element_size())
@@ -150,7 +158,7 @@ class GrowCapture:
                 grad_rows = (dy[:, r0 * bh : r1 * bh].t() @ x).abs_()  # [rows, in]: this chunk only
                 selector.add_rows(r0, item_scores(layout, grad_rows))
                 del grad_rows
-        self.selector = selector
+        return selector
 
 
 def random_selection(

@@ -100,6 +100,10 @@ def record_calls(spec: str, out: int, inn: int, dtype: str, batch: int = 19) -> 
     launcher.forward(x, values, plan, pos, layer.bias.detach())
     launcher.grad_input(dz, values, plan, pos)
     launcher.grad_values(dz, x, values, plan, pos)
+    kernels = launcher.kernels
+    if not (kernels.format == "nm" and kernels.strategy == "gather"):  # those grow on the CPU path
+        drop = torch.zeros(layer.layout.values_shape if pos is not None else layer.layout.n_items, dtype=torch.uint8)
+        launcher.grow_scores(dz, x, plan, pos, drop, kc=2)
     return calls
 
 

@@ -29,13 +29,18 @@ TEMPLATES = {
     ("grad_values", "decompress-dot"): ("nm_sddmm.py.jinja", {}),
     ("grad_values", "block-dot"): ("bsr_sddmm.py.jinja", {}),
     ("grad_values", "gather"): ("coo_sddmm.py.jinja", {}),
+    ("grow_scores", "decompress-dot"): ("grow_topk.py.jinja", {"fmt": "nm"}),
+    ("grow_scores", "block-dot"): ("bsr_grow.py.jinja", {}),
+    ("grow_scores", "gather"): ("grow_topk.py.jinja", {"fmt": "csr"}),
 }
 KERNEL_DTYPES = ("fp16", "bf16", "fp32")
 SUMMARIES = {
     "forward": "forward: Y = act(X @ W^T + b)",
     "grad_input": "grad_input: dX = dZ @ W",
     "grad_values": "grad_values: dV = (dZ^T @ X) at the kept positions",
+    "grow_scores": "grow_scores: the best |dZ^T @ X| outside the kept positions, tile by tile",
 }
+PRODUCTS = (Op.SPMM, Op.SPMM_T, Op.SDDMM, Op.GROW_TOPK)
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,12 @@ def compile_layer(
     spec = str(parse_spec(spec))
     programs = build_programs(spec, in_features, out_features, dtype, bias, activation)
     kernels, applied = {}, ()
-    for name in ("forward", "grad_input", "grad_values"):
+    for name in ("forward", "grad_input", "grad_values", "grow_scores"):
         lowered, applied = lower(programs[name])
         weight = lowered.node(lowered.find(Op.SPARSE)[0])
         strategy = weight.attr("strategy")
         template, fixed = TEMPLATES[(name, strategy)]
-        product = next(lowered.node(n) for n in lowered.order() if lowered.node(n).op in (Op.SPMM, Op.SPMM_T, Op.SDDMM))
+        product = next(lowered.node(n) for n in lowered.order() if lowered.node(n).op in PRODUCTS)
         params = {"bias": bool(product.attr("bias")), "activation": product.attr("activation"), **fixed}
         source_text = _render(template, spec, dtype, program_key(lowered), SUMMARIES[name], params)
         kernels[name] = KernelSource(lowered, template, source_text, dict(product.attr("tile")))

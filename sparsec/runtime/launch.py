@@ -232,6 +232,82 @@ class Launcher:
             )
         return dv
 
+    def grow_scores(
+        self,
+        dz: torch.Tensor,
+        x: torch.Tensor,
+        plan: TritonPlan,
+        positions: torch.Tensor | None,
+        dropped: torch.Tensor,
+        kc: int,
+    ) -> torch.Tensor:
+        """Block formats: mean |dZ^T X| per block of the block grid. Others: int64 keys [O, segments, kc]
+        of the kc best positions of every segment outside the positions kept after the drop."""
+        lay, strategy = self.layout, self.kernels.strategy
+        b = dz.shape[0]
+        _check("dz", dz, (b, lay.out_features), x)
+        t = self._tile("grow_scores")
+        if strategy == "block-dot":
+            scores = torch.empty(lay.grid, dtype=torch.float32, device=dz.device)
+            sides = {"BH": self.spec.rows, "BW": self.spec.cols, "BH_P": t["BH"], "BW_P": t["BW"]}
+            self._launch(
+                "grow_scores",
+                lay.grid,
+                dz,
+                x,
+                scores,
+                b,
+                lay.out_features,
+                lay.in_features,
+                BLOCK_B=t["BLOCK_B"],
+                **sides,
+            )
+            return scores
+        nm = strategy == "decompress-dot"
+        seg = self.spec.m if nm else t["BLOCK_K"]
+        nseg = triton.cdiv(lay.in_features, seg)
+        keys = torch.empty((lay.out_features, nseg, kc), dtype=torch.int64, device=dz.device)
+        grid = (triton.cdiv(lay.out_features, t["BLOCK_O"]), triton.cdiv(lay.in_features, t["BLOCK_K"]))
+        tiles = {k: t[k] for k in ("BLOCK_B", "BLOCK_O", "BLOCK_K")}
+        if nm:
+            self._launch(
+                "grow_scores",
+                grid,
+                dz,
+                x,
+                positions,
+                dropped,
+                keys,
+                b,
+                lay.out_features,
+                lay.in_features,
+                SEG=seg,
+                KC=kc,
+                N=self.spec.n,
+                M=self.spec.m,
+                **tiles,
+            )
+        else:
+            longest = int((plan.ptr[1:] - plan.ptr[:-1]).max()) if lay.out_features else 0
+            self._launch(
+                "grow_scores",
+                grid,
+                dz,
+                x,
+                plan.ptr,
+                plan.idx,
+                dropped,
+                keys,
+                b,
+                lay.out_features,
+                lay.in_features,
+                SEG=seg,
+                KC=kc,
+                SEARCH_STEPS=longest.bit_length() + 1,
+                **tiles,
+            )
+        return keys
+
 
 def positions_of(spec, buffers: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The tensor N:M kernels read directly (positions in group); None for other formats."""

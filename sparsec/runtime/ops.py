@@ -159,3 +159,19 @@ def _backward(ctx, dy):
 
 
 spmm.register_autograd(_backward, setup_context=_setup)
+
+
+def grow_selector(layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor):
+    """Grow selection on the generated ``grow_scores`` kernel (triton, interpret); None on the cpu backend."""
+    backend = backend_for(dy)
+    if backend == "cpu" or dy.dtype not in _KERNEL_DTYPES:
+        return None
+    from sparsec.runtime.grow import grow_on_kernels
+
+    config = layer_config(layout.spec, layout.out_features, layout.in_features)
+    launcher = _launcher(config, dy, False, backend)
+    if launcher.kernels.format == "nm" and launcher.kernels.strategy == "gather":
+        return None  # groups of a non-power-of-two M straddle the kernel's segments: the exactness check needs nesting
+    index = list(layout.encode(kept).values())
+    plan = _plan(config, backend, index)
+    return grow_on_kernels(launcher, layout, plan, _nm_positions(config, index), kept, dropped, dy, x)

@@ -25,8 +25,9 @@ def test_every_kernel_compiled_for_every_arch(reports):
         (spec, dtype, program, arch)
         for spec, _, _ in MATRIX
         for dtype in DTYPES
-        for program in ("forward", "grad_input", "grad_values")
+        for program in ("forward", "grad_input", "grad_values", "grow_scores")
         for arch in ARCHS
+        if not (program == "grow_scores" and spec == "1:3")  # M not a power of two: grows on the CPU path
     }
     assert seen == expected
 
@@ -38,7 +39,8 @@ def test_no_spills_and_shared_memory_within_the_device_limit(reports):
 
 def _block_side_below_64(r) -> bool:
     # bsr_sddmm's dot has the (padded) block height as M: wgmma needs M = 64 per warpgroup
-    return r["template"] == "bsr_sddmm.py.jinja" and int(r["spec"].split("(")[1].split("x")[0]) < 64
+    grid_blocks = ("bsr_sddmm.py.jinja", "bsr_grow.py.jinja")
+    return r["template"] in grid_blocks and int(r["spec"].split("(")[1].split("x")[0]) < 64
 
 
 def test_half_type_dots_use_tensor_cores(reports):

@@ -1,0 +1,86 @@
+"""The grow step on generated kernels: exact RigL growth from per-segment candidates.
+
+Block formats score every block of the block grid in a kernel and select on the host. Element
+formats run ``grow_topk``: every segment (an N:M group, or a row's BLOCK_K-wide column tile) keeps
+its ``kc`` best eligible positions. The host then takes each unit's ``lost[u]`` best. That is exact
+when no *full* segment (one that kept ``kc`` positions) had its last kept position chosen: then
+every position it left out ranks below the unit's cut. Otherwise ``kc`` doubles and the kernel runs
+again; at ``kc`` = segment width nothing is left out, so the loop ends. The argument needs every
+segment inside one unit: true for N:M with a power-of-two M (segment = group), fan-in (unit = row)
+and unstructured (unit = layer); other N:M grow on the CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsec.nn.formats import Layout
+from sparsec.policies.candidates import GrowSelector
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def rank_in_unit(unit: torch.Tensor, score: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order by (unit asc, score desc, flat asc) and each entry's rank inside its unit."""
+    perm = flat.argsort(stable=True)
+    perm = perm[score[perm].argsort(descending=True, stable=True)]
+    perm = perm[unit[perm].argsort(stable=True)]
+    u = unit[perm]
+    rank = torch.arange(u.numel(), device=u.device) - torch.searchsorted(u, u)
+    return perm, rank
+
+
+def grow_on_kernels(
+    launcher,
+    layout: Layout,
+    plan,
+    positions,
+    kept: torch.Tensor,
+    dropped: torch.Tensor,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+) -> GrowSelector:
+    """A completed ``GrowSelector`` whose ``grown()`` are the positions to grow."""
+    selector = GrowSelector(layout, kept, dropped)
+    dy, x = dy.contiguous(), x.contiguous()
+    if layout.item != (1, 1):  # blocks: one score per block, selected exactly as on the CPU path
+        scores = launcher.grow_scores(dy, x, plan, positions, None, 0)
+        selector.add_rows(0, scores)
+        return selector
+    selector.rows_seen = layout.grid[0]
+    if dropped.numel() == 0:
+        return selector
+    drop_flags = torch.zeros(layout.n_items, dtype=torch.uint8, device=kept.device)
+    drop_flags[dropped] = 1
+    if positions is not None:
+        drop_flags = drop_flags.view(positions.shape)
+    lost = torch.bincount(kept[dropped] // layout.unit_size, minlength=layout.n_units)
+    seg_width = (
+        launcher.spec.m if launcher.kernels.strategy == "decompress-dot" else launcher._tile("grow_scores")["BLOCK_K"]
+    )
+    kc = min(seg_width, _pow2_at_least(int(lost.max())))
+    while True:
+        keys = launcher.grow_scores(dy, x, plan, positions, drop_flags, kc)
+        n_out, nseg, _ = keys.shape
+        valid = keys >= 0
+        rows, segs, slot = valid.nonzero(as_tuple=True)
+        k = keys[valid]
+        local = seg_width - 1 - (k & 0xFFFFFFFF)
+        flat = rows * layout.in_features + segs * seg_width + local
+        score = (k >> 32).to(torch.int32).view(torch.float32)
+        if not bool(torch.isfinite(score).all()):
+            selector.finite = False
+            return selector
+        unit = flat // layout.unit_size
+        perm, rank = rank_in_unit(unit, score, flat)
+        chosen = perm[rank < lost[unit[perm]]]
+        full = valid[..., -1]  # segments that kept kc positions
+        last_chosen = torch.zeros_like(valid)
+        last_chosen[rows[chosen], segs[chosen], slot[chosen]] = True
+        if kc >= seg_width or not bool((full & last_chosen[..., -1]).any()):
+            order = flat[chosen].argsort()
+            selector._flat, selector._score = [flat[chosen][order]], [score[chosen][order]]
+            return selector
+        kc = min(seg_width, kc * 2)
