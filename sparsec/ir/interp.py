@@ -45,8 +45,11 @@ def interpret(program: Program, tensors: dict[str, torch.Tensor], values: torch.
             env[nid] = tensors[node.attr("name")]
         elif op is Op.SPARSE:
             env[nid] = layout.to_dense(values, positions)
-        elif op is Op.SPMM:
-            env[nid] = args[0] @ args[1].t()
+        elif op is Op.SPMM:  # after fuse_epilogue: a third argument (bias) and an activation attribute
+            y = args[0] @ args[1].t()
+            if len(args) == 3:
+                y = y + args[2]
+            env[nid] = _ACT[node.attr("activation")](y) if node.attr("activation") else y
         elif op is Op.SPMM_T:
             env[nid] = args[0] @ args[1]
         elif op is Op.SDDMM:

@@ -248,7 +248,7 @@ class Launcher:
         _check("dz", dz, (b, lay.out_features), x)
         t = self._tile("grow_scores")
         if strategy == "block-dot":
-            scores = torch.empty(lay.grid, dtype=torch.float32, device=dz.device)
+            scores = torch.full(lay.grid, float("nan") if self.poison else 0.0, dtype=torch.float32, device=dz.device)
             sides = {"BH": self.spec.rows, "BW": self.spec.cols, "BH_P": t["BH"], "BW_P": t["BW"]}
             self._launch(
                 "grow_scores",
@@ -267,6 +267,8 @@ class Launcher:
         seg = self.spec.m if nm else t["BLOCK_K"]
         nseg = triton.cdiv(lay.in_features, seg)
         keys = torch.empty((lay.out_features, nseg, kc), dtype=torch.int64, device=dz.device)
+        if self.poison:
+            keys.fill_(-2)  # neither a key (>= 0) nor the kernel's empty place (-1)
         grid = (triton.cdiv(lay.out_features, t["BLOCK_O"]), triton.cdiv(lay.in_features, t["BLOCK_K"]))
         tiles = {k: t[k] for k in ("BLOCK_B", "BLOCK_O", "BLOCK_K")}
         if nm:

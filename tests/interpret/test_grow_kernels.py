@@ -52,3 +52,76 @@ def test_cpu_backend_and_non_power_of_two_nm_use_the_chunked_path():
     layout = make_layout(sparsec.parse_spec("1:3"), 8, 15)
     with config.patch(backend="interpret"):
         assert grow_selector(layout, layout.random_positions(), kept[:0], torch.randn(3, 8), torch.randn(3, 15)) is None
+
+
+GROW_KERNEL_CASES = [("90%", 37, 53), ("70%", 21, 130), ("2:4", 37, 52), ("1:8", 21, 56), ("fanin(k=7)", 37, 53)]
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float16,
+        pytest.param(torch.bfloat16, marks=pytest.mark.xfail(strict=True, reason="interpreter bf16 tl.dot")),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("spec,out,inn", GROW_KERNEL_CASES)
+def test_grow_kernel_segments_equal_torch_topk_of_the_dense_reference(spec, out, inn, dtype):
+    """Raw kernel output: every segment's kc keys are torch.topk of the dense float64 |dY^T X|
+    outside the positions kept after the drop (ties: lower column first); outputs start poisoned."""
+    from sparsec.runtime.compile import compile_layer
+    from sparsec.runtime.launch import DTYPE_NAMES, Launcher, positions_of
+    from sparsec.runtime.plan import TritonPlan
+
+    gen = torch.Generator().manual_seed(3)
+    layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=dtype)
+    layout = layer.layout
+    kernels = compile_layer(str(layer.spec), inn, out, DTYPE_NAMES[dtype], True, None)
+    launcher = Launcher(kernels, layout, interpret=True, poison=True)
+    kept = layer.positions()
+    dropped = choose_drops(torch.rand(layout.n_items, generator=gen), layout.n_items // 3)
+    flags = torch.zeros(layout.n_items, dtype=torch.uint8)
+    flags[dropped] = 1
+    pos = positions_of(layer.spec, layer._buffers_dict())
+    if pos is not None:
+        flags = flags.view(pos.shape)
+    dy = torch.randint(-2, 3, (9, out), generator=gen).to(dtype)  # exact in every dtype: exact ties
+    x = torch.randint(-2, 3, (9, inn), generator=gen).to(dtype)
+    kc = 2
+    keys = launcher.grow_scores(dy, x, TritonPlan.build(layout, kept), pos, flags, kc)
+    seg = layer.spec.m if kernels.strategy == "decompress-dot" else launcher._tile("grow_scores")["BLOCK_K"]
+
+    score = (dy.double().t() @ x.double()).abs()
+    survivors = torch.zeros(out * inn, dtype=torch.bool)
+    survivors[kept] = True
+    survivors[kept[dropped]] = False
+    padded = torch.full((out, keys.shape[1] * seg), -1.0, dtype=torch.float64)
+    padded[:, :inn] = torch.where(survivors.view(out, inn), -1.0, score)
+    segments = padded.view(out, -1, seg)
+    local = torch.arange(seg, dtype=torch.float64)
+    ref_key = torch.where(segments >= 0, segments * seg + (seg - 1 - local), -1.0)  # unique: score, then column
+    top = torch.topk(ref_key, kc, dim=2).values
+    ref_valid = top >= 0
+    valid = keys >= 0
+    assert not bool((keys == -2).any()), "a place was never written"
+    assert torch.equal(valid, ref_valid)
+    got_score = (keys >> 32).to(torch.int32).view(torch.float32).double()
+    got_local = seg - 1 - (keys & 0xFFFFFFFF)
+    assert torch.equal(got_score[valid], torch.div(top[valid], seg, rounding_mode="floor"))
+    assert torch.equal(got_local[valid].double(), seg - 1 - torch.remainder(top[valid], seg))
+
+
+@pytest.mark.parametrize("spec,out,inn", [("block(16x16, 50%)", 48, 80), ("block(4x8, 50%)", 20, 40)])
+def test_block_grow_kernel_scores_every_block_by_its_mean(spec, out, inn):
+    from sparsec.runtime.compile import compile_layer
+    from sparsec.runtime.launch import Launcher
+    from sparsec.runtime.plan import TritonPlan
+
+    layer = sparsec.SparseLinear(inn, out, spec=spec)
+    launcher = Launcher(compile_layer(str(layer.spec), inn, out, "fp32", True, None), layer.layout, True, poison=True)
+    dy, x = torch.randn(9, out), torch.randn(9, inn)
+    scores = launcher.grow_scores(dy, x, TritonPlan.build(layer.layout, layer.positions()), None, None, 0)
+    bh, bw = layer.layout.item
+    ref = (dy.double().t() @ x.double()).abs().view(out // bh, bh, inn // bw, bw).mean(dim=(1, 3))
+    torch.testing.assert_close(scores.double(), ref, rtol=1e-5, atol=1e-6)

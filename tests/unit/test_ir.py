@@ -110,3 +110,28 @@ def test_interpreter_agrees_with_the_cpu_layer(spec, out, inn):
     assert_close(dx, x.grad, torch.float64, "grad_input")
     dv = interpret(programs["grad_values"], {"dz": dz, "x": x.detach()}, **args)["dvalues"]
     assert_close(dv, layer.values.grad, torch.float64, "grad_values")
+
+
+@pytest.mark.parametrize("spec,out,inn", SPECS_AND_SHAPES)
+def test_passes_preserve_meaning(spec, out, inn):
+    """interp(before) == interp(after) for every program after the whole pipeline."""
+    from sparsec.passes import lower
+
+    layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=torch.float64)
+    args = dict(values=layer.values.detach(), positions=layer.positions())
+    tensors = {
+        "x": torch.randn(5, inn, dtype=torch.float64),
+        "dz": torch.randn(5, out, dtype=torch.float64),
+        "bias": layer.bias.detach(),
+    }
+    with sparsec.config.patch(verify=True):  # the verifier also runs between the passes
+        for name, program in build_programs(spec, inn, out, "fp64", bias=True, activation="gelu", grow_k=3).items():
+            lowered, applied = lower(program)
+            assert applied == ["choose_format", "check_constraints", "fuse_epilogue", "tile", "cost_model"]
+            before, after = interpret(program, tensors, **args), interpret(lowered, tensors, **args)
+            assert before.keys() == after.keys()
+            for key in before:
+                for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (before[key], after[key])), strict=True):
+                    assert torch.equal(a, b), (name, key)
+            if name == "forward":
+                assert len(lowered.find(Op.ADD_BIAS)) == 0 and len(lowered.find(Op.ACTIVATION)) == 0
