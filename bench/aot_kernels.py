@@ -37,11 +37,13 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
-            "Reading it: half-type dots use tensor cores (mma.sync on sm_80; wgmma on sm_90a wherever the dot's M",
-            "tile is 64 — the block SDDMM's M is the block height, so blocks under 64 rows use mma.sync on Hopper).",
-            "fp32 dots are IEEE (as torch's default matmul), so they run on FMA units: no MMA instructions, and the",
-            "N:M fp32 kernels sit at 255 registers (no spills). Gather kernels (unstructured, fan-in, M not a power",
-            "of two) never use tensor cores.",
+            "Reading it: fp16, bf16 and tf32 dots use tensor cores (mma.sync on sm_80; wgmma on sm_90a wherever",
+            "the dot's M tile is 64; the block SDDMM and block grow kernels take the block height as M, so blocks",
+            "under 64 rows use mma.sync on Hopper). `fp32` is IEEE (torch's default `highest` matmul precision):",
+            "FMA units, no MMA instructions; the N:M fp32 kernels sit at 255 registers (no spills). `tf32` is what",
+            "`torch.set_float32_matmul_precision('high')` selects; its N:M grad_input stays IEEE because Triton",
+            "3.8 fails to compile that TF32 dot. Gather kernels (unstructured, fan-in, M not a power of two) use",
+            "no tensor cores; their grow kernels do (they score a dense tile with tl.dot, then tl.topk).",
         ]
     )
     write_section("aot-kernels", body)

@@ -50,6 +50,5 @@ def _environment() -> jinja2.Environment:
 def render(template: str, **params) -> str:
     """Source of ``template`` rendered with ``params`` (plus ``template`` itself for the header)."""
     params = dict(sorted(params.items()))
-    dtype = params.get("dtype")
-    params.setdefault("dot_args", ', input_precision="ieee"' if dtype == "fp32" else "")
+    params.setdefault("dot_args", "")  # the tile pass's precision: ', input_precision="ieee"' or Triton's default
     return _environment().get_template(template).render(template=template, **params)

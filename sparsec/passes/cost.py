@@ -3,8 +3,8 @@
 Formulas are in the batch ``B`` and the layer's ``O``/``I``; ``nnz`` is the number of stored
 values. N:M decompresses to a dense tile before ``tl.dot``: it moves fewer bytes but executes the
 dense FLOPs. Gather strategies run on CUDA cores. Peaks are datasheet figures (dense, no sparsity
-feature): bf16/fp16 tensor cores, and FP32 CUDA cores for gathers and for fp32 operands (kernels keep
-fp32 dots in IEEE precision, as torch does by default, not TF32).
+feature): bf16/fp16 tensor cores, TF32 tensor cores at half that rate, and FP32 CUDA cores for gathers
+and for IEEE fp32 dots (fp32 follows torch.get_float32_matmul_precision: "highest" is IEEE).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sympy
 from sparsec.ir.graph import BATCH, IN, OUT, Program
 from sparsec.ir.ops import Op
 
-BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "tf32": 4, "fp64": 8}
 INDEX_BYTES = {"nm": 1, "ell": 4, "csr": 4, "bsr": 4}  # per stored value (bsr: per block, see below)
 
 
@@ -39,7 +39,7 @@ def _nnz(weight) -> sympy.Expr:
     return sympy.Mul(*weight.attr("values_shape"))
 
 
-def formulas(op: Op, weight, dtype: str) -> dict[str, object]:
+def formulas(op: Op, weight, dtype: str, precision: str = "tensor") -> dict[str, object]:
     """FLOPs and bytes of one product, sparse and dense, and the engine that executes it."""
     e = BYTES[dtype]
     nnz = _nnz(weight)
@@ -69,7 +69,7 @@ def formulas(op: Op, weight, dtype: str) -> dict[str, object]:
         "bytes": e * (act_in + act_out + (nnz if op in (Op.SPMM, Op.SPMM_T) else 0)) + index,
         "dense_flops": dense_mm,
         "dense_bytes": e * (act_in + dense_out + dense_weight),
-        "engine": "cuda" if strategy == "gather" and op is not Op.GROW_TOPK else "tensor",
+        "engine": "cuda" if precision == "ieee" or (strategy == "gather" and op is not Op.GROW_TOPK) else "tensor",
     }
 
 
@@ -80,7 +80,7 @@ def cost_model(program: Program) -> Program:
     for nid in program.order():
         node = program.node(nid)
         if node.op in (Op.SPMM, Op.SPMM_T, Op.SDDMM, Op.GROW_TOPK):
-            f = formulas(node.op, weight, weight.dtype)
+            f = formulas(node.op, weight, weight.dtype, node.attr("precision", "tensor"))
             program = program.replace_node(nid, node.with_attrs(cost=tuple(sorted(f.items()))))
     return program
 
@@ -88,7 +88,9 @@ def cost_model(program: Program) -> Program:
 def roofline(cost: dict, dtype: str, gpu: Peak, batch: int, out: int, inn: int) -> dict[str, float]:
     """Predicted seconds of the sparse product and of dense, and the speed-up, at one shape."""
     at = {BATCH: batch, OUT: out, IN: inn}
-    tensor = gpu.tensor_flops if dtype in ("fp16", "bf16") else gpu.cuda_flops  # fp32 dots stay IEEE
+    tensor = {"fp16": gpu.tensor_flops, "bf16": gpu.tensor_flops, "tf32": gpu.tensor_flops / 2}.get(
+        dtype, gpu.cuda_flops
+    )
     peak = tensor if cost["engine"] == "tensor" else gpu.cuda_flops
     flops, nbytes = float(cost["flops"].subs(at)), float(sympy.sympify(cost["bytes"]).subs(at))
     dflops, dbytes = float(cost["dense_flops"].subs(at)), float(sympy.sympify(cost["dense_bytes"]).subs(at))

@@ -19,15 +19,27 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return p
 
 
+def dot_precision(op: Op, strategy: str, dtype: str) -> str:
+    """How a product's tl.dot multiplies: "tensor" cores (fp16, bf16, TF32) or "ieee" fp32 on FMA units.
+
+    fp32 is IEEE (torch's "highest" matmul precision). TF32's N:M grad_input is IEEE too: Triton 3.8
+    fails to compile that TF32 dot for sm_80/sm_90a ("Illegal shared layout" in
+    TritonGPUOptimizeDotOperands).
+    """
+    if dtype in ("fp32", "fp64") or (dtype == "tf32" and op is Op.SPMM_T and strategy == "decompress-dot"):
+        return "ieee"
+    return "tensor"
+
+
 def tile_for(op: Op, spec, strategy: str, dtype: str) -> dict[str, int]:
-    half = dtype in ("fp16", "bf16")
+    half = dot_precision(op, strategy, dtype) == "tensor"
     if op is Op.GROW_TOPK:  # a [BLOCK_O, BLOCK_K] tile of |dY^T X| per program (blocks: one block)
         if strategy == "block-dot":
             return {"BLOCK_B": 64 if half else 32, "BH": _pow2_at_least(spec.rows), "BW": _pow2_at_least(spec.cols)}
         m = spec.m if isinstance(spec, NM) else 1
         return {"BLOCK_B": 32, "BLOCK_O": 64 if half else 32, "BLOCK_K": max(64 if m > 1 else 32, m)}
-    # Tensor-core dots (half types): a 64-row M tile lets sm_90a use wgmma (one warpgroup, M = 64).
-    # fp32 dots stay IEEE on FMA units: smaller tiles keep them under 255 registers without spills.
+    # Tensor-core dots (fp16, bf16, tf32): a 64-row M tile lets sm_90a use wgmma (one warpgroup, M = 64).
+    # IEEE fp32 dots run on FMA units: smaller tiles keep them under 255 registers without spills.
     rows = 64 if half else 32
     if strategy == "decompress-dot":
         assert isinstance(spec, NM)
@@ -44,7 +56,7 @@ def tile_for(op: Op, spec, strategy: str, dtype: str) -> dict[str, int]:
 
 
 def tile(program: Program) -> Program:
-    """Attach ``tile`` (sorted constexpr pairs) to every product node."""
+    """Attach ``tile`` (sorted constexpr pairs) and the dot ``precision`` to every product node."""
     (weight,) = program.find(Op.SPARSE)
     w = program.node(weight)
     spec = parse_spec(w.attr("spec"))
@@ -52,5 +64,6 @@ def tile(program: Program) -> Program:
         node = program.node(nid)
         if node.op in (Op.SPMM, Op.SPMM_T, Op.SDDMM, Op.GROW_TOPK):
             sizes = tile_for(node.op, spec, w.attr("strategy"), w.dtype)
-            program = program.replace_node(nid, node.with_attrs(tile=tuple(sorted(sizes.items()))))
+            precision = dot_precision(node.op, w.attr("strategy"), w.dtype)
+            program = program.replace_node(nid, node.with_attrs(tile=tuple(sorted(sizes.items())), precision=precision))
     return program

@@ -39,7 +39,8 @@ MATRIX = [
     ("block(4x8, 50%)", 20, 40),
     ("fanin(k=7)", 37, 53),
 ]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# kernel dtype -> tensor dtype ("tf32": float32 tensors, TF32 dots)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "tf32": torch.float32}
 _POINTER = {
     torch.float16: "*fp16",
     torch.bfloat16: "*bf16",

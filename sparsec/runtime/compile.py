@@ -33,7 +33,7 @@ TEMPLATES = {
     ("grow_scores", "block-dot"): ("bsr_grow.py.jinja", {}),
     ("grow_scores", "gather"): ("grow_topk.py.jinja", {"fmt": "csr"}),
 }
-KERNEL_DTYPES = ("fp16", "bf16", "fp32")
+KERNEL_DTYPES = ("fp16", "bf16", "fp32", "tf32")
 SUMMARIES = {
     "forward": "forward: Y = act(X @ W^T + b)",
     "grad_input": "grad_input: dX = dZ @ W",
@@ -84,6 +84,7 @@ def compile_layer(
         template, fixed = TEMPLATES[(name, strategy)]
         product = next(lowered.node(n) for n in lowered.order() if lowered.node(n).op in PRODUCTS)
         params = {"bias": bool(product.attr("bias")), "activation": product.attr("activation"), **fixed}
+        params["dot_args"] = ', input_precision="ieee"' if product.attr("precision") == "ieee" else ""
         source_text = _render(template, spec, dtype, program_key(lowered), SUMMARIES[name], params)
         kernels[name] = KernelSource(lowered, template, source_text, dict(product.attr("tile")))
     return LayerKernels(spec, strategy, weight.attr("format"), kernels, tuple(applied))

@@ -28,6 +28,13 @@ _MAX_PLANS = 256
 _KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
+def kernel_dtype(dtype: torch.dtype) -> str:
+    """Kernel dtype name; float32 follows torch.set_float32_matmul_precision ("highest": IEEE, else TF32)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return _KERNEL_DTYPES[dtype]
+
+
 def layer_config(spec, out_features: int, in_features: int) -> str:
     return f"{parse_spec(spec)}|{out_features}|{in_features}"
 
@@ -77,7 +84,7 @@ def _launcher(config: str, values: torch.Tensor, bias: bool, backend: str):
             f"the {backend} backend runs fp16, bf16 and fp32; this layer is {values.dtype}: "
             f"use SPARSEC_BACKEND=cpu for float64"
         )
-    return _cached_launcher(config, _KERNEL_DTYPES[values.dtype], bias, backend == "interpret")
+    return _cached_launcher(config, kernel_dtype(values.dtype), bias, backend == "interpret")
 
 
 @functools.lru_cache(maxsize=256)

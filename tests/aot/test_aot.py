@@ -43,9 +43,14 @@ def _block_side_below_64(r) -> bool:
     return r["template"] in grid_blocks and int(r["spec"].split("(")[1].split("x")[0]) < 64
 
 
-def test_half_type_dots_use_tensor_cores(reports):
+def _ieee(r) -> bool:
+    # fp32 dots are IEEE; so is TF32's N:M grad_input (a Triton 3.8 compile failure, see runtime/compile.py)
+    return r["dtype"] == "fp32" or (r["dtype"] == "tf32" and r["template"] == "nm_spmm_t.py.jinja")
+
+
+def test_half_type_and_tf32_dots_use_tensor_cores(reports):
     for r in reports:
-        if not r["uses_dot"] or r["dtype"] == "fp32":
+        if not r["uses_dot"] or _ieee(r):
             continue
         where = (r["spec"], r["dtype"], r["program"], r["arch"])
         if r["arch"] == "sm_80":
@@ -56,7 +61,7 @@ def test_half_type_dots_use_tensor_cores(reports):
             assert r["wgmma"] > 0, where
 
 
-def test_fp32_dots_stay_ieee_and_gathers_use_no_tensor_cores(reports):
+def test_ieee_fp32_dots_and_gathers_use_no_tensor_cores(reports):
     for r in reports:
-        if r["dtype"] == "fp32" or not r["uses_dot"]:
+        if _ieee(r) or not r["uses_dot"]:
             assert r["mma_sync"] == 0 and r["wgmma"] == 0, (r["spec"], r["dtype"], r["program"], r["arch"])

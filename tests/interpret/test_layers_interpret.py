@@ -49,3 +49,23 @@ def test_mask_updater_trains_on_the_interpret_backend():
             losses.append(loss.item())
     assert changed > 0 and losses[-1] < losses[0]
     assert int(model[0].mask().view(16, -1, 4).sum(-1).eq(2).all())
+
+
+def test_float32_follows_torch_matmul_precision():
+    """set_float32_matmul_precision("high") selects the TF32 kernels (IEEE under "highest")."""
+    from sparsec.runtime.ops import kernel_dtype
+
+    torch.manual_seed(0)
+    layer = sparsec.SparseLinear(52, 37, spec="2:4")
+    x = torch.randn(11, 52)
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert kernel_dtype(torch.float32) == "fp32"
+        torch.set_float32_matmul_precision("high")
+        assert kernel_dtype(torch.float32) == "tf32"
+        with config.patch(backend="interpret"):
+            y = layer(x)  # the interpreter multiplies in fp32 whatever the precision flag says
+        with config.patch(backend="cpu"):
+            assert_kernel_close(y, layer(x), torch.float32, "tf32 kernels")
+    finally:
+        torch.set_float32_matmul_precision(before)
