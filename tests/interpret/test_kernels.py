@@ -83,6 +83,8 @@ def test_launcher_rejects_bad_tensors():
         launcher.forward(torch.randn(3, 15), values, plan, pos, None)
     with pytest.raises(sparsec.SparsecError, match="x is torch.float16 on cpu; the layer is torch.float32"):
         launcher.forward(torch.randn(3, 16, dtype=torch.float16), values, plan, pos, None)
+    with pytest.raises(sparsec.SparsecError, match="x is torch.float32 on meta; the layer is torch.float32 on cpu"):
+        launcher.forward(torch.empty(3, 16, device="meta"), values, plan, pos, None)
     with pytest.raises(sparsec.SparsecError, match=r"not contiguous .* call .contiguous\(\)"):
         launcher.forward(torch.randn(16, 3).t(), values, plan, pos, None)
     with pytest.raises(sparsec.SparsecError, match="float64 on the cpu backend"):

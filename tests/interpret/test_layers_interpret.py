@@ -28,7 +28,12 @@ def test_layer_on_interpret_backend_matches_cpu_backend(spec, out, inn):
         assert_kernel_close(a, b, torch.float32, what)
 
 
-def test_mask_updater_trains_on_the_interpret_backend():
+def test_mask_updater_trains_on_the_interpret_backend(monkeypatch):
+    import sparsec.runtime.grow as grow
+
+    kernel_grows = []
+    original = grow.grow_on_kernels
+    monkeypatch.setattr(grow, "grow_on_kernels", lambda *a, **k: kernel_grows.append(1) or original(*a, **k))
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         sparsec.SparseLinear(24, 16, spec="2:4", policy=sparsec.set_(delta_t=2)),
@@ -48,6 +53,7 @@ def test_mask_updater_trains_on_the_interpret_backend():
             opt.zero_grad()
             losses.append(loss.item())
     assert changed > 0 and losses[-1] < losses[0]
+    assert len(kernel_grows) == 4  # RigL's updates at steps 2, 4, 6, 8 grew on the generated kernel
     assert int(model[0].mask().view(16, -1, 4).sum(-1).eq(2).all())
 
 
