@@ -32,6 +32,17 @@ def rank_in_unit(unit: torch.Tensor, score: torch.Tensor, flat: torch.Tensor) ->
     return perm, rank
 
 
+def initial_kc(max_lost: int, seg_width: int, unit_size: int) -> int:
+    """Candidates per segment for the first run. A segment that is a whole unit (an N:M group) needs
+    exactly its unit's regrowth; a unit of many segments (a row, the layer) needs about its share,
+    twice over, so the output stays far below the dense gradient (the check catches the rest)."""
+    if seg_width >= unit_size:
+        need = max_lost
+    else:
+        need = 2 * -(-max_lost * seg_width // unit_size)
+    return min(seg_width, _pow2_at_least(max(1, need)))
+
+
 def grow_on_kernels(
     launcher,
     layout: Layout,
@@ -60,7 +71,7 @@ def grow_on_kernels(
     seg_width = (
         launcher.spec.m if launcher.kernels.strategy == "decompress-dot" else launcher._tile("grow_scores")["BLOCK_K"]
     )
-    kc = min(seg_width, _pow2_at_least(int(lost.max())))
+    kc = initial_kc(int(lost.max()), seg_width, layout.unit_size)
     while True:
         keys = launcher.grow_scores(dy, x, plan, positions, drop_flags, kc)
         n_out, nseg, _ = keys.shape

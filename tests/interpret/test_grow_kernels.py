@@ -125,3 +125,13 @@ def test_block_grow_kernel_scores_every_block_by_its_mean(spec, out, inn):
     bh, bw = layer.layout.item
     ref = (dy.double().t() @ x.double()).abs().view(out // bh, bh, inn // bw, bw).mean(dim=(1, 3))
     torch.testing.assert_close(scores.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_initial_candidates_per_segment():
+    from sparsec.runtime.grow import initial_kc
+
+    assert initial_kc(2, 4, 4) == 2  # an N:M group is its own unit: exactly its regrowth
+    assert initial_kc(3, 8, 8) == 4
+    assert initial_kc(10, 64, 4096) == 2  # a fan-in row of 64 segments: twice its share
+    assert initial_kc(500_000, 32, 4096 * 4096) == 2  # a layer-wide unit
+    assert initial_kc(5000, 32, 64 * 64) == 32  # never more than the segment
