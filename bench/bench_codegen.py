@@ -54,7 +54,7 @@ def main() -> None:
             "## IR, passes and code generation per layer",
             "",
             f"Measured {datetime.date.today().isoformat()} on {machine()} with `python bench/bench_codegen.py`",
-            "(fp16, bias and ReLU; three kernels per layer: forward, grad_input, grad_values).",
+            "(fp16, bias and ReLU; four kernels per layer: forward, grad_input, grad_values, grow_scores).",
             "",
             "| spec | weight | cold IR + passes + codegen + import, ms | warm cache hit, ms (median of 200) |",
             "|---|---|---|---|",
