@@ -110,3 +110,14 @@ def test_interpreter_bf16_dot_is_broken():
         errors[dtype] = (c - a.float() @ b.float()).abs().max().item()
     assert errors[torch.float16] < 1e-3
     assert not errors[torch.bfloat16] < 1.0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+@pytest.mark.parametrize("spec,out,inn", [("2:4", 37, 52), ("block(16x16, 50%)", 48, 80), ("90%", 37, 53)])
+def test_fused_activation_epilogues(spec, out, inn, activation):
+    layer, launcher, plan, pos = _setup(spec, out, inn, torch.float32, True, activation)
+    x = torch.randn(BATCH, inn)
+    y = launcher.forward(x, layer.values.detach(), plan, pos, layer.bias.detach())
+    pre = x.double() @ layer.dense_weight().double().t() + layer.bias.double()
+    ref = torch.nn.functional.gelu(pre) if activation == "gelu" else torch.nn.functional.silu(pre)
+    assert_kernel_close(y, ref, torch.float32, activation)
