@@ -69,11 +69,6 @@ def explain_spec(
             print_program(k.program),
             "",
         ]
-    lines += [
-        "== grow_scores: IR as built (no generated kernel yet: the grow step runs on the CPU path)",
-        print_program(programs["grow_scores"]),
-        "",
-    ]
     lines += _table(kernels, dtype, batch, out_features, in_features) + [""]
     if source:
         for name, k in kernels.kernels.items():

@@ -21,6 +21,8 @@ def test_explain_cli_shows_every_stage(capsys):
         "cost model at batch 4096 (bf16",
         "grad_values  H100",
         "== grad_input: generated Triton source (bsr_spmm.py.jinja)",
+        "== grow_scores: generated Triton source (bsr_grow.py.jinja)",
+        "grow_scores  A100",
         "@triton.jit",
     ):
         assert needle in text, needle
