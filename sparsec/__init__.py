@@ -11,7 +11,7 @@ from sparsec.dsl.sparsify import sparse, sparsify
 from sparsec.dsl.spec import NM, Block, Dense, FanIn, Unstructured, parse_spec
 from sparsec.errors import ShapeError, SparsecError, SparsecWarning, SpecError
 from sparsec.nn.layers import SparseConv2d, SparseLinear
-from sparsec.policies.base import rigl, set_, static
+from sparsec.policies.base import gmp, rigl, set_, static
 from sparsec.policies.decision import rigl_step
 from sparsec.policies.distributions import erk_densities
 from sparsec.train.updater import MaskUpdater
@@ -33,6 +33,7 @@ __all__ = [
     "static",
     "set_",
     "rigl",
+    "gmp",
     "MaskUpdater",
     "rigl_step",
     "erk_densities",

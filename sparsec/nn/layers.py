@@ -43,13 +43,17 @@ class SparseLayer(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        self.spec = parse_spec(spec)
-        if isinstance(self.spec, Dense):
+        target = parse_spec(spec)
+        if isinstance(target, Dense):
             raise SparsecError(f"{name}: spec 'dense' keeps a layer dense; use torch.nn.Linear/Conv2d instead")
         self.policy = parse_policy(policy)
+        self.spec = self.policy.initial_spec(target)  # gmp starts denser than its target
+        self.name = name
+        self.target_spec = target  # where a density-changing policy (gmp) is heading
         self.layout = make_layout(self.spec, out_features, in_features, name)
         self._op_config = layer_config(self.spec, out_features, in_features)
         self.grow_capture = None  # set by MaskUpdater one step before a gradient-driven grow
+        self._stale_values: nn.Parameter | None = None  # replaced by a checkpoint load at another density
         self._cache: tuple | None = None
         for buf, buf_dtype, shape in self.layout.buffers:
             self.register_buffer(buf, torch.empty(shape, dtype=buf_dtype, device=device))
@@ -102,6 +106,34 @@ class SparseLayer(nn.Module):
         self.values.copy_(remap_rows(self.values, src))
         self._write_positions(flat)
 
+    @torch.no_grad()
+    def set_layout(self, spec: Spec, flat: torch.Tensor, src: torch.Tensor) -> nn.Parameter:
+        """Change density: the layout of ``spec`` with kept items ``flat``, values from old slots ``src``.
+
+        ``values`` becomes a new Parameter (autograd caches a leaf's shape, so a resized one cannot
+        keep its identity); the old one is returned so the optimizer can be pointed at the new one
+        (``train.optim_state.replace_parameter``).
+        """
+        layout = make_layout(spec, self.layout.out_features, self.layout.in_features, self.name)
+        layout.check_positions(flat, what="new mask")
+        old = self.values
+        self.values = nn.Parameter(remap_items(old, src, layout.values_shape), requires_grad=old.requires_grad)
+        for name in [n for n, _, _ in self.layout.buffers]:
+            del self._buffers[name]
+        for name, dtype, shape in layout.buffers:
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device=self.values.device))
+        self.spec, self.layout, self._cache = spec, layout, None
+        self._op_config = layer_config(spec, layout.out_features, layout.in_features)
+        self._write_positions(flat)
+        return old
+
+    def get_extra_state(self) -> dict:
+        # The current and target specs: a layer pruned by gmp has smaller storage than a fresh one.
+        return {"spec": str(self.spec), "target_spec": str(self.target_spec)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.target_spec = parse_spec(state["target_spec"])
+
     # --- dense views -----------------------------------------------------------------------------
 
     @property
@@ -133,6 +165,16 @@ class SparseLayer(nn.Module):
         return torch.ops.sparsec.spmm(x2d, self.values, self.bias, index, self._op_config)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        extra = state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # dense checkpoints have none
+        if extra is not None and parse_spec(extra["spec"]) != self.spec:
+            # a checkpoint taken at another density (gmp): take its layout before loading the tensors
+            layout = make_layout(parse_spec(extra["spec"]), self.layout.out_features, self.layout.in_features)
+            flat = layout.random_positions(device=self.values.device)[: layout.n_items]
+            src = torch.zeros(layout.n_items, dtype=torch.int64, device=self.values.device)
+            # an optimizer built before this load still holds the replaced Parameter:
+            # MaskUpdater.load_state_dict points it at the new one
+            # (kept in __dict__: assigning a Parameter attribute would register it as one)
+            self.__dict__["_stale_values"] = self.set_layout(layout.spec, flat, src)
         # A dense checkpoint (`weight`) loads into the current mask: kept positions take its values.
         dense = state_dict.pop(prefix + "weight", None)
         if dense is not None:
@@ -159,12 +201,22 @@ class SparseLayer(nn.Module):
 
 
 def remap_rows(tensor: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """Items of ``tensor`` (first dim, or flat) reordered by ``src``; ``src == -1`` gives zeros."""
-    items = tensor.reshape(src.numel(), -1)
-    out = torch.zeros_like(items)
+    """Items of ``tensor`` reordered by ``src`` (same count); ``src == -1`` gives zeros."""
+    return remap_items(tensor, src, tensor.shape)
+
+
+def remap_items(tensor: torch.Tensor, src: torch.Tensor, shape) -> torch.Tensor:
+    """A tensor of ``shape`` holding, per new item ``i``, old item ``src[i]`` of ``tensor`` (0 where -1).
+
+    Items are what the layout keeps: single values, or ``bh x bw`` blocks; ``shape`` holds
+    ``src.numel()`` of them.
+    """
+    item = math.prod(shape) // max(1, src.numel())
+    items = tensor.detach().reshape(-1, item)
+    out = items.new_zeros(src.numel(), item)
     keep = src >= 0
     out[keep] = items[src[keep]]
-    return out.view_as(tensor)
+    return out.reshape(shape)
 
 
 class SparseLinear(SparseLayer):

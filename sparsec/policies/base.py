@@ -38,6 +38,10 @@ class Policy:
     def drop_fraction(self, t: int, total_steps: int) -> float:
         return 0.0
 
+    def initial_spec(self, target):
+        """The spec a layer starts from when ``target`` is where the policy leads it (most: the same)."""
+        return target
+
     def __str__(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
         return f"{self.name}({params})" if params else self.name
@@ -91,8 +95,57 @@ class RigL(_Scheduled):
     grow: ClassVar[str | None] = "gradient"
 
 
+@dataclass(frozen=True)
+class GMP(Policy):
+    """Gradual magnitude pruning (Zhu & Gupta 2017): from ``s_0`` to the layer's target sparsity ``s_f``.
+
+    At ``t = t0 + k * delta_t`` for ``t0 = t_start * total`` up to ``t1 = t_end * total`` the layer is
+    pruned by magnitude to ``s_t = s_f + (s_0 - s_f) * (1 - (t - t0) / (t1 - t0)) ** 3`` (the cubic
+    schedule with ``n * delta_t = t1 - t0``); storage shrinks with it. Nothing ever grows back.
+    """
+
+    name: ClassVar[str] = "gmp"
+    delta_t: int = 100
+    s_0: float = 0.0
+    t_start: float = 0.0
+    t_end: float = 0.75
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.delta_t, int) or self.delta_t < 1:
+            raise SpecError(f"gmp: delta_t={self.delta_t!r} must be an integer of at least 1 (steps between prunings)")
+        if not (isinstance(self.s_0, (int, float)) and 0.0 <= self.s_0 < 1.0):
+            raise SpecError(f"gmp: s_0={self.s_0!r} must be in [0, 1) (the sparsity training starts from)")
+        if not (0.0 <= self.t_start < self.t_end <= 1.0):
+            raise SpecError(
+                f"gmp: need 0 <= t_start < t_end <= 1 (fractions of total_steps), got {self.t_start}, {self.t_end}"
+            )
+
+    def initial_spec(self, target):
+        if not target.has_free_sparsity:
+            raise SpecError(
+                f"gmp prunes toward a sparsity, but spec {target} fixes the density; use a spec with a sparsity "
+                f"such as 90%, block(16x16, 90%) or fanin(90%)"
+            )
+        return dataclasses.replace(target, sparsity=min(self.s_0, target.sparsity))
+
+    def window(self, total_steps: int) -> tuple[float, float]:
+        return self.t_start * total_steps, self.t_end * total_steps
+
+    def is_update_step(self, t: int, total_steps: int) -> bool:
+        """Every ``delta_t`` steps from ``t0``, and once more at the first step >= ``t1`` (the final sparsity)."""
+        t0, t1 = self.window(total_steps)
+        return t >= 1 and ((t0 <= t <= t1 and (t - math.ceil(t0)) % self.delta_t == 0) or t == math.ceil(t1))
+
+    def sparsity_at(self, t: int, total_steps: int, final: float) -> float:
+        """The cubic schedule: ``s_0`` at ``t0``, ``final`` from ``t1`` on."""
+        t0, t1 = self.window(total_steps)
+        progress = min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+        return final + (min(self.s_0, final) - final) * (1.0 - progress) ** 3
+
+
 static = Static()
 set_ = SET()
 rigl = RigL()
+gmp = GMP()
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl)}
+POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, gmp)}

@@ -42,6 +42,24 @@ def choose_drops(drop_score: torch.Tensor, n_drop: int) -> torch.Tensor:
     return drop_score.argsort(stable=True)[:n_drop].sort().values
 
 
+def prune_to(layout: Layout, new_layout: Layout, kept: torch.Tensor, drop_score: torch.Tensor):
+    """Magnitude pruning to ``new_layout``'s counts: every unit drops its smallest items (ties: lower
+    flat index first). Returns the new sorted positions and their old slots."""
+    assert (new_layout.grid, new_layout.unit_size) == (layout.grid, layout.unit_size)
+    drop = layout.kept_per_unit - new_layout.kept_per_unit
+    unit = kept // layout.unit_size
+    perm = drop_score.argsort(stable=True)  # kept is sorted: ties keep flat order
+    perm = perm[unit[perm].argsort(stable=True)]
+    u = unit[perm]
+    rank = torch.arange(u.numel(), device=u.device) - torch.searchsorted(u, u)
+    survives = torch.ones(kept.numel(), dtype=torch.bool, device=kept.device)
+    survives[perm[rank < drop]] = False
+    src = survives.nonzero().flatten()
+    flat = kept[src]
+    new_layout.check_positions(flat, what="pruned mask")
+    return flat, src
+
+
 def item_scores(layout: Layout, dense_scores: torch.Tensor) -> torch.Tensor:
     """Per-item scores on the item grid: the scores themselves, or their block means."""
     if layout.item == (1, 1):

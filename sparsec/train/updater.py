@@ -9,16 +9,20 @@ installs a capture so that step's backward selects the regrowth chunk by chunk
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
 from torch import nn
 
 from sparsec.errors import SparsecError, SparsecWarning
+from sparsec.nn.formats import make_layout
 from sparsec.nn.layers import SparseLayer
+from sparsec.policies.base import GMP
 from sparsec.policies.candidates import GrowCapture, random_selection
-from sparsec.policies.decision import apply_growth, choose_drops, drop_scores, n_drop_for
-from sparsec.train.optim_state import remap_optimizer_state
+from sparsec.policies.decision import apply_growth, choose_drops, drop_scores, n_drop_for, prune_to
+from sparsec.runtime.ops import layer_config
+from sparsec.train.optim_state import remap_optimizer_state, replace_parameter
 
 STATE_VERSION = 1
 
@@ -41,16 +45,27 @@ class MaskUpdater:
         self.optimizer, self.total_steps = optimizer, total_steps
         self.t = 0
         self.generator = torch.Generator().manual_seed(seed)
-        self.last_changes: dict[str, int] = {}  # layer -> positions newly grown at the last update
+        self.last_changes: dict[str, int] = {}  # layer -> positions grown (pruned, for gmp) at the last update
         self._warned: set[str] = set()
         self._arm(1)
 
     def step(self) -> dict[str, int]:
         """Advance one optimizer step; update the masks whose schedule says so. Returns the changes."""
+        stale = [n for n, layer in self.layers.items() if layer._stale_values is not None]
+        if stale:
+            raise SparsecError(
+                f"layers {stale} took another density from a checkpoint after the optimizer was built: call "
+                f"updater.load_state_dict(...) with the checkpoint's updater state (it points the optimizer at "
+                f"the new parameters), or build the optimizer after loading the model"
+            )
         self.t += 1
         self.last_changes = {}
         for name, layer in self.layers.items():
-            if layer.policy.is_update_step(self.t, self.total_steps):
+            if not layer.policy.is_update_step(self.t, self.total_steps):
+                continue
+            if isinstance(layer.policy, GMP):
+                self._prune(name, layer)
+            else:
                 self._update(name, layer)
         self._arm(self.t + 1)
         return self.last_changes
@@ -61,7 +76,7 @@ class MaskUpdater:
         for name, layer in self.layers.items():
             policy = layer.policy
             layer.grow_capture = None
-            if not policy.is_update_step(t, self.total_steps):
+            if policy.grow is None or not policy.is_update_step(t, self.total_steps):
                 continue
             scores = drop_scores(layer.layout, layer.values)
             if not bool(torch.isfinite(scores).all()):
@@ -102,6 +117,26 @@ class MaskUpdater:
         layer.set_positions(new_flat, src)
         self.last_changes[name] = int((src < 0).sum())
 
+    @torch.no_grad()
+    def _prune(self, name: str, layer: SparseLayer) -> None:
+        """gmp: prune by magnitude to the schedule's sparsity; storage and optimizer state shrink."""
+        target = layer.target_spec
+        sparsity = layer.policy.sparsity_at(self.t, self.total_steps, target.sparsity)
+        spec = dataclasses.replace(target, sparsity=sparsity)
+        layout = layer.layout
+        new_layout = make_layout(spec, layout.out_features, layout.in_features, name)
+        if new_layout.n_items >= layout.n_items:  # same counts: only the recorded sparsity moves on
+            layer.spec, layer.layout = spec, new_layout
+            layer._op_config = layer_config(spec, layout.out_features, layout.in_features)
+            return
+        scores = drop_scores(layout, layer.values)
+        if not bool(torch.isfinite(scores).all()):
+            return self._skip(name, "a NaN or Inf weight")
+        flat, src = prune_to(layout, new_layout, layer.positions(), scores)
+        old = layer.set_layout(spec, flat, src)
+        replace_parameter(self.optimizer, old, layer.values, src)
+        self.last_changes[name] = layout.n_items - new_layout.n_items
+
     # --- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -125,6 +160,10 @@ class MaskUpdater:
             raise SparsecError(
                 f"checkpoint layers {sorted(state['masks'])} differ from the model's {sorted(self.layers)}"
             )
+        for layer in self.layers.values():
+            if layer._stale_values is not None:
+                replace_parameter(self.optimizer, layer._stale_values, layer.values, None)
+                layer._stale_values = None
         for name, buffers in state["masks"].items():
             layer = self.layers[name]
             flat = layer.layout.decode(buffers)

@@ -29,6 +29,10 @@ def build():
         model, spec="80%", policy=sparsec.rigl(delta_t=3), distribution="erk", overrides={"3": "fanin(k=20)"}
     )
     model[5] = sparsec.SparseLinear.from_dense(nn.Linear(32, 10), "block(2x4, 50%)", sparsec.set_(delta_t=3), name="5")
+    # gmp: storage shrinks during training, so the checkpoint's shapes differ from a fresh model's
+    model[0] = sparsec.SparseConv2d.from_dense(
+        nn.Conv2d(2, 8, 3, padding=1), "80%", sparsec.gmp(delta_t=4, s_0=0.2), "0"
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     return model, opt, sparsec.MaskUpdater(model, opt, total_steps=TOTAL, seed=7)
 
