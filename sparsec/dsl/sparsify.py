@@ -14,13 +14,15 @@ import functools
 import threading
 from collections.abc import Iterable, Mapping
 
+import torch
 from torch import nn
 
 from sparsec.dsl.policy import parse_policy
 from sparsec.dsl.spec import Dense, Spec, parse_spec
 from sparsec.errors import SparsecError
 from sparsec.nn.layers import SparseConv2d, SparseLayer, SparseLinear
-from sparsec.policies.base import Policy, rigl
+from sparsec.policies.base import SNIP, Policy, rigl
+from sparsec.policies.decision import item_scores, top_items
 from sparsec.policies.distributions import DISTRIBUTIONS
 
 
@@ -77,6 +79,11 @@ def sparsify(
 ) -> nn.Module:
     """Replace the model's Linear/Conv2d layers with sparse ones, in place; returns the model."""
     policy = parse_policy(policy)
+    if isinstance(policy, SNIP) and policy.loss is None:
+        raise SparsecError(
+            "snip chooses the mask from one batch: pass policy=sparsec.snip(loss=lambda model: ...), a callable "
+            "returning the loss of the dense model on that batch"
+        )
     targets = {
         name: m
         for name, m in model.named_modules()
@@ -86,15 +93,32 @@ def sparsify(
         raise SparsecError("the model has no nn.Linear or nn.Conv2d layers to sparsify")
     shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
     specs = plan_specs(shapes, spec, distribution, dense, overrides)
+    sensitivity = _snip_scores(model, targets, policy.loss) if isinstance(policy, SNIP) else {}
     for name, module in targets.items():
         layer_spec = specs[name]
         if isinstance(layer_spec, Dense):
             continue
         kind = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
         sparse_module = kind.from_dense(module, layer_spec, policy, name=name)
+        if name in sensitivity:  # snip: the best |g * w| of every unit instead of a random topology
+            layout = sparse_module.layout
+            scores = item_scores(layout, sensitivity[name].reshape(layout.out_features, -1))
+            sparse_module.take_dense(module.weight, top_items(layout, scores))
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, sparse_module)
     return model
+
+
+def _snip_scores(model: nn.Module, targets: dict[str, nn.Module], loss) -> dict[str, torch.Tensor]:
+    """``|g * w|`` of every target layer's dense weight for one evaluation of ``loss(model)``."""
+    weights = [m.weight for m in targets.values()]
+    grads = torch.autograd.grad(loss(model), weights, allow_unused=True)
+    scores = {}
+    for (name, module), g in zip(targets.items(), grads, strict=True):
+        if g is None:
+            raise SparsecError(f"snip: the loss does not depend on layer {name!r}; check the loss callable")
+        scores[name] = (g * module.weight).detach().abs()
+    return scores
 
 
 _building = threading.local()

@@ -127,6 +127,13 @@ class SparseLayer(nn.Module):
         self._write_positions(flat)
         return old
 
+    @torch.no_grad()
+    def take_dense(self, weight: torch.Tensor, flat: torch.Tensor) -> None:
+        """Keep the items ``flat`` (sorted, satisfying the spec) with their values from a dense ``weight``."""
+        self.layout.check_positions(flat, what="chosen mask")
+        self._write_positions(flat)
+        self.values.copy_(self.layout.values_from_dense(weight.reshape(self.layout.out_features, -1), flat))
+
     def get_extra_state(self) -> dict:
         # The current and target specs: a layer pruned by gmp has smaller storage than a fresh one.
         return {"spec": str(self.spec), "target_spec": str(self.target_spec)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -143,9 +144,25 @@ class GMP(Policy):
         return final + (min(self.s_0, final) - final) * (1.0 - progress) ** 3
 
 
+@dataclass(frozen=True)
+class SNIP(Policy):
+    """SNIP (Lee et al. 2019): the mask is chosen once, at initialisation, by connection sensitivity
+    ``|g * w|`` of the dense model on one batch, per layer; it never changes afterwards.
+
+    ``loss`` is a callable ``loss(model) -> scalar`` evaluated on the dense model by ``sparsify``.
+    """
+
+    name: ClassVar[str] = "snip"
+    loss: Callable | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return self.name
+
+
 static = Static()
 set_ = SET()
 rigl = RigL()
 gmp = GMP()
+snip = SNIP()
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, gmp)}
+POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, gmp, snip)}

@@ -42,16 +42,30 @@ def choose_drops(drop_score: torch.Tensor, n_drop: int) -> torch.Tensor:
     return drop_score.argsort(stable=True)[:n_drop].sort().values
 
 
+def rank_in_unit(
+    unit: torch.Tensor, score: torch.Tensor, flat: torch.Tensor, descending: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order by (unit asc, score desc or asc, flat asc) and every entry's rank inside its unit."""
+    perm = flat.argsort(stable=True)
+    perm = perm[score[perm].argsort(descending=descending, stable=True)]
+    perm = perm[unit[perm].argsort(stable=True)]
+    u = unit[perm]
+    return perm, torch.arange(u.numel(), device=u.device) - torch.searchsorted(u, u)
+
+
+def top_items(layout: Layout, scores: torch.Tensor) -> torch.Tensor:
+    """Sorted flat positions of every unit's ``kept_per_unit`` largest item scores (ties: lower index)."""
+    flat = torch.arange(scores.numel(), device=scores.device)
+    perm, rank = rank_in_unit(flat // layout.unit_size, scores.reshape(-1), flat)
+    return perm[rank < layout.kept_per_unit].sort().values
+
+
 def prune_to(layout: Layout, new_layout: Layout, kept: torch.Tensor, drop_score: torch.Tensor):
     """Magnitude pruning to ``new_layout``'s counts: every unit drops its smallest items (ties: lower
     flat index first). Returns the new sorted positions and their old slots."""
     assert (new_layout.grid, new_layout.unit_size) == (layout.grid, layout.unit_size)
     drop = layout.kept_per_unit - new_layout.kept_per_unit
-    unit = kept // layout.unit_size
-    perm = drop_score.argsort(stable=True)  # kept is sorted: ties keep flat order
-    perm = perm[unit[perm].argsort(stable=True)]
-    u = unit[perm]
-    rank = torch.arange(u.numel(), device=u.device) - torch.searchsorted(u, u)
+    perm, rank = rank_in_unit(kept // layout.unit_size, drop_score, kept, descending=False)
     survives = torch.ones(kept.numel(), dtype=torch.bool, device=kept.device)
     survives[perm[rank < drop]] = False
     src = survives.nonzero().flatten()

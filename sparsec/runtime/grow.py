@@ -16,20 +16,11 @@ import torch
 
 from sparsec.nn.formats import Layout
 from sparsec.policies.candidates import GrowSelector
+from sparsec.policies.decision import rank_in_unit
 
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def rank_in_unit(unit: torch.Tensor, score: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order by (unit asc, score desc, flat asc) and each entry's rank inside its unit."""
-    perm = flat.argsort(stable=True)
-    perm = perm[score[perm].argsort(descending=True, stable=True)]
-    perm = perm[unit[perm].argsort(stable=True)]
-    u = unit[perm]
-    rank = torch.arange(u.numel(), device=u.device) - torch.searchsorted(u, u)
-    return perm, rank
 
 
 def initial_kc(max_lost: int, seg_width: int, unit_size: int) -> int:
