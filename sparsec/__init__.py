@@ -11,9 +11,10 @@ from sparsec.dsl.sparsify import sparse, sparsify
 from sparsec.dsl.spec import NM, Block, Dense, FanIn, Unstructured, parse_spec
 from sparsec.errors import ShapeError, SparsecError, SparsecWarning, SpecError
 from sparsec.nn.layers import SparseConv2d, SparseLinear
-from sparsec.policies.base import gmp, rigl, set_, snip, static
+from sparsec.policies.base import gmp, imp, rigl, set_, snip, static
 from sparsec.policies.decision import rigl_step
 from sparsec.policies.distributions import erk_densities
+from sparsec.train.imp import imp_rounds
 from sparsec.train.updater import MaskUpdater
 
 __version__ = "0.1.0"
@@ -35,6 +36,8 @@ __all__ = [
     "rigl",
     "gmp",
     "snip",
+    "imp",
+    "imp_rounds",
     "MaskUpdater",
     "rigl_step",
     "erk_densities",

@@ -39,9 +39,14 @@ def parse_policy(policy: str | Policy) -> Policy:
                 )
             if eq.text != "=":
                 raise SpecError(f"expected '=' after {key.text} but found {_describe(eq)}", policy, eq.col)
-            if val.kind != "num":
-                raise SpecError(f"expected a number for {key.text} but found {_describe(val)}", policy, val.col)
-            params[key.text] = int(val.text) if val.text.isdigit() else float(val.text)
+            if val.kind not in ("num", "word"):
+                raise SpecError(
+                    f"expected a number or a word for {key.text} but found {_describe(val)}", policy, val.col
+                )
+            if val.kind == "word":
+                params[key.text] = val.text
+            else:
+                params[key.text] = int(val.text) if val.text.isdigit() else float(val.text)
             i = min(i + 3, len(toks) - 1)
             if toks[i].text == ",":
                 i += 1

@@ -159,10 +159,46 @@ class SNIP(Policy):
         return self.name
 
 
+@dataclass(frozen=True)
+class IMP(Policy):
+    """Iterative magnitude pruning with learning-rate rewinding (Renda et al. 2020).
+
+    Driven from the user's loop by ``sparsec.imp_rounds``: each round trains with the user's
+    learning-rate schedule, then removes ``fraction`` of the remaining weights by global magnitude
+    (across all imp layers) and replays the schedule from its start; ``rewind="weights"`` also
+    resets the kept weights to their values at initialisation (lottery-ticket style).
+    """
+
+    name: ClassVar[str] = "imp"
+    fraction: float = 0.2
+    rewind: str = "lr"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction < 1.0):
+            raise SpecError(f"imp: fraction={self.fraction!r} must be in (0, 1) (share of remaining weights per round)")
+        if self.rewind not in ("lr", "weights"):
+            raise SpecError(f"imp: rewind={self.rewind!r} must be 'lr' or 'weights'")
+
+    def initial_spec(self, target):
+        from sparsec.dsl.spec import Unstructured
+
+        if not isinstance(target, Unstructured):
+            raise SpecError(
+                f"imp prunes by global magnitude across layers, which needs unstructured specs such as 90%; "
+                f"got {target}"
+            )
+        return dataclasses.replace(target, sparsity=0.0)
+
+    def rounds_to(self, sparsity: float) -> int:
+        """Pruning rounds to reach ``sparsity`` removing ``fraction`` of what remains each time."""
+        return max(0, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - self.fraction) - 1e-9))
+
+
 static = Static()
 set_ = SET()
 rigl = RigL()
 gmp = GMP()
 snip = SNIP()
+imp = IMP()
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, gmp, snip)}
+POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, gmp, snip, imp)}

@@ -28,7 +28,7 @@ def test_policy_values_and_strings_agree():
         ("rigl(delta_t=0)", "rigl: delta_t=0 must be an integer of at least 1", 0),
         ("rigl(alpha=2)", "rigl: alpha=2 must be in [0, 1]", 0),
         ("rigl(delta_t=5", "expected ',' or ')'", 14),
-        ("set(alpha=x)", "expected a number for alpha", 10),
+        ("set(alpha=)", "expected a number or a word for alpha", 10),
         ("static(alpha=0.1)", "policy 'static' has no parameter 'alpha'", 7),
     ],
 )

@@ -1,0 +1,119 @@
+"""``imp_rounds``: iterative magnitude pruning with learning-rate rewinding, in the user's own loop.
+
+    for round in sparsec.imp_rounds(model, optimizer, scheduler):
+        for epoch in range(epochs):          # the user's training, with the user's schedule
+            ...; scheduler.step()
+        # leaving the body: prune, then rewind
+
+After every round but the last, the remaining weights of all imp layers are ranked together by
+``|w|`` and the smallest ``fraction`` of them removed (global magnitude; ties to the earlier layer,
+then the lower flat index; the last pruning lands exactly on the target). Then the learning-rate
+schedule restarts: each group's ``lr`` goes back to its first value, the scheduler to its first
+state, and optimizer state (momentum, Adam moments) is cleared. With ``rewind="weights"`` every
+parameter also goes back to its value at the start (the kept positions' initial values). The target
+is the sum of every layer's kept count at its spec's sparsity.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from sparsec.dsl.spec import Unstructured
+from sparsec.errors import SparsecError
+from sparsec.nn.formats import make_layout
+from sparsec.nn.layers import SparseLayer
+from sparsec.policies.base import IMP
+from sparsec.train.optim_state import replace_parameter
+
+
+def unstructured_with(n: int, kept: int) -> Unstructured:
+    """The unstructured spec whose layout keeps exactly ``kept`` of ``n`` (``n - floor(s n) == kept``)."""
+    s = (n - kept) / n
+    while n - math.floor(s * n) > kept:
+        s = math.nextafter(s, 1.0)
+    while s > 0 and n - math.floor(s * n) < kept:
+        s = math.nextafter(s, 0.0)
+    return Unstructured(s)
+
+
+def imp_rounds(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None) -> Iterator[int]:
+    """Yield round numbers 0..R; prune and rewind after each round but the last (module docstring)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLayer) and isinstance(m.policy, IMP)}
+    if not layers:
+        raise SparsecError(
+            "imp_rounds needs layers with policy=sparsec.imp (sparsify(model, spec='90%', policy='imp'))"
+        )
+    policies = {layer.policy for layer in layers.values()}
+    if len(policies) != 1:
+        raise SparsecError(f"imp layers disagree on their parameters: {sorted(map(str, policies))}; use one imp value")
+    (policy,) = policies
+    total = sum(layer.layout.out_features * layer.layout.in_features for layer in layers.values())
+    target = sum(
+        make_layout(layer.target_spec, layer.layout.out_features, layer.layout.in_features).n_items
+        for layer in layers.values()
+    )
+    rounds = policy.rounds_to(1.0 - target / total)
+    first_lrs = [group["lr"] for group in optimizer.param_groups]
+    first_schedule = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
+    start = _snapshot(model, layers) if policy.rewind == "weights" else None
+    for r in range(rounds + 1):
+        yield r
+        if r == rounds:
+            return
+        remaining = sum(layer.layout.n_items for layer in layers.values())
+        keep = target if r == rounds - 1 else max(target, round(remaining * (1.0 - policy.fraction)))
+        _prune_globally(layers, optimizer, remaining - keep)
+        optimizer.state.clear()
+        for group, lr in zip(optimizer.param_groups, first_lrs, strict=True):
+            group["lr"] = lr
+        if scheduler is not None:
+            scheduler.load_state_dict(copy.deepcopy(first_schedule))
+        if start is not None:
+            _rewind_weights(model, layers, start)
+
+
+@torch.no_grad()
+def _prune_globally(layers: dict[str, SparseLayer], optimizer, n_drop: int) -> None:
+    names = list(layers)
+    magnitudes = torch.cat([layers[n].values.detach().abs().reshape(-1).float().cpu() for n in names])
+    order = magnitudes.argsort(stable=True)  # concatenated in layer order, slots in flat order: ties go first there
+    dropped = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    dropped[order[:n_drop]] = True
+    start = 0
+    for name in names:
+        layer = layers[name]
+        count = layer.layout.n_items
+        survives = ~dropped[start : start + count]
+        start += count
+        if bool(survives.all()):
+            continue
+        src = survives.nonzero().flatten().to(layer.values.device)
+        flat = layer.positions()[src]
+        n = layer.layout.out_features * layer.layout.in_features
+        old = layer.set_layout(unstructured_with(n, src.numel()), flat, src)
+        replace_parameter(optimizer, old, layer.values, src)
+
+
+def _snapshot(model: nn.Module, layers: dict[str, SparseLayer]) -> dict[str, torch.Tensor]:
+    state = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for name, layer in layers.items():
+        state[f"{name}.dense_weight" if name else "dense_weight"] = layer.dense_weight().clone()
+    return state
+
+
+@torch.no_grad()
+def _rewind_weights(model: nn.Module, layers: dict[str, SparseLayer], start: dict[str, torch.Tensor]) -> None:
+    sparse_values = {id(layer.values) for layer in layers.values()}
+    for name, p in model.named_parameters():
+        if id(p) not in sparse_values and name in start:
+            p.copy_(start[name])
+    for name, layer in layers.items():
+        dense = start[f"{name}.dense_weight" if name else "dense_weight"]
+        layer.values.copy_(
+            layer.layout.values_from_dense(dense.reshape(layer.layout.out_features, -1), layer.positions())
+        )
