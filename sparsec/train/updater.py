@@ -46,6 +46,7 @@ class MaskUpdater:
         self.t = 0
         self.generator = torch.Generator().manual_seed(seed)
         self.last_changes: dict[str, int] = {}  # layer -> positions grown (pruned, for gmp) at the last update
+        self.last_dropped: dict[str, int] = {}  # layer -> positions dropped at the last update (some may regrow)
         self._warned: set[str] = set()
         self._arm(1)
 
@@ -59,7 +60,7 @@ class MaskUpdater:
                 f"the new parameters), or build the optimizer after loading the model"
             )
         self.t += 1
-        self.last_changes = {}
+        self.last_changes, self.last_dropped = {}, {}
         for name, layer in self.layers.items():
             if not layer.policy.is_update_step(self.t, self.total_steps):
                 continue
@@ -116,6 +117,7 @@ class MaskUpdater:
         remap_optimizer_state(self.optimizer, layer.values, src)
         layer.set_positions(new_flat, src)
         self.last_changes[name] = int((src < 0).sum())
+        self.last_dropped[name] = int(armed.numel())
 
     @torch.no_grad()
     def _prune(self, name: str, layer: SparseLayer) -> None:
@@ -135,7 +137,7 @@ class MaskUpdater:
         flat, src = prune_to(layout, new_layout, layer.positions(), scores)
         old = layer.set_layout(spec, flat, src)
         replace_parameter(self.optimizer, old, layer.values, src)
-        self.last_changes[name] = layout.n_items - new_layout.n_items
+        self.last_changes[name] = self.last_dropped[name] = layout.n_items - new_layout.n_items
 
     # --- checkpoints -----------------------------------------------------------------------------
 
