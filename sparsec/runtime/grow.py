@@ -47,6 +47,10 @@ def grow_on_kernels(
     """A completed ``GrowSelector`` whose ``grown()`` are the positions to grow."""
     selector = GrowSelector(layout, kept, dropped)
     dy, x = dy.contiguous(), x.contiguous()
+    if not (bool(torch.isfinite(dy).all()) and bool(torch.isfinite(x).all())):
+        selector.finite = False  # as on the CPU path, a NaN or Inf anywhere skips the update
+        selector.rows_seen = layout.grid[0]
+        return selector
     if layout.item != (1, 1):  # blocks: one score per block, selected exactly as on the CPU path
         scores = launcher.grow_scores(dy, x, plan, positions, None, 0)
         selector.add_rows(0, scores)

@@ -75,3 +75,15 @@ def test_float32_follows_torch_matmul_precision():
             assert_kernel_close(y, layer(x), torch.float32, "tf32 kernels")
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_nan_gradient_on_the_interpret_backend_skips_the_update():
+    layer = sparsec.SparseLinear(24, 16, spec="fanin(k=6)", policy=sparsec.rigl(delta_t=1))
+    updater = sparsec.MaskUpdater(layer, torch.optim.SGD(layer.parameters(), lr=0.1), total_steps=50)
+    mask = layer.mask().clone()
+    x = torch.randn(8, 24)
+    x[0, 0] = float("nan")
+    with config.patch(backend="interpret"), pytest.warns(sparsec.SparsecWarning, match="NaN or Inf"):
+        layer(x).sum().backward()
+        updater.step()
+    assert torch.equal(layer.mask(), mask)
