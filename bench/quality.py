@@ -181,13 +181,13 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
 
     dense = results[("dense", 0.0)]
-    rows = [f"| dense | 0% | {_cell(dense)} | {dense[0][1]:,} | {statistics.mean(f for _, _, f in dense) / 1e12:.2f} |"]
+    rows = [f"| dense | 0% | {_cell(dense)} | {dense[0][1]:,} | {statistics.mean(f for _, _, f in dense) / 1e9:.1f} |"]
     for sparsity in SPARSITIES:
         for policy in POLICIES:
             runs = results[(policy, sparsity)]
             rows.append(
                 f"| {policy} | {sparsity:.0%} | {_cell(runs)} | {round(statistics.mean(k for _, k, _ in runs)):,} "
-                f"| {statistics.mean(f for _, _, f in runs) / 1e12:.2f} |"
+                f"| {statistics.mean(f for _, _, f in runs) / 1e9:.1f} |"
             )
     _plot(results, args.png)
     body = "\n".join(
@@ -200,7 +200,7 @@ def main() -> None:
             "the same for every method; test accuracy on the 25% held-out split, mean +- std over seeds "
             f"0..{args.seeds - 1}.",
             "",
-            "| policy | sparsity | test accuracy | kept weights | training TFLOPs |",
+            "| policy | sparsity | test accuracy | kept weights | training GFLOPs |",
             "|---|---|---|---|---|",
             *rows,
             "",
