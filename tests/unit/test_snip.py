@@ -54,3 +54,19 @@ def test_snip_needs_its_loss():
     with pytest.raises(sparsec.SparsecError, match="the loss does not depend on layer '1'"):
         model = nn.Sequential(nn.Linear(3, 2), nn.Linear(3, 2))
         sparsec.sparsify(model, spec="50%", policy=sparsec.snip(loss=lambda m: m[0](torch.ones(1, 3)).sum()))
+
+
+def test_snip_on_blocks_scores_each_block_by_its_mean_sensitivity():
+    import copy
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 4))
+    reference = copy.deepcopy(dense)
+    x = torch.randn(16, 8)
+    model = sparsec.sparsify(dense, spec="block(2x4, 50%)", policy=sparsec.snip(loss=lambda m: m(x).square().sum()))
+    reference(x).square().sum().backward()
+    sensitivity = (reference[0].weight.grad * reference[0].weight).abs().detach()
+    block_means = sensitivity.view(2, 2, 2, 4).mean(dim=(1, 3)).reshape(-1)  # 2x2 grid of 2x4 blocks
+    expected = sorted(block_means.argsort(descending=True, stable=True)[:2].tolist())
+    assert model[0].positions().tolist() == expected
+    assert torch.equal(model[0].dense_weight(), reference[0].weight.detach() * model[0].mask())
