@@ -36,8 +36,8 @@ from sparsec.ir.graph import BATCH, IN, OUT
 from sparsec.passes import lower
 
 SPARSITIES = [0.8, 0.9, 0.95, 0.98]
-POLICIES = ["static", "set", "rigl", "gmp", "snip", "imp", "small_dense"]
-NOT_YET = ["snfs", "srigl"]
+POLICIES = ["static", "set", "rigl", "snfs", "gmp", "snip", "imp", "small_dense"]
+NOT_YET = ["srigl"]
 BATCH_SIZE = 64
 
 
@@ -98,6 +98,7 @@ def build(policy: str, sparsity: float, hidden: int, seed: int, d) -> nn.Module:
         fraction = 1.0 - (1.0 - sparsity) ** (1 / 5)
         return sparsec.sparsify(model, spec=spec, policy=sparsec.imp(fraction=fraction), distribution="erk")
     named = {
+        "snfs": sparsec.snfs(delta_t=50),
         "static": sparsec.static,
         "set": sparsec.set_,
         "rigl": sparsec.rigl(delta_t=50),

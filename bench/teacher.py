@@ -23,7 +23,7 @@ from torch import nn
 import sparsec
 
 OUT, IN, SPARSITY = 16, 256, 0.9
-POLICIES = ["dense", "static", "set", "rigl", "gmp", "snip", "imp"]
+POLICIES = ["dense", "static", "set", "rigl", "snfs", "gmp", "snip", "imp"]
 
 
 def teacher(seed: int) -> torch.Tensor:
@@ -51,6 +51,7 @@ def student(policy: str, seed: int, w: torch.Tensor) -> nn.Module:
         "static": sparsec.static,
         "set": sparsec.set_(delta_t=50),
         "rigl": sparsec.rigl(delta_t=50),
+        "snfs": sparsec.snfs(delta_t=50),
         "gmp": sparsec.gmp(delta_t=50),
         "imp": sparsec.imp(fraction=1 - (1 - SPARSITY) ** (1 / 5)),
     }

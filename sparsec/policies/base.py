@@ -97,6 +97,51 @@ class RigL(_Scheduled):
 
 
 @dataclass(frozen=True)
+class SNFS(Policy):
+    """Sparse momentum (Dettmers & Zettlemoyer 2019).
+
+    At ``delta_t`` intervals until ``t_end``: every snfs layer drops the ``floor(n * p_t)`` kept weights
+    of smallest ``|w|`` (``p_t = prune_rate / 2 * (1 + cos(pi * t / T_end))``); the total dropped is
+    redistributed across layers in proportion to each layer's mean momentum magnitude over its kept
+    weights (largest remainder; a layer never takes more than its free positions), and every layer
+    grows its share at the positions of largest momentum magnitude not kept after the drop (ties: lower
+    flat index). Momentum is SGD's buffer, or Adam's ``m / (sqrt(v) + 1e-8)``. Growing by momentum
+    needs the momentum of weights that do not exist yet, so snfs keeps a dense momentum shadow and
+    computes the dense gradient at every step: the one policy that holds O(out x in) memory.
+    """
+
+    name: ClassVar[str] = "snfs"
+    grow: ClassVar[str | None] = "momentum"
+    delta_t: int = 100
+    prune_rate: float = 0.5
+    t_end: float = 0.75
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.delta_t, int) or self.delta_t < 1:
+            raise SpecError(f"snfs: delta_t={self.delta_t!r} must be an integer of at least 1 (steps between updates)")
+        if not (isinstance(self.prune_rate, (int, float)) and 0.0 <= self.prune_rate <= 1.0):
+            raise SpecError(f"snfs: prune_rate={self.prune_rate!r} must be in [0, 1]")
+        if not (isinstance(self.t_end, (int, float)) and 0.0 < self.t_end <= 1.0):
+            raise SpecError(f"snfs: t_end={self.t_end!r} must be in (0, 1] (fraction of total_steps)")
+
+    def initial_spec(self, target):
+        from sparsec.dsl.spec import Unstructured
+
+        if not isinstance(target, Unstructured):
+            raise SpecError(
+                f"snfs moves weights between layers, so layer densities change: it needs unstructured specs "
+                f"such as 90%; got {target}"
+            )
+        return target
+
+    def is_update_step(self, t: int, total_steps: int) -> bool:
+        return is_update_step(t, self.delta_t, self.t_end, total_steps)
+
+    def drop_fraction(self, t: int, total_steps: int) -> float:
+        return cosine_drop_fraction(t, self.prune_rate, self.t_end, total_steps)
+
+
+@dataclass(frozen=True)
 class GMP(Policy):
     """Gradual magnitude pruning (Zhu & Gupta 2017): from ``s_0`` to the layer's target sparsity ``s_f``.
 
@@ -198,7 +243,8 @@ static = Static()
 set_ = SET()
 rigl = RigL()
 gmp = GMP()
+snfs = SNFS()
 snip = SNIP()
 imp = IMP()
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, gmp, snip, imp)}
+POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, snfs, gmp, snip, imp)}

@@ -18,11 +18,12 @@ from torch import nn
 from sparsec.errors import SparsecError, SparsecWarning
 from sparsec.nn.formats import make_layout
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.base import GMP
+from sparsec.policies.base import GMP, SNFS
 from sparsec.policies.candidates import GrowCapture, random_selection
 from sparsec.policies.decision import apply_growth, choose_drops, drop_scores, n_drop_for, prune_to
 from sparsec.runtime.ops import layer_config
 from sparsec.train.optim_state import remap_optimizer_state, replace_parameter
+from sparsec.train.snfs import MomentumShadow, snfs_update
 
 STATE_VERSION = 1
 
@@ -48,6 +49,9 @@ class MaskUpdater:
         self.last_changes: dict[str, int] = {}  # layer -> positions grown (pruned, for gmp) at the last update
         self.last_dropped: dict[str, int] = {}  # layer -> positions dropped at the last update (some may regrow)
         self._warned: set[str] = set()
+        self._shadows = {
+            n: MomentumShadow(layer, optimizer) for n, layer in self.layers.items() if isinstance(layer.policy, SNFS)
+        }
         self._arm(1)
 
     def step(self) -> dict[str, int]:
@@ -61,13 +65,18 @@ class MaskUpdater:
             )
         self.t += 1
         self.last_changes, self.last_dropped = {}, {}
+        momentum_due = {}
         for name, layer in self.layers.items():
             if not layer.policy.is_update_step(self.t, self.total_steps):
                 continue
             if isinstance(layer.policy, GMP):
                 self._prune(name, layer)
+            elif isinstance(layer.policy, SNFS):
+                momentum_due[name] = layer
             else:
                 self._update(name, layer)
+        if momentum_due:  # snfs redistributes across all its layers at once
+            snfs_update(self, momentum_due, self._shadows)
         self._arm(self.t + 1)
         return self.last_changes
 
@@ -76,8 +85,8 @@ class MaskUpdater:
         self._armed: dict[str, torch.Tensor | str] = {}  # layer -> dropped slots, or why it is skipped
         for name, layer in self.layers.items():
             policy = layer.policy
-            layer.grow_capture = None
-            if policy.grow is None or not policy.is_update_step(t, self.total_steps):
+            layer.grow_capture = self._shadows.get(name)  # snfs: its momentum shadow sees every backward
+            if policy.grow in (None, "momentum") or not policy.is_update_step(t, self.total_steps):
                 continue
             scores = drop_scores(layer.layout, layer.values)
             if not bool(torch.isfinite(scores).all()):
@@ -148,6 +157,7 @@ class MaskUpdater:
             "total_steps": self.total_steps,
             "generator": self.generator.get_state(),
             "masks": {n: {k: v.clone() for k, v in layer._buffers_dict().items()} for n, layer in self.layers.items()},
+            "momentum": {n: shadow.state_dict() for n, shadow in self._shadows.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -171,6 +181,8 @@ class MaskUpdater:
             flat = layer.layout.decode(buffers)
             layer.layout.check_positions(flat, what=f"{name} mask in the checkpoint")
             layer._write_positions(flat)
+        for name, shadow_state in state.get("momentum", {}).items():
+            self._shadows[name].load_state_dict(shadow_state)
         self.t = state["step"]
         self.generator.set_state(state["generator"])
         self._arm(self.t + 1)

@@ -23,16 +23,20 @@ def build():
         nn.Flatten(),
         nn.Linear(8 * 25, 32),
         nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
         nn.Linear(32, 10),
     )
-    sparsec.sparsify(
-        model, spec="80%", policy=sparsec.rigl(delta_t=3), distribution="erk", overrides={"3": "fanin(k=20)"}
-    )
-    model[5] = sparsec.SparseLinear.from_dense(nn.Linear(32, 10), "block(2x4, 50%)", sparsec.set_(delta_t=3), name="5")
-    # gmp: storage shrinks during training, so the checkpoint's shapes differ from a fresh model's
+    # rigl on fan-in, SET on blocks, snfs moving weights between two layers, gmp shrinking the conv:
+    # the checkpoint's shapes differ from a fresh model's, and the updater carries RNG and momentum
+    sparsec.sparsify(model, spec="80%", policy=sparsec.snfs(delta_t=3), dense=["0", "5", "7"])
+    model[5] = sparsec.SparseLinear.from_dense(nn.Linear(32, 32), "fanin(k=12)", sparsec.rigl(delta_t=3), name="5")
+    model[7] = sparsec.SparseLinear.from_dense(nn.Linear(32, 10), "block(2x4, 50%)", sparsec.set_(delta_t=3), name="7")
     model[0] = sparsec.SparseConv2d.from_dense(
         nn.Conv2d(2, 8, 3, padding=1), "80%", sparsec.gmp(delta_t=4, s_0=0.2), "0"
     )
+    model.append(nn.Identity())  # a second snfs layer: the output head below
+    model[8] = sparsec.SparseLinear.from_dense(nn.Linear(10, 10), "50%", sparsec.snfs(delta_t=3), name="8")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     return model, opt, sparsec.MaskUpdater(model, opt, total_steps=TOTAL, seed=7)
 
