@@ -97,6 +97,34 @@ class RigL(_Scheduled):
 
 
 @dataclass(frozen=True)
+class SRigL(_Scheduled):
+    """Structured RigL (Lasby et al. 2023): RigL that keeps constant fan-in, with neuron ablation.
+
+    Every active output keeps exactly ``k = floor(K / active outputs)`` inputs, ``K`` the layer's
+    budget. At an update the drop is RigL's (layer-wide smallest |w|); an output whose salient
+    weights (those surviving the drop, plus those among the layer's ``n_drop`` largest |gradient|)
+    number fewer than ``max(1, int(gamma_sal * k))`` is ablated, unless too few outputs would be
+    left to hold the budget (then the most salient of them stay) or the layer is the model's last
+    sparse layer. Survivors then regrow to the new ``k`` by largest |gradient| in their row.
+    Ablated outputs hold no weights: the kernels do no work for them.
+    """
+
+    name: ClassVar[str] = "srigl"
+    grow: ClassVar[str | None] = "srigl"
+    gamma_sal: float = 0.3
+
+    def initial_spec(self, target):
+        from sparsec.dsl.spec import FanIn
+
+        if not isinstance(target, FanIn):
+            raise SpecError(
+                f"srigl keeps a constant fan-in per output, so it needs a fan-in spec such as fanin(90%) or "
+                f"fanin(k=64); got {target}"
+            )
+        return target  # after the first ablation the layer is stored as compressed rows (sparsec.train.srigl)
+
+
+@dataclass(frozen=True)
 class SNFS(Policy):
     """Sparse momentum (Dettmers & Zettlemoyer 2019).
 
@@ -243,8 +271,9 @@ static = Static()
 set_ = SET()
 rigl = RigL()
 gmp = GMP()
+srigl = SRigL()
 snfs = SNFS()
 snip = SNIP()
 imp = IMP()
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, snfs, gmp, snip, imp)}
+POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, srigl, snfs, gmp, snip, imp)}

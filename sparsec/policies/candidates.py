@@ -43,9 +43,13 @@ def best_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 class GrowSelector:
     """Picks, unit by unit, the positions to grow: the best ``lost[u]`` not kept after the drop."""
 
-    def __init__(self, layout: Layout, kept: torch.Tensor, dropped: torch.Tensor):
+    def __init__(self, layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, need: torch.Tensor | None = None):
+        """``need[u]`` overrides how many positions unit ``u`` grows (default: as many as it lost);
+        only for units no wider than a row (srigl's redistribution)."""
         self.layout, self.kept = layout, kept
         self.dropped_flat = kept[dropped]  # ascending: dropped slots are ascending
+        assert need is None or layout.unit_size <= layout.grid[1]
+        self.need = need
         self.finite = True
         self.rows_seen = 0
         self._flat: list[torch.Tensor] = []
@@ -59,7 +63,7 @@ class GrowSelector:
         if not bool(torch.isfinite(scores).all()):
             self.finite = False
         self.rows_seen += scores.shape[0]
-        if self.dropped_flat.numel() == 0:
+        if self.dropped_flat.numel() == 0 and self.need is None:
             return  # nothing dropped: nothing to grow
         base = row0 * cols
         scores = scores.reshape(-1)
@@ -67,7 +71,7 @@ class GrowSelector:
         k_lo, k_hi = torch.searchsorted(self.kept, bounds).tolist()
         d_lo, d_hi = torch.searchsorted(self.dropped_flat, bounds).tolist()
         dropped_local = self.dropped_flat[d_lo:d_hi] - base
-        if dropped_local.numel() == 0 and layout.unit_size <= scores.numel():
+        if dropped_local.numel() == 0 and layout.unit_size <= scores.numel() and self.need is None:
             return  # no unit of this chunk lost anything
         dropped_scores = scores[dropped_local]
         scores[self.kept[k_lo:k_hi] - base] = -torch.inf  # kept after the drop: not eligible
@@ -77,7 +81,11 @@ class GrowSelector:
         if layout.unit_size > unit:  # a layer-wide unit spanning chunks
             self._add_layer_wide(base, per_unit)
             return
-        lost = torch.bincount(torch.div(dropped_local, unit, rounding_mode="floor"), minlength=per_unit.shape[0])
+        if self.need is not None:
+            first = base // unit
+            lost = self.need[first : first + per_unit.shape[0]]
+        else:
+            lost = torch.bincount(torch.div(dropped_local, unit, rounding_mode="floor"), minlength=per_unit.shape[0])
         take = best_per_row(per_unit, lost)
         rows, cols_in_unit = take.nonzero(as_tuple=True)  # row-major: ascending flat index
         self._flat.append(base + rows * unit + cols_in_unit)

@@ -18,12 +18,13 @@ from torch import nn
 from sparsec.errors import SparsecError, SparsecWarning
 from sparsec.nn.formats import make_layout
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.base import GMP, SNFS
+from sparsec.policies.base import GMP, SNFS, SRigL
 from sparsec.policies.candidates import GrowCapture, random_selection
 from sparsec.policies.decision import apply_growth, choose_drops, drop_scores, n_drop_for, prune_to
 from sparsec.runtime.ops import layer_config
 from sparsec.train.optim_state import remap_optimizer_state, replace_parameter
 from sparsec.train.snfs import MomentumShadow, snfs_update
+from sparsec.train.srigl import ActivationCapture, srigl_update
 
 STATE_VERSION = 1
 
@@ -73,6 +74,9 @@ class MaskUpdater:
                 self._prune(name, layer)
             elif isinstance(layer.policy, SNFS):
                 momentum_due[name] = layer
+            elif isinstance(layer.policy, SRigL):
+                capture, layer.grow_capture = layer.grow_capture, None
+                srigl_update(self, name, layer, capture, last=name == next(reversed(self.layers)))
             else:
                 self._update(name, layer)
         if momentum_due:  # snfs redistributes across all its layers at once
@@ -97,6 +101,8 @@ class MaskUpdater:
             self._armed[name] = dropped
             if policy.grow == "gradient":
                 layer.grow_capture = GrowCapture(layer.layout, kept, dropped)
+            elif policy.grow == "srigl":
+                layer.grow_capture = ActivationCapture(dropped)
 
     def _skip(self, name: str, why: str) -> None:
         if name not in self._warned:

@@ -1,0 +1,68 @@
+"""srigl: constant fan-in RigL with neuron ablation, on a hand-checked case and on digits."""
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+import sparsec
+
+
+def test_a_row_without_salient_weights_is_ablated_and_its_budget_shared():
+    first = sparsec.SparseLinear(
+        8, 4, bias=False, spec="fanin(k=2)", policy=sparsec.srigl(delta_t=1, alpha=0.6, gamma_sal=1.0)
+    )
+    model = nn.Sequential(first, sparsec.SparseLinear(4, 2, spec="50%", policy=sparsec.static))
+    first._write_positions(torch.tensor([0, 1, 8, 9, 16, 17, 24, 25]))  # row r keeps columns 0 and 1
+    with torch.no_grad():
+        first.values.copy_(torch.tensor([[5.0, 1.0], [5.0, 1.0], [5.0, 5.0], [0.01, 0.01]]))
+    updater = sparsec.MaskUpdater(model, torch.optim.SGD(model.parameters(), lr=0.0), total_steps=10**6)
+    # dY chosen so that dL/dW = G: rows 0 and 1 have the two largest gradients each, row 3 none
+    grad = torch.zeros(4, 8)
+    grad[0, 2], grad[0, 3] = 9.0, 8.0
+    grad[1, 4], grad[1, 5] = 7.0, 6.0
+    grad[2, 6] = 1.0
+    (first(torch.eye(8)) * grad.t()).sum().backward()
+    updater.step()
+    # drop floor(8 * ~0.6) = 4 smallest: row 3's two, then the 1.0s of rows 0 and 1 (lower index first);
+    # saliency: row 0 = 1 + 2, row 1 = 1 + 2, row 2 = 2 + 0, row 3 = 0 < max(1, int(1.0 * 2)): ablated;
+    # the budget of 8 over 3 rows gives k = 2: rows 0 and 1 regrow their best gradient
+    assert first.positions().tolist() == [0, 2, 8, 12, 16, 17]
+    assert first.mask().sum(1).tolist() == [2, 2, 2, 0]
+    assert updater.last_dropped["0"] == 4
+
+
+@pytest.mark.parametrize("spec", ["fanin(95%)", "fanin(k=4)"])
+def test_constant_fan_in_and_the_last_layer_survive_many_updates(spec):
+    digits = load_digits()
+    x, y = torch.tensor(digits.data, dtype=torch.float32) / 16, torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = sparsec.sparsify(
+        nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10)),
+        spec=spec,
+        policy=sparsec.srigl(delta_t=5, gamma_sal=0.5),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    updater = sparsec.MaskUpdater(model, opt, total_steps=100)
+    budgets = {
+        n: sparsec.nn.formats.make_layout(m.target_spec, m.out_features, m.in_features).n_items
+        for n, m in updater.layers.items()
+    }
+    for _ in range(100):
+        idx = torch.randint(0, len(y), (64,))
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        updater.step()
+        opt.zero_grad()
+        for name, layer in updater.layers.items():
+            per_row = layer.mask().sum(1)
+            alive = per_row > 0
+            k = budgets[name] // int(alive.sum())
+            assert bool((per_row[alive] == k).all()), name  # every surviving output keeps exactly k
+    assert bool((model[4].mask().sum(1) > 0).all())  # the last layer is never ablated
+    assert any(bool((m.mask().sum(1) == 0).any()) for m in (model[0], model[2]))  # ablation happened
+
+
+def test_srigl_needs_a_fan_in_spec():
+    with pytest.raises(sparsec.SpecError, match="srigl keeps a constant fan-in per output, so it needs a fan-in spec"):
+        sparsec.SparseLinear(8, 4, spec="2:4", policy="srigl")
