@@ -18,7 +18,7 @@ from sparsec.policies.decision import n_drop_for
 CASES = [(p, s) for p in ("rigl(delta_t=10)", "set(delta_t=10)") for s in ("90%", "fanin(90%)", "2:4")]
 
 
-@pytest.mark.parametrize("policy,spec", [*CASES, ("snfs(delta_t=10)", "90%")])
+@pytest.mark.parametrize("policy,spec", [*CASES, ("snfs(delta_t=10)", "90%"), ("srigl(delta_t=10)", "fanin(90%)")])
 def test_every_update_changes_the_mask(policy, spec):
     digits = load_digits()
     x = torch.tensor(digits.data[:512], dtype=torch.float32) / 16
