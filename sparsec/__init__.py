@@ -11,7 +11,7 @@ from sparsec.dsl.sparsify import sparse, sparsify
 from sparsec.dsl.spec import NM, Block, Dense, FanIn, Unstructured, parse_spec
 from sparsec.errors import ShapeError, SparsecError, SparsecWarning, SpecError
 from sparsec.nn.layers import SparseConv2d, SparseLinear
-from sparsec.policies.base import gmp, imp, rigl, set_, snfs, snip, srigl, static
+from sparsec.policies.base import gmp, imp, rigl, set_, small_dense, snfs, snip, srigl, static
 from sparsec.policies.decision import rigl_step
 from sparsec.policies.distributions import erk_densities
 from sparsec.train.imp import imp_rounds
@@ -40,6 +40,7 @@ __all__ = [
     "snip",
     "imp",
     "imp_rounds",
+    "small_dense",
     "MaskUpdater",
     "rigl_step",
     "erk_densities",

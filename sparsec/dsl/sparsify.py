@@ -20,8 +20,9 @@ from torch import nn
 from sparsec.dsl.policy import parse_policy
 from sparsec.dsl.spec import Dense, Spec, parse_spec
 from sparsec.errors import SparsecError
+from sparsec.nn.formats import make_layout
 from sparsec.nn.layers import SparseConv2d, SparseLayer, SparseLinear
-from sparsec.policies.base import SNIP, Policy, rigl
+from sparsec.policies.base import SNIP, Policy, SmallDense, rigl
 from sparsec.policies.decision import item_scores, top_items
 from sparsec.policies.distributions import DISTRIBUTIONS
 
@@ -93,6 +94,8 @@ def sparsify(
         raise SparsecError("the model has no nn.Linear or nn.Conv2d layers to sparsify")
     shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
     specs = plan_specs(shapes, spec, distribution, dense, overrides)
+    if isinstance(policy, SmallDense):
+        return shrink_to_budget(model, targets, specs)
     sensitivity = _snip_scores(model, targets, policy.loss) if isinstance(policy, SNIP) else {}
     for name, module in targets.items():
         layer_spec = specs[name]
@@ -119,6 +122,79 @@ def _snip_scores(model: nn.Module, targets: dict[str, nn.Module], loss) -> dict[
             raise SparsecError(f"snip: the loss does not depend on layer {name!r}; check the loss callable")
         scores[name] = (g * module.weight).detach().abs()
     return scores
+
+
+def shrink_to_budget(model: nn.Module, targets: dict[str, nn.Module], specs: dict[str, Spec]) -> nn.Module:
+    """small_dense: narrow the hidden widths of a Sequential chain until its weights fit the budget."""
+    if not isinstance(model, nn.Sequential) or any(
+        p.numel() and not isinstance(m, (nn.Linear, nn.Conv2d))
+        for m in model.children()
+        for p in m.parameters(recurse=False)
+    ):
+        raise SparsecError(
+            "small_dense narrows hidden widths, which is defined here for an nn.Sequential chain of Linear/"
+            "Conv2d layers (and parameter-free modules); build the small dense model by hand for other models"
+        )
+    layers = [(i, m) for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    budget = 0
+    for name, module in targets.items():
+        w = module.weight
+        budget += (
+            w.numel() if isinstance(specs[name], Dense) else make_layout(specs[name], w.shape[0], w[0].numel()).nnz
+        )
+
+    def widths(scale: float) -> list[int]:  # output width of each layer; the last keeps its own
+        return [max(1, round(_out(m) * scale)) for _, m in layers[:-1]] + [_out(layers[-1][1])]
+
+    def weights(scale: float) -> int:
+        outs, total, prev = widths(scale), 0, None
+        for (_, m), out in zip(layers, outs, strict=True):
+            total += out * _fan_in(m, prev)
+            prev = (out, _out(m))
+        return total
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):  # bisection on the width factor
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if weights(mid) <= budget else (lo, mid)
+    prev = None
+    for (i, m), out in zip(layers, widths(lo), strict=True):
+        model[i] = _resized(m, _fan_in(m, prev) // _kernel(m), out)
+        prev = (out, _out(m))
+    return model
+
+
+def _out(m) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _kernel(m) -> int:
+    return 1 if isinstance(m, nn.Linear) else m.kernel_size[0] * m.kernel_size[1]
+
+
+def _fan_in(m, prev) -> int:
+    """Inputs per output after the previous layer went from ``prev[1]`` to ``prev[0]`` outputs."""
+    full = m.in_features if isinstance(m, nn.Linear) else m.in_channels * _kernel(m)
+    if prev is None:
+        return full
+    new, old = prev
+    return full * new // old  # a Linear after Flatten sees every channel's positions
+
+
+def _resized(m, fan_in: int, out: int):
+    if isinstance(m, nn.Linear):
+        return nn.Linear(fan_in, out, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    return nn.Conv2d(
+        fan_in,
+        out,
+        m.kernel_size,
+        m.stride,
+        m.padding,
+        m.dilation,
+        bias=m.bias is not None,
+        device=m.weight.device,
+        dtype=m.weight.dtype,
+    )
 
 
 _building = threading.local()

@@ -267,6 +267,18 @@ class IMP(Policy):
         return max(0, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - self.fraction) - 1e-9))
 
 
+@dataclass(frozen=True)
+class SmallDense(Policy):
+    """The baseline of the RigL paper: a dense model with as many weights as the sparse one would keep.
+
+    ``sparsify(model, spec, policy=small_dense)`` shrinks the hidden widths of an ``nn.Sequential``
+    chain of Linear/Conv2d layers (the input and output widths stay) by one factor, the largest whose
+    dense weights fit the sparse model's kept-weight budget, and re-initialises the layers.
+    """
+
+    name: ClassVar[str] = "small_dense"
+
+
 static = Static()
 set_ = SET()
 rigl = RigL()
@@ -274,6 +286,7 @@ gmp = GMP()
 srigl = SRigL()
 snfs = SNFS()
 snip = SNIP()
+small_dense = SmallDense()
 imp = IMP()
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, srigl, snfs, gmp, snip, imp)}
+POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, srigl, snfs, gmp, snip, imp, small_dense)}
