@@ -108,15 +108,6 @@ def build(policy: str, sparsity: float, hidden: int, seed: int, d) -> nn.Module:
     return sparsec.sparsify(model, spec=spec, policy=named[policy], distribution="erk")
 
 
-def small_dense_width(sparsity: float, hidden: int, seed: int, d) -> int:
-    """The hidden width whose dense MLP has as many weights as the ERK-sparse MLP keeps."""
-    budget = kept_params(build("static", sparsity, hidden, seed, d))
-    width = 1
-    while (64 * (width + 1) + (width + 1) ** 2 + (width + 1) * 10) <= budget:
-        width += 1
-    return width
-
-
 def train(model: nn.Module, d, epochs: int, seed: int, policy: str) -> float:
     x_tr, y_tr, _, _ = d
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -169,8 +160,14 @@ def main() -> None:
     for sparsity in SPARSITIES:
         for policy in POLICIES:
             for seed in range(args.seeds):
-                if policy == "small_dense":
-                    model = build("dense", 0.0, small_dense_width(sparsity, args.hidden, seed, d), seed, d)
+                if policy == "small_dense":  # dense layers, narrower: trained like dense
+                    model = sparsec.sparsify(
+                        mlp(args.hidden), spec=f"unstructured({sparsity})", policy="small_dense", distribution="erk"
+                    )
+                    torch.manual_seed(seed)
+                    for m in model:
+                        if isinstance(m, nn.Linear):
+                            m.reset_parameters()
                     flops = train(model, d, args.epochs, seed, "dense")
                 else:
                     model = build(policy, sparsity, args.hidden, seed, d)

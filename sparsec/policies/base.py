@@ -262,6 +262,12 @@ class IMP(Policy):
             )
         return dataclasses.replace(target, sparsity=0.0)
 
+    def rounds(self, model, optimizer, scheduler=None):
+        """``for r in imp.rounds(model, optimizer, scheduler): train...`` (see ``sparsec.imp_rounds``)."""
+        from sparsec.train.imp import imp_rounds
+
+        return imp_rounds(model, optimizer, scheduler)
+
     def rounds_to(self, sparsity: float) -> int:
         """Pruning rounds to reach ``sparsity`` removing ``fraction`` of what remains each time."""
         return max(0, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - self.fraction) - 1e-9))

@@ -31,7 +31,7 @@ def test_rounds_prune_a_fifth_of_what_remains_and_land_on_the_target():
     model = _model()
     assert model[0].layout.nnz == 80 and model[2].layout.nnz == 32  # imp starts dense
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sizes = [model[0].layout.nnz + model[2].layout.nnz for _ in sparsec.imp_rounds(model, opt)]
+    sizes = [model[0].layout.nnz + model[2].layout.nnz for _ in sparsec.imp.rounds(model, opt)]
     # 112 weights at 80%: (80 - floor(64.0)) + (32 - floor(25.6)) = 16 + 7 = 23 kept; round(0.8 * remaining)
     # each round, the last lands on 23
     assert sizes == [112, 90, 72, 58, 46, 37, 30, 24, 23]
