@@ -48,6 +48,22 @@ class Policy:
         return f"{self.name}({params})" if params else self.name
 
 
+def _check_schedule(policy) -> None:
+    """``delta_t`` a positive integer and ``t_end`` a fraction of total_steps in (0, 1]."""
+    if not isinstance(policy.delta_t, int) or policy.delta_t < 1:
+        raise SpecError(
+            f"{policy.name}: delta_t={policy.delta_t!r} must be an integer of at least 1 (steps between updates)"
+        )
+    if not (isinstance(policy.t_end, (int, float)) and 0.0 < policy.t_end <= 1.0):
+        raise SpecError(f"{policy.name}: t_end={policy.t_end!r} must be in (0, 1] (fraction of total_steps)")
+
+
+def _check_fraction(policy, field: str, meaning: str) -> None:
+    value = getattr(policy, field)
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise SpecError(f"{policy.name}: {field}={value!r} must be in [0, 1] ({meaning})")
+
+
 @dataclass(frozen=True)
 class Static(Policy):
     """The mask chosen at initialisation never changes."""
@@ -64,14 +80,8 @@ class _Scheduled(Policy):
     t_end: float = 0.75
 
     def __post_init__(self) -> None:
-        if not isinstance(self.delta_t, int) or self.delta_t < 1:
-            raise SpecError(
-                f"{self.name}: delta_t={self.delta_t!r} must be an integer of at least 1 (steps between updates)"
-            )
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
-            raise SpecError(f"{self.name}: alpha={self.alpha!r} must be in [0, 1] (initial drop fraction)")
-        if not (isinstance(self.t_end, (int, float)) and 0.0 < self.t_end <= 1.0):
-            raise SpecError(f"{self.name}: t_end={self.t_end!r} must be in (0, 1] (fraction of total_steps)")
+        _check_schedule(self)
+        _check_fraction(self, "alpha", "initial drop fraction")
 
     def is_update_step(self, t: int, total_steps: int) -> bool:
         return is_update_step(t, self.delta_t, self.t_end, total_steps)
@@ -145,12 +155,8 @@ class SNFS(Policy):
     t_end: float = 0.75
 
     def __post_init__(self) -> None:
-        if not isinstance(self.delta_t, int) or self.delta_t < 1:
-            raise SpecError(f"snfs: delta_t={self.delta_t!r} must be an integer of at least 1 (steps between updates)")
-        if not (isinstance(self.prune_rate, (int, float)) and 0.0 <= self.prune_rate <= 1.0):
-            raise SpecError(f"snfs: prune_rate={self.prune_rate!r} must be in [0, 1]")
-        if not (isinstance(self.t_end, (int, float)) and 0.0 < self.t_end <= 1.0):
-            raise SpecError(f"snfs: t_end={self.t_end!r} must be in (0, 1] (fraction of total_steps)")
+        _check_schedule(self)
+        _check_fraction(self, "prune_rate", "initial prune rate")
 
     def initial_spec(self, target):
         from sparsec.dsl.spec import Unstructured
@@ -185,8 +191,7 @@ class GMP(Policy):
     t_end: float = 0.75
 
     def __post_init__(self) -> None:
-        if not isinstance(self.delta_t, int) or self.delta_t < 1:
-            raise SpecError(f"gmp: delta_t={self.delta_t!r} must be an integer of at least 1 (steps between prunings)")
+        _check_schedule(self)
         if not (isinstance(self.s_0, (int, float)) and 0.0 <= self.s_0 < 1.0):
             raise SpecError(f"gmp: s_0={self.s_0!r} must be in [0, 1) (the sparsity training starts from)")
         if not (0.0 <= self.t_start < self.t_end <= 1.0):
