@@ -28,15 +28,16 @@ import torch
 # Compute capability, the arch ptxas names, and the opt-in shared memory limit per block (bytes).
 ARCHS = {"sm_80": (80, "sm_80", 166912), "sm_90a": (90, "sm_90a", 232448)}
 
-# The structures and shapes of the interpreter tests, at the default tiles.
+# Every structure, on shapes that are not multiples of any tile: the interpreter tests run these
+# same cases (tests/interpret/test_kernels.py), and AOT compiles them at the default tiles.
 MATRIX = [
     ("90%", 37, 53),
     ("2:4", 37, 52),
     ("1:8", 21, 56),
-    ("1:3", 19, 33),
+    ("1:3", 19, 33),  # M not a power of two: the gather strategy
     ("block(16x16, 50%)", 48, 80),
     ("block(32x32, 75%)", 64, 96),
-    ("block(4x8, 50%)", 20, 40),
+    ("block(4x8, 50%)", 20, 40),  # sides padded to 16 for tl.dot
     ("fanin(k=7)", 37, 53),
 ]
 # kernel dtype -> tensor dtype ("tf32": float32 tensors, TF32 dots)

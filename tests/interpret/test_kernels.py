@@ -6,21 +6,13 @@ import torch
 from helpers import assert_kernel_close
 
 import sparsec
+from sparsec.runtime.aot import MATRIX
 from sparsec.runtime.compile import compile_layer
 from sparsec.runtime.launch import DTYPE_NAMES, Launcher, positions_of
 from sparsec.runtime.plan import TritonPlan
 
 # (spec, out, in): odd sizes; N:M and block sizes divide what they must and nothing else
-CASES = [
-    ("90%", 37, 53),
-    ("2:4", 37, 52),
-    ("1:8", 21, 56),
-    ("1:3", 19, 33),  # M not a power of two: the gather strategy
-    ("block(16x16, 50%)", 48, 80),
-    ("block(32x32, 75%)", 64, 96),
-    ("block(4x8, 50%)", 20, 40),  # sides padded to 16 for tl.dot
-    ("fanin(k=7)", 37, 53),
-]
+CASES = MATRIX  # the cases AOT compiles too
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BATCH = 19
 # Triton 3.8's interpreter computes tl.dot on bf16 wrongly (numpy has no bf16; see
