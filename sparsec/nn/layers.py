@@ -17,9 +17,9 @@ from sparsec.dsl.policy import parse_policy
 from sparsec.dsl.spec import Dense, Spec, parse_spec
 from sparsec.errors import ShapeError, SparsecError
 from sparsec.nn.formats import Layout, make_layout
-from sparsec.nn.functional import CSRPlan, SparseMatmul
+from sparsec.nn.functional import SparseMatmul
 from sparsec.policies.base import Policy, rigl
-from sparsec.runtime.ops import layer_config
+from sparsec.runtime.ops import index_plan, layer_config
 
 
 class SparseLayer(nn.Module):
@@ -80,18 +80,14 @@ class SparseLayer(nn.Module):
     def _buffers_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name, _, _ in self.layout.buffers}
 
-    def _cached(self) -> tuple[torch.Tensor, CSRPlan]:
+    def positions(self) -> torch.Tensor:
+        """Sorted flat item positions (weights, or blocks for block specs) of the kept items."""
         bufs = self._buffers_dict()
         # In-place writes (load_state_dict, updates) bump _version; .to() changes data_ptr.
         key = tuple((b._version, b.data_ptr(), b.device) for b in bufs.values())
         if self._cache is None or self._cache[0] != key:
-            flat = self.layout.decode(bufs)
-            self._cache = (key, flat, CSRPlan.build(self.layout, flat))
-        return self._cache[1], self._cache[2]
-
-    def positions(self) -> torch.Tensor:
-        """Sorted flat item positions (weights, or blocks for block specs) of the kept items."""
-        return self._cached()[0]
+            self._cache = (key, self.layout.decode(bufs))
+        return self._cache[1]
 
     def _write_positions(self, flat: torch.Tensor) -> None:
         for name, tensor in self.layout.encode(flat).items():
@@ -166,7 +162,8 @@ class SparseLayer(nn.Module):
         if x2d.device != self.values.device:
             raise SparsecError(f"input on {x2d.device} but the layer on {self.values.device}; move one of them")
         if self.grow_capture is not None:  # the backward must hand dY and X to the grow selection
-            y = SparseMatmul.apply(x2d, self.values, self._cached()[1], self.grow_capture)
+            plan = index_plan(self._op_config, "cpu", list(self._buffers_dict().values()))  # shared with the op
+            y = SparseMatmul.apply(x2d, self.values, plan, self.grow_capture)
             return y if self.bias is None else y + self.bias
         index = [getattr(self, name) for name, _, _ in self.layout.buffers]
         return torch.ops.sparsec.spmm(x2d, self.values, self.bias, index, self._op_config)

@@ -18,7 +18,7 @@ from sparsec.ir.graph import BATCH, IN, OUT, Program
 from sparsec.ir.ops import Op
 
 BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "tf32": 4, "fp64": 8}
-INDEX_BYTES = {"nm": 1, "ell": 4, "csr": 4, "bsr": 4}  # per stored value (bsr: per block, see below)
+INDEX_BYTES = {"nm": 1, "ell": 4}  # per stored value; csr and bsr add row offsets (below)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def backend_for(t: torch.Tensor) -> str:
     return backend
 
 
-def _plan(config: str, backend: str, index: list[torch.Tensor]):
+def index_plan(config: str, backend: str, index: list[torch.Tensor]):
     """The index plan for these buffers, built once per mask (entries hold their tensors alive, so a
     data pointer cannot be reused by another tensor while its entry exists)."""
     key = (config, backend, tuple((t.data_ptr(), t._version, t.device) for t in index))
@@ -106,7 +106,7 @@ def spmm(
     x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, index: list[torch.Tensor], config: str
 ) -> torch.Tensor:
     backend = backend_for(x)
-    plan = _plan(config, backend, index)
+    plan = index_plan(config, backend, index)
     if backend == "cpu":
         y = csr_forward(plan, x, values)
         return y if bias is None else y + bias
@@ -122,7 +122,7 @@ def _(x, values, bias, index, config):
 @torch.library.custom_op("sparsec::spmm_grad_input", mutates_args=())
 def spmm_grad_input(dy: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], config: str) -> torch.Tensor:
     backend = backend_for(dy)
-    plan = _plan(config, backend, index)
+    plan = index_plan(config, backend, index)
     if backend == "cpu":
         return csr_grad_input(plan, dy, values)
     launcher = _launcher(config, values, False, backend)
@@ -139,7 +139,7 @@ def spmm_grad_values(
     dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], config: str
 ) -> torch.Tensor:
     backend = backend_for(dy)
-    plan = _plan(config, backend, index)
+    plan = index_plan(config, backend, index)
     if backend == "cpu":
         return csr_grad_values(plan, dy, x, values)
     launcher = _launcher(config, values, False, backend)
@@ -180,5 +180,5 @@ def grow_selector(layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy:
     if launcher.kernels.format == "nm" and launcher.kernels.strategy == "gather":
         return None  # groups of a non-power-of-two M straddle the kernel's segments: the exactness check needs nesting
     index = list(layout.encode(kept).values())
-    plan = _plan(config, backend, index)
+    plan = index_plan(config, backend, index)
     return grow_on_kernels(launcher, layout, plan, _nm_positions(config, index), kept, dropped, dy, x)
