@@ -18,6 +18,7 @@ import functools
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -37,6 +38,8 @@ from sparsec.passes import lower
 
 SPARSITIES = [0.8, 0.9, 0.95, 0.98]
 POLICIES = ["static", "set", "rigl", "srigl", "snfs", "gmp", "snip", "imp", "small_dense"]
+POLICIES += ["rigl+regrow", "srigl+regrow"]
+REGROW = "+regrow"  # the same policy with regrow_dropped=True (google-research/rigl's regrowth rule)
 BATCH_SIZE = 64
 
 
@@ -89,8 +92,11 @@ def build(policy: str, sparsity: float, hidden: int, seed: int, d) -> nn.Module:
     if policy == "dense":
         return model
     spec = f"unstructured({sparsity})"
+    regrow = policy.endswith(REGROW)
+    policy = policy.removesuffix(REGROW)
     if policy == "srigl":  # constant fan-in, at the same ERK densities
-        return sparsec.sparsify(model, spec=f"fanin({sparsity})", policy=sparsec.srigl(delta_t=50), distribution="erk")
+        srigl = sparsec.srigl(delta_t=50, regrow_dropped=regrow)
+        return sparsec.sparsify(model, spec=f"fanin({sparsity})", policy=srigl, distribution="erk")
     if policy == "snip":
         x, y = d[0][:256], d[1][:256]
         loss = lambda m: nn.functional.cross_entropy(m(x), y)  # noqa: E731 - one batch, as SNIP does
@@ -102,18 +108,28 @@ def build(policy: str, sparsity: float, hidden: int, seed: int, d) -> nn.Module:
         "snfs": sparsec.snfs(delta_t=50),
         "static": sparsec.static,
         "set": sparsec.set_,
-        "rigl": sparsec.rigl(delta_t=50),
+        "rigl": sparsec.rigl(delta_t=50, regrow_dropped=regrow),
         "gmp": sparsec.gmp(delta_t=50),
     }
     return sparsec.sparsify(model, spec=spec, policy=named[policy], distribution="erk")
 
 
-def train(model: nn.Module, d, epochs: int, seed: int, policy: str) -> float:
+class Run(NamedTuple):
+    accuracy: float
+    kept: int
+    flops: float
+    updates: int = 0  # layer updates that dropped weights
+    unchanged: int = 0  # ... of which left the mask as it was
+
+
+def train(model: nn.Module, d, epochs: int, seed: int, policy: str) -> tuple[float, int, int]:
+    """Train; returns training FLOPs, layer updates that dropped weights, and how many changed nothing."""
     x_tr, y_tr, _, _ = d
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     steps_per_epoch = (len(y_tr) + BATCH_SIZE - 1) // BATCH_SIZE
     g = torch.Generator().manual_seed(seed)
     flops = 0.0
+    counts = [0, 0]
 
     def run(n_epochs: int, updater=None) -> float:
         spent = 0.0
@@ -126,16 +142,20 @@ def train(model: nn.Module, d, epochs: int, seed: int, policy: str) -> float:
                     armed = [m for m in model.modules() if getattr(m, "grow_capture", None) is not None]
                     spent += sum(2 * BATCH_SIZE * m.in_features * m.out_features for m in armed)
                     updater.step()
+                    for name, dropped in updater.last_dropped.items():
+                        counts[0] += dropped > 0
+                        counts[1] += dropped > 0 and updater.last_changes[name] == 0
                 opt.zero_grad()
         return spent
 
     if policy == "imp":
         for _ in sparsec.imp_rounds(model, opt):
             flops += run(max(1, epochs // 2))
-        return flops
+        return flops, 0, 0
     has_sparse = any(isinstance(m, sparsec.SparseLinear) for m in model.modules())
     updater = sparsec.MaskUpdater(model, opt, total_steps=epochs * steps_per_epoch, seed=seed) if has_sparse else None
-    return run(epochs, updater)
+    flops = run(epochs, updater)
+    return flops, counts[0], counts[1]
 
 
 @torch.no_grad()
@@ -152,11 +172,11 @@ def main() -> None:
     args = parser.parse_args()
     d = data()
     t0 = time.perf_counter()
-    results: dict[tuple[str, float], list[tuple[float, int, float]]] = {}
+    results: dict[tuple[str, float], list[Run]] = {}
     for seed in range(args.seeds):
         model = build("dense", 0.0, args.hidden, seed, d)
-        flops = train(model, d, args.epochs, seed, "dense")
-        results.setdefault(("dense", 0.0), []).append((accuracy(model, d), kept_params(model), flops))
+        flops, _, _ = train(model, d, args.epochs, seed, "dense")
+        results.setdefault(("dense", 0.0), []).append(Run(accuracy(model, d), kept_params(model), flops))
     for sparsity in SPARSITIES:
         for policy in POLICIES:
             for seed in range(args.seeds):
@@ -168,25 +188,29 @@ def main() -> None:
                     for m in model:
                         if isinstance(m, nn.Linear):
                             m.reset_parameters()
-                    flops = train(model, d, args.epochs, seed, "dense")
+                    counted = train(model, d, args.epochs, seed, "dense")
                 else:
                     model = build(policy, sparsity, args.hidden, seed, d)
-                    flops = train(model, d, args.epochs, seed, policy)
-                results.setdefault((policy, sparsity), []).append((accuracy(model, d), kept_params(model), flops))
-            accs = [a for a, _, _ in results[(policy, sparsity)]]
+                    counted = train(model, d, args.epochs, seed, policy)
+                run = Run(accuracy(model, d), kept_params(model), *counted)
+                results.setdefault((policy, sparsity), []).append(run)
+            accs = [r.accuracy for r in results[(policy, sparsity)]]
             print(
                 f"{policy:>11} {sparsity:.0%}: {statistics.mean(accs):.4f} +- {statistics.stdev(accs):.4f}", flush=True
             )
     elapsed = time.perf_counter() - t0
 
     dense = results[("dense", 0.0)]
-    rows = [f"| dense | 0% | {_cell(dense)} | {dense[0][1]:,} | {statistics.mean(f for _, _, f in dense) / 1e9:.1f} |"]
+    dense_flops = statistics.mean(r.flops for r in dense) / 1e9
+    rows = [f"| dense | 0% | {_cell(dense)} | {dense[0].kept:,} | {dense_flops:.1f} | - |"]
     for sparsity in SPARSITIES:
         for policy in POLICIES:
             runs = results[(policy, sparsity)]
+            updates = sum(r.updates for r in runs)
+            unchanged = f"{sum(r.unchanged for r in runs)} / {updates}" if updates else "-"
             rows.append(
-                f"| {policy} | {sparsity:.0%} | {_cell(runs)} | {round(statistics.mean(k for _, k, _ in runs)):,} "
-                f"| {statistics.mean(f for _, _, f in runs) / 1e9:.1f} |"
+                f"| {policy} | {sparsity:.0%} | {_cell(runs)} | {round(statistics.mean(r.kept for r in runs)):,} "
+                f"| {statistics.mean(r.flops for r in runs) / 1e9:.1f} | {unchanged} |"
             )
     _plot(results, args.png)
     body = "\n".join(
@@ -199,13 +223,17 @@ def main() -> None:
             "the same for every method; test accuracy on the 25% held-out split, mean +- std over seeds "
             f"0..{args.seeds - 1}.",
             "",
-            "| policy | sparsity | test accuracy | kept weights | training GFLOPs |",
-            "|---|---|---|---|---|",
+            "| policy | sparsity | test accuracy | kept weights | training GFLOPs | unchanged updates |",
+            "|---|---|---|---|---|---|",
             *rows,
             "",
             "srigl uses fanin(s) specs at the same ERK densities (kept counts round per row). small_dense is the",
             "same MLP with the hidden width that matches the sparse model's kept weights (dense layers, so its FLOPs",
-            "are dense). imp runs 5 rounds of half the epochs each (2.5x the steps). Plot: bench/quality.png.",
+            "are dense). imp runs 5 rounds of half the epochs each (2.5x the steps). `+regrow` rows run the same",
+            "policy with regrow_dropped=True (just-dropped weights compete for regrowth, as in google-research/rigl);",
+            "the other dynamic rows regrow fresh positions only (the default). Unchanged updates: layer updates",
+            "that dropped weights but left the mask as it was, over all layer updates that dropped weights (all",
+            "seeds). Plot: bench/quality.png.",
         ]
     )
     write_section("quality", body)
@@ -213,7 +241,7 @@ def main() -> None:
 
 
 def _cell(runs) -> str:
-    accs = [a for a, _, _ in runs]
+    accs = [r.accuracy for r in runs]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
     return f"{statistics.mean(accs):.4f} +- {std:.4f}"
 
@@ -221,13 +249,13 @@ def _cell(runs) -> str:
 def _plot(results, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for policy in POLICIES:
-        means = [statistics.mean(a for a, _, _ in results[(policy, s)]) for s in SPARSITIES]
-        stds = [
-            statistics.stdev([a for a, _, _ in results[(policy, s)]]) if len(results[(policy, s)]) > 1 else 0
-            for s in SPARSITIES
-        ]
-        ax.errorbar([s * 100 for s in SPARSITIES], means, yerr=stds, marker="o", capsize=3, label=policy)
-    dense = statistics.mean(a for a, _, _ in results[("dense", 0.0)])
+        accs = [[r.accuracy for r in results[(policy, s)]] for s in SPARSITIES]
+        means = [statistics.mean(a) for a in accs]
+        stds = [statistics.stdev(a) if len(a) > 1 else 0 for a in accs]
+        style = ":" if policy.endswith(REGROW) else "-"
+        x = [s * 100 for s in SPARSITIES]
+        ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, linestyle=style, label=policy)
+    dense = statistics.mean(r.accuracy for r in results[("dense", 0.0)])
     ax.axhline(dense, color="k", linestyle="--", label="dense")
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("test accuracy")

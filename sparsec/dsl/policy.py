@@ -22,7 +22,7 @@ def parse_policy(policy: str | Policy) -> Policy:
     if first.kind != "word" or first.text.lower() not in POLICIES:
         raise SpecError(f"unknown policy {_describe(first)}; choose one of {', '.join(POLICIES)}", policy, first.col)
     base = POLICIES[first.text.lower()]
-    params: dict[str, int | float] = {}
+    params: dict[str, int | float | bool | str] = {}
     i = 1
     if toks[i].text == "(":
         i += 1
@@ -44,7 +44,7 @@ def parse_policy(policy: str | Policy) -> Policy:
                     f"expected a number or a word for {key.text} but found {_describe(val)}", policy, val.col
                 )
             if val.kind == "word":
-                params[key.text] = val.text
+                params[key.text] = {"true": True, "false": False}.get(val.text.lower(), val.text)
             else:
                 params[key.text] = int(val.text) if val.text.isdigit() else float(val.text)
             i = min(i + 3, len(toks) - 1)

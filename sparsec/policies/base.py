@@ -58,6 +58,14 @@ def _check_schedule(policy) -> None:
         raise SpecError(f"{policy.name}: t_end={policy.t_end!r} must be in (0, 1] (fraction of total_steps)")
 
 
+def _check_regrow(policy) -> None:
+    if not isinstance(policy.regrow_dropped, bool):
+        raise SpecError(
+            f"{policy.name}: regrow_dropped={policy.regrow_dropped!r} must be True or False (whether just-dropped "
+            f"weights compete with fresh positions for regrowth)"
+        )
+
+
 def _check_fraction(policy, field: str, meaning: str) -> None:
     value = getattr(policy, field)
     if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
@@ -73,15 +81,22 @@ class Static(Policy):
 
 @dataclass(frozen=True)
 class _Scheduled(Policy):
-    """Drop by magnitude at ``delta_t`` intervals with the cosine-decayed fraction ``alpha``."""
+    """Drop by magnitude at ``delta_t`` intervals with the cosine-decayed fraction ``alpha``.
+
+    Regrowth takes fresh positions (not kept before the update), so every update that drops weights
+    changes the mask; ``regrow_dropped=True`` lets just-dropped weights compete for regrowth, keeping
+    value and optimizer state (google-research/rigl's behaviour: late updates can then change nothing).
+    """
 
     delta_t: int = 100
     alpha: float = 0.3
     t_end: float = 0.75
+    regrow_dropped: bool = False
 
     def __post_init__(self) -> None:
         _check_schedule(self)
         _check_fraction(self, "alpha", "initial drop fraction")
+        _check_regrow(self)
 
     def is_update_step(self, t: int, total_steps: int) -> bool:
         return is_update_step(t, self.delta_t, self.t_end, total_steps)
@@ -141,11 +156,13 @@ class SNFS(Policy):
     At ``delta_t`` intervals until ``t_end``: every snfs layer drops the ``floor(n * p_t)`` kept weights
     of smallest ``|w|`` (``p_t = prune_rate / 2 * (1 + cos(pi * t / T_end))``); the total dropped is
     redistributed across layers in proportion to each layer's mean momentum magnitude over its kept
-    weights (largest remainder; a layer never takes more than its free positions), and every layer
-    grows its share at the positions of largest momentum magnitude not kept after the drop (ties: lower
-    flat index). Momentum is SGD's buffer, or Adam's ``m / (sqrt(v) + 1e-8)``. Growing by momentum
-    needs the momentum of weights that do not exist yet, so snfs keeps a dense momentum shadow and
-    computes the dense gradient at every step: the one policy that holds O(out x in) memory.
+    weights (largest remainder; a layer never takes more than its positions left after the drop), and every layer
+    grows its share at the positions of largest momentum magnitude among those not kept before the update
+    (ties: lower flat index; just-dropped positions only fill a share larger than the free positions, or
+    compete with them when ``regrow_dropped=True``). Momentum is SGD's buffer, or Adam's
+    ``m / (sqrt(v) + 1e-8)``. Growing by momentum needs the momentum of weights that do not exist yet,
+    so snfs keeps a dense momentum shadow and computes the dense gradient at every step: the one policy
+    that holds O(out x in) memory.
     """
 
     name: ClassVar[str] = "snfs"
@@ -153,10 +170,12 @@ class SNFS(Policy):
     delta_t: int = 100
     prune_rate: float = 0.5
     t_end: float = 0.75
+    regrow_dropped: bool = False
 
     def __post_init__(self) -> None:
         _check_schedule(self)
         _check_fraction(self, "prune_rate", "initial prune rate")
+        _check_regrow(self)
 
     def initial_spec(self, target):
         from sparsec.dsl.spec import Unstructured

@@ -3,7 +3,8 @@
 The drop of an update is decided before its backward (``decision``), so each unit's regrowth
 count ``lost[u]`` is known while the gradient is scanned. ``GrowSelector`` takes item scores a
 chunk of rows at a time and keeps only the ``lost[u]`` best eligible positions of each unit (for a
-layer-wide unit: the best ``n_drop`` seen so far). ``GrowCapture`` feeds it ``|dY^T X|`` from a
+layer-wide unit: the best ``n_drop`` seen so far), plus the scores of just-dropped positions in the
+rare units that must regrow some of them. ``GrowCapture`` feeds it ``|dY^T X|`` from a
 layer's backward, one chunk of output rows at a time, within ``config.grow_chunk_bytes``.
 """
 
@@ -13,7 +14,7 @@ import torch
 
 from sparsec import config
 from sparsec.nn.formats import Layout
-from sparsec.policies.decision import item_scores
+from sparsec.policies.decision import item_scores, rank_in_unit
 
 
 def best_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -41,21 +42,46 @@ def best_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 class GrowSelector:
-    """Picks, unit by unit, the positions to grow: the best ``lost[u]`` not kept after the drop."""
+    """Picks, unit by unit, the positions to grow.
 
-    def __init__(self, layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, need: torch.Tensor | None = None):
-        """``need[u]`` overrides how many positions unit ``u`` grows (default: as many as it lost);
-        only for units no wider than a row (srigl's redistribution)."""
+    Unit ``u`` grows ``lost[u]`` positions: as many as it lost, or ``need[u]`` (only for units no wider
+    than a row: srigl's redistribution). It takes the largest scores among its *fresh* positions, those
+    not kept before the update, so an update that drops something always changes the mask; a unit
+    with fewer fresh positions than it must grow (a nearly dense one) takes them all and regrows its
+    best just-dropped positions for the rest. With ``regrow_dropped=True`` just-dropped positions
+    compete with fresh ones instead (google-research/rigl's reference behaviour). Ties go to the lower
+    flat index either way.
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        kept: torch.Tensor,
+        dropped: torch.Tensor,
+        need: torch.Tensor | None = None,
+        regrow_dropped: bool = False,
+    ):
         self.layout, self.kept = layout, kept
         self.dropped_flat = kept[dropped]  # ascending: dropped slots are ascending
         assert need is None or layout.unit_size <= layout.grid[1]
-        self.need = need
+        self.need, self.regrow_dropped = need, regrow_dropped
+        lost = need if need is not None else self._per_unit(self.dropped_flat)
+        if regrow_dropped:
+            self.fresh_need = lost
+        else:
+            self.fresh_need = torch.minimum(lost, layout.unit_size - self._per_unit(kept))
+        self.short = lost - self.fresh_need  # regrown from the unit's just-dropped positions
+        self._any_short = bool((self.short > 0).any())
         self.finite = True
         self.rows_seen = 0
         self._flat: list[torch.Tensor] = []
         self._score: list[torch.Tensor] = []
+        self._dropped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat, score) in short units
         self._buffered = 0  # layer-wide unit: candidates held since the last merge
-        self._threshold: torch.Tensor | None = None  # layer-wide unit: the n_drop-th best score so far
+        self._threshold: torch.Tensor | None = None  # layer-wide unit: the k-th best score so far
+
+    def _per_unit(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(flat // self.layout.unit_size, minlength=self.layout.n_units)
 
     def add_rows(self, row0: int, scores: torch.Tensor) -> None:
         """Take item scores for item-grid rows ``row0 .. row0 + scores.shape[0]`` (overwritten in place)."""
@@ -74,55 +100,64 @@ class GrowSelector:
         if dropped_local.numel() == 0 and layout.unit_size <= scores.numel() and self.need is None:
             return  # no unit of this chunk lost anything
         dropped_scores = scores[dropped_local]
-        scores[self.kept[k_lo:k_hi] - base] = -torch.inf  # kept after the drop: not eligible
-        scores[dropped_local] = dropped_scores  # just dropped: eligible again
+        scores[self.kept[k_lo:k_hi] - base] = -torch.inf  # kept before the update: not fresh
+        if self.regrow_dropped:
+            scores[dropped_local] = dropped_scores  # just dropped: eligible again
+        elif self._any_short:
+            self.note_dropped(dropped_local + base, dropped_scores)
         unit = min(layout.unit_size, scores.numel())
         per_unit = scores.view(-1, unit)
         if layout.unit_size > unit:  # a layer-wide unit spanning chunks
             self._add_layer_wide(base, per_unit)
             return
-        if self.need is not None:
-            first = base // unit
-            lost = self.need[first : first + per_unit.shape[0]]
-        else:
-            lost = torch.bincount(torch.div(dropped_local, unit, rounding_mode="floor"), minlength=per_unit.shape[0])
-        take = best_per_row(per_unit, lost)
+        first = base // unit
+        take = best_per_row(per_unit, self.fresh_need[first : first + per_unit.shape[0]])
         rows, cols_in_unit = take.nonzero(as_tuple=True)  # row-major: ascending flat index
         self._flat.append(base + rows * unit + cols_in_unit)
         self._score.append(per_unit[take])
 
+    def note_dropped(self, flat: torch.Tensor, score: torch.Tensor) -> None:
+        """Grow scores of just-dropped positions (ascending ``flat``); only short units keep them."""
+        keep = self.short[flat // self.layout.unit_size] > 0
+        self._dropped.append((flat[keep], score[keep]))
+
     def _add_layer_wide(self, base: int, scores: torch.Tensor) -> None:
-        # Keep the best n_drop seen so far. A later chunk's flat indices are larger, so on a tie it
-        # loses: only scores strictly above the current n_drop-th best can still enter.
-        n_drop = self.dropped_flat.numel()
+        # Keep the best k seen so far. A later chunk's flat indices are larger, so on a tie it loses:
+        # only scores strictly above the current k-th best can still enter.
+        k = self.fresh_need[:1]
         if self._threshold is not None:
             scores[scores <= self._threshold] = -torch.inf
-        take = best_per_row(scores, torch.tensor([n_drop], device=scores.device)).view(-1)
+        take = best_per_row(scores, k).view(-1)
         (cols,) = take.nonzero(as_tuple=True)
         self._flat.append(base + cols)
         self._score.append(scores.view(-1)[take])
         self._buffered += cols.numel()
-        if self._buffered >= 2 * n_drop:  # merge rarely: amortised linear work
+        if self._buffered >= 2 * int(k):  # merge rarely: amortised linear work
             self._merge()
 
     def _merge(self) -> None:
         # Earlier chunks hold smaller flat indices and each list is in ascending flat order, so the
         # concatenation is too, and best_per_row's tie rule (lower index first) stays exact.
         flat, score = torch.cat(self._flat), torch.cat(self._score)
-        n_drop = self.dropped_flat.numel()
-        take = best_per_row(score.view(1, -1), torch.tensor([n_drop], device=flat.device)).view(-1)
+        k = self.fresh_need[:1]
+        take = best_per_row(score.view(1, -1), k).view(-1)
         self._flat, self._score = [flat[take]], [score[take]]
         self._buffered = int(take.sum())
-        if self._buffered == n_drop and n_drop > 0:
+        if self._buffered == int(k) and int(k) > 0:
             self._threshold = self._score[0].min()
 
     def grown(self) -> torch.Tensor:
-        """Flat positions to grow (ascending); includes just-dropped positions chosen again."""
-        if not self._flat:
-            return self.kept.new_empty(0)
+        """Flat positions to grow (ascending); regrown just-dropped positions among them."""
         if self.layout.unit_size > self.layout.grid[1] and len(self._flat) > 1:
             self._merge()
-        return torch.cat(self._flat)
+        grown = torch.cat(self._flat) if self._flat else self.kept.new_empty(0)
+        if self._any_short and self._dropped:
+            flat = torch.cat([f for f, _ in self._dropped])
+            score = torch.cat([s for _, s in self._dropped])
+            unit = flat // self.layout.unit_size
+            perm, rank = rank_in_unit(unit, score, flat)
+            grown = torch.cat([grown, flat[perm[rank < self.short[unit[perm]]]]]).sort().values
+        return grown
 
     @property
     def complete(self) -> bool:
@@ -142,22 +177,23 @@ def chunk_item_rows(layout: Layout, score_bytes: int) -> int:
 class GrowCapture:
     """Armed on a layer for one backward: selects grow positions from ``|dY^T X|`` chunk by chunk."""
 
-    def __init__(self, layout: Layout, kept: torch.Tensor, dropped: torch.Tensor):
+    def __init__(self, layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, regrow_dropped: bool = False):
         self.layout, self.kept, self.dropped = layout, kept, dropped
+        self.regrow_dropped = regrow_dropped
         self.selector: GrowSelector | None = None
 
     def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         # Each backward replaces the last: the grow step uses the latest gradient.
         from sparsec.runtime.ops import grow_selector  # generated kernels on the triton/interpret backends
 
-        self.selector = grow_selector(self.layout, self.kept, self.dropped, dy, x)
+        self.selector = grow_selector(self.layout, self.kept, self.dropped, dy, x, self.regrow_dropped)
         if self.selector is None:
             self.selector = self._observe_chunked(dy, x)
 
     def _observe_chunked(self, dy: torch.Tensor, x: torch.Tensor) -> GrowSelector:
         """The CPU path: ``|dY^T X|`` chunk by chunk of output rows in torch."""
         layout = self.layout
-        selector = GrowSelector(layout, self.kept, self.dropped)
+        selector = GrowSelector(layout, self.kept, self.dropped, regrow_dropped=self.regrow_dropped)
         step = chunk_item_rows(layout, dy.element_size())
         bh = layout.item[0]
         with torch.no_grad():
@@ -170,10 +206,10 @@ class GrowCapture:
 
 
 def random_selection(
-    layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, generator: torch.Generator
+    layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, generator: torch.Generator, regrow_dropped: bool = False
 ) -> GrowSelector:
     """Uniform random grow scores (SET), drawn chunk by chunk from ``generator``."""
-    selector = GrowSelector(layout, kept, dropped)
+    selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
     step = chunk_item_rows(layout, 4)
     for r0 in range(0, layout.grid[0], step):
         r1 = min(r0 + step, layout.grid[0])

@@ -6,8 +6,10 @@ Conventions (pinned by tests, stated in the README):
   block) across the layer; ties go to the lower flat index. ``w`` is the weight the update
   step's forward and backward used, as in Algorithm 1 of the RigL paper;
 - grow: each unit (layer, N:M group, fan-in row) regrows exactly as many items as it lost, taking
-  the largest grow scores among its positions not kept after the drop (just-dropped positions are
-  eligible); ties go to the lower flat index;
+  the largest grow scores among its fresh positions (not kept before the update), so every update
+  that drops something changes the mask; a unit with fewer fresh positions than it lost regrows its
+  best just-dropped items for the rest. ``regrow_dropped=True`` lets just-dropped items compete with
+  fresh ones (google-research/rigl's reference behaviour). Ties go to the lower flat index;
 - an item dropped and regrown in one update keeps its slot: its value and optimizer state;
 - new items start at zero.
 
@@ -104,13 +106,20 @@ def apply_growth(
 
 
 def rigl_step(
-    mask: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, drop_fraction: float, spec: str | Spec
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    drop_fraction: float,
+    spec: str | Spec,
+    *,
+    regrow_dropped: bool = False,
 ) -> torch.Tensor:
     """One RigL mask update on dense tensors (the reference semantics, for tests and parity).
 
     ``mask``, ``weight`` and ``grad`` share the dense weight shape (conv weights are seen as
     ``[out, in*kh*kw]``); ``weight`` is the weight that produced ``grad``. Returns the new boolean
-    mask; a NaN or Inf score returns ``mask`` unchanged with a warning.
+    mask; a NaN or Inf score returns ``mask`` unchanged with a warning. ``regrow_dropped`` as for the
+    ``rigl`` policy (``True``: google-research/rigl's choice).
     """
     from sparsec.policies.candidates import GrowSelector
 
@@ -127,7 +136,7 @@ def rigl_step(
         )
         return mask.clone()
     dropped = choose_drops(w_items.reshape(-1)[kept], n_drop_for(layout, drop_fraction))
-    selector = GrowSelector(layout, kept, dropped)
+    selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
     selector.add_rows(0, g_items.clone())
     new_flat, _ = apply_growth(layout, kept, dropped, selector.grown())
     ones = torch.ones(new_flat.numel(), layout.item[0], layout.item[1], dtype=torch.bool)

@@ -43,9 +43,10 @@ def grow_on_kernels(
     dropped: torch.Tensor,
     dy: torch.Tensor,
     x: torch.Tensor,
+    regrow_dropped: bool = False,
 ) -> GrowSelector:
     """A completed ``GrowSelector`` whose ``grown()`` are the positions to grow."""
-    selector = GrowSelector(layout, kept, dropped)
+    selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
     dy, x = dy.contiguous(), x.contiguous()
     if not (bool(torch.isfinite(dy).all()) and bool(torch.isfinite(x).all())):
         selector.finite = False  # as on the CPU path, a NaN or Inf anywhere skips the update
@@ -58,11 +59,16 @@ def grow_on_kernels(
     selector.rows_seen = layout.grid[0]
     if dropped.numel() == 0:
         return selector
+    _score_dropped_in_short_units(selector, dy, x)
+    lost = selector.fresh_need
+    if int(lost.max()) == 0:
+        return selector
+    # the kernel leaves out every kept position but those flagged (just dropped, when they compete)
     drop_flags = torch.zeros(layout.n_items, dtype=torch.uint8, device=kept.device)
-    drop_flags[dropped] = 1
+    if regrow_dropped:
+        drop_flags[dropped] = 1
     if positions is not None:
         drop_flags = drop_flags.view(positions.shape)
-    lost = torch.bincount(kept[dropped] // layout.unit_size, minlength=layout.n_units)
     seg_width = (
         launcher.spec.m if launcher.kernels.strategy == "decompress-dot" else launcher._tile("grow_scores")["BLOCK_K"]
     )
@@ -90,3 +96,17 @@ def grow_on_kernels(
             selector._flat, selector._score = [flat[chosen][order]], [score[chosen][order]]
             return selector
         kc = min(seg_width, kc * 2)
+
+
+def _score_dropped_in_short_units(selector: GrowSelector, dy: torch.Tensor, x: torch.Tensor) -> None:
+    """|dY^T X| at the just-dropped positions of units that must regrow some of them (nearly dense
+    units; usually none): one dot product per position, ranked only against each other."""
+    if selector.regrow_dropped or not bool((selector.short > 0).any()):
+        return
+    flat = selector.dropped_flat
+    flat = flat[selector.short[flat // selector.layout.unit_size] > 0]
+    inn = selector.layout.in_features
+    score = (dy[:, flat // inn].float() * x[:, flat % inn].float()).sum(0).abs()
+    if not bool(torch.isfinite(score).all()):
+        selector.finite = False
+    selector.note_dropped(flat, score)

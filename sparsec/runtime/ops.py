@@ -168,7 +168,9 @@ def _backward(ctx, dy):
 spmm.register_autograd(_backward, setup_context=_setup)
 
 
-def grow_selector(layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor):
+def grow_selector(
+    layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
+):
     """Grow selection on the generated ``grow_scores`` kernel (triton, interpret); None on the cpu backend."""
     backend = backend_for(dy)
     if backend == "cpu" or dy.dtype not in _KERNEL_DTYPES:
@@ -181,4 +183,5 @@ def grow_selector(layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy:
         return None  # groups of a non-power-of-two M straddle the kernel's segments: the exactness check needs nesting
     index = list(layout.encode(kept).values())
     plan = index_plan(config, backend, index)
-    return grow_on_kernels(launcher, layout, plan, _nm_positions(config, index), kept, dropped, dy, x)
+    positions = _nm_positions(config, index)
+    return grow_on_kernels(launcher, layout, plan, positions, kept, dropped, dy, x, regrow_dropped)

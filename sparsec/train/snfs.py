@@ -120,11 +120,7 @@ def snfs_update(updater, layers: dict[str, SparseLayer], shadows: dict[str, Mome
     for i, name in enumerate(names):
         layer = layers[name]
         kept, dropped, survives, _, scores = plans[name]
-        eligible = torch.ones(n_total[i], dtype=torch.bool, device=kept.device)
-        eligible[kept[survives]] = False
-        cand = eligible.nonzero().flatten()
-        perm, rank = rank_in_unit(torch.zeros_like(cand), scores.reshape(-1)[cand], cand)
-        grown = cand[perm[rank < grants[i]]]
+        grown = _grow_by_momentum(kept, kept[~survives], scores.reshape(-1), grants[i], layer.policy.regrow_dropped)
         new_flat = torch.cat([kept[survives], grown]).sort().values
         at = torch.searchsorted(kept, new_flat).clamp(max=kept.numel() - 1)
         src = torch.where(kept[at] == new_flat, at, -1)  # survivors and regrown just-dropped keep their slot
@@ -133,3 +129,22 @@ def snfs_update(updater, layers: dict[str, SparseLayer], shadows: dict[str, Mome
         replace_parameter(updater.optimizer, old, layer.values, src)
         updater.last_changes[name] = int((src < 0).sum())
         updater.last_dropped[name] = int(dropped.numel())
+
+
+def _grow_by_momentum(
+    kept: torch.Tensor, dropped: torch.Tensor, scores: torch.Tensor, grant: int, regrow_dropped: bool
+) -> torch.Tensor:
+    """The ``grant`` positions of largest momentum magnitude (ties: lower flat index) among those not
+    kept before the update; just-dropped positions only fill what those cannot (or compete with
+    them when ``regrow_dropped``)."""
+    fresh = torch.ones(scores.numel(), dtype=torch.bool, device=kept.device)
+    fresh[kept] = False
+    tiers = [fresh.nonzero().flatten(), dropped]
+    if regrow_dropped:
+        tiers = [torch.cat(tiers).sort().values]
+    grown = []
+    for cand in tiers:
+        perm, rank = rank_in_unit(torch.zeros_like(cand), scores[cand], cand)
+        grown.append(cand[perm[rank < grant]])
+        grant -= grown[-1].numel()
+    return torch.cat(grown)

@@ -90,7 +90,9 @@ def srigl_update(updater, name: str, layer: SparseLayer, capture: ActivationCapt
     need = torch.where(alive, k_new - surviving, torch.zeros_like(surviving))
     gone = ~survives | ablate[rows]  # dropped, or in an ablated row
     rows_layout = make_layout(FanIn(k=1), out, inn)  # units are rows
-    selector = GrowSelector(rows_layout, kept, gone.nonzero().flatten(), need=need)
+    selector = GrowSelector(
+        rows_layout, kept, gone.nonzero().flatten(), need=need, regrow_dropped=layer.policy.regrow_dropped
+    )
     for r0, g in _chunks(dy, x):
         selector.add_rows(r0, g)
     new_flat = torch.cat([kept[~gone], selector.grown()]).sort().values

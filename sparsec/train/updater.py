@@ -48,7 +48,7 @@ class MaskUpdater:
         self.t = 0
         self.generator = torch.Generator().manual_seed(seed)
         self.last_changes: dict[str, int] = {}  # layer -> positions grown (pruned, for gmp) at the last update
-        self.last_dropped: dict[str, int] = {}  # layer -> positions dropped at the last update (some may regrow)
+        self.last_dropped: dict[str, int] = {}  # layer -> positions dropped at the last update
         self._warned: set[str] = set()
         self._shadows = {
             n: MomentumShadow(layer, optimizer) for n, layer in self.layers.items() if isinstance(layer.policy, SNFS)
@@ -100,7 +100,7 @@ class MaskUpdater:
             dropped = choose_drops(scores, n_drop_for(layer.layout, policy.drop_fraction(t, self.total_steps)))
             self._armed[name] = dropped
             if policy.grow == "gradient":
-                layer.grow_capture = GrowCapture(layer.layout, kept, dropped)
+                layer.grow_capture = GrowCapture(layer.layout, kept, dropped, policy.regrow_dropped)
             elif policy.grow == "srigl":
                 layer.grow_capture = ActivationCapture(dropped)
 
@@ -125,7 +125,7 @@ class MaskUpdater:
             if selector is None or not selector.complete:
                 return self._skip(name, "no backward ran through the layer since the updater armed it")
         else:
-            selector = random_selection(layout, kept, armed, self.generator)
+            selector = random_selection(layout, kept, armed, self.generator, layer.policy.regrow_dropped)
         if not selector.finite:
             return self._skip(name, "a NaN or Inf gradient score")
         new_flat, src = apply_growth(layout, kept, armed, selector.grown())

@@ -20,12 +20,17 @@ CASES = [
     ("fanin(k=40)", 9, 150),
     ("block(16x16, 50%)", 48, 80),
     ("block(4x8, 50%)", 20, 40),
+    # nearly dense: units short of fresh positions regrow some of their just-dropped ones
+    ("3:4", 21, 52),
+    ("fanin(k=45)", 9, 53),
+    ("20%", 13, 40),
 ]
 
 
+@pytest.mark.parametrize("regrow_dropped", [False, True], ids=["fresh", "regrow"])
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("spec,out,inn", CASES)
-def test_kernel_growth_equals_cpu_growth(spec, out, inn, ties):
+def test_kernel_growth_equals_cpu_growth(spec, out, inn, ties, regrow_dropped):
     gen = torch.Generator().manual_seed(7)
     layout = make_layout(sparsec.parse_spec(spec), out, inn)
     for drop_fraction in (0.05, 0.3, 1.0):
@@ -37,9 +42,9 @@ def test_kernel_growth_equals_cpu_growth(spec, out, inn, ties):
             x[:, ::3] = 0
         else:
             dy, x = torch.randn(13, out, generator=gen), torch.randn(13, inn, generator=gen)
-        expected = GrowCapture(layout, kept, dropped)._observe_chunked(dy, x).grown()
+        expected = GrowCapture(layout, kept, dropped, regrow_dropped)._observe_chunked(dy, x).grown()
         with config.patch(backend="interpret"):
-            got = grow_selector(layout, kept, dropped, dy, x)
+            got = grow_selector(layout, kept, dropped, dy, x, regrow_dropped)
         assert got is not None and got.finite and got.complete
         assert torch.equal(got.grown(), expected), (spec, drop_fraction)
 
@@ -48,10 +53,11 @@ def test_cpu_backend_and_non_power_of_two_nm_use_the_chunked_path():
     layout = make_layout(sparsec.parse_spec("2:4"), 8, 16)
     kept = layout.random_positions()
     with config.patch(backend="cpu"):
-        assert grow_selector(layout, kept, kept[:0], torch.randn(3, 8), torch.randn(3, 16)) is None
+        assert grow_selector(layout, kept, kept[:0], torch.randn(3, 8), torch.randn(3, 16), False) is None
     layout = make_layout(sparsec.parse_spec("1:3"), 8, 15)
     with config.patch(backend="interpret"):
-        assert grow_selector(layout, layout.random_positions(), kept[:0], torch.randn(3, 8), torch.randn(3, 15)) is None
+        positions = layout.random_positions()
+        assert grow_selector(layout, positions, kept[:0], torch.randn(3, 8), torch.randn(3, 15), False) is None
 
 
 GROW_KERNEL_CASES = [("90%", 37, 53), ("70%", 21, 130), ("2:4", 37, 52), ("1:8", 21, 56), ("fanin(k=7)", 37, 53)]

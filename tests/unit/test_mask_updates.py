@@ -38,11 +38,27 @@ def test_ties_go_to_the_lower_flat_index():
     assert torch.equal(new, mask_of([[0, 1, 1, 1, 0, 0]]))
 
 
-def test_just_dropped_positions_are_eligible_for_regrowth():
+def test_regrowth_takes_fresh_positions_so_every_drop_changes_the_mask():
     mask = mask_of([[1, 1, 0, 0]])
     weight = torch.tensor([[0.1, 5.0, 0, 0]])
     grad = torch.tensor([[9.0, 0, 1, 2]])  # the dropped weight has the largest gradient
-    assert torch.equal(rigl_step(mask, weight, grad, 0.5, "50%"), mask)
+    assert torch.equal(rigl_step(mask, weight, grad, 0.5, "50%"), mask_of([[0, 1, 0, 1]]))
+
+
+def test_regrow_dropped_lets_just_dropped_positions_compete():
+    mask = mask_of([[1, 1, 0, 0]])
+    weight = torch.tensor([[0.1, 5.0, 0, 0]])
+    grad = torch.tensor([[9.0, 0, 1, 2]])
+    assert torch.equal(rigl_step(mask, weight, grad, 0.5, "50%", regrow_dropped=True), mask)
+
+
+def test_a_unit_short_of_fresh_positions_regrows_its_best_dropped():
+    mask = mask_of([[1, 1, 1, 0, 1, 1, 1, 0]])  # 3:4: one fresh position per group
+    weight = torch.tensor([[0.1, 0.2, 0.3, 0, 5, 6, 7, 0]])
+    grad = torch.tensor([[4.0, 6, 5, 1, 0, 0, 0, 9]])
+    # drop floor(6 * 0.5) = 3, all in group 0; it grows its fresh position 3, then its best dropped: 1, 2
+    new = rigl_step(mask, weight, grad, 0.5, "3:4")
+    assert torch.equal(new, mask_of([[0, 1, 1, 1, 1, 1, 1, 0]]))
 
 
 def test_nm_groups_keep_exactly_n():
@@ -143,7 +159,8 @@ def test_grown_weights_and_state_start_at_zero_survivors_keep_theirs(make_opt):
 
 
 def test_dropped_and_regrown_keeps_value_and_state():
-    layer = _layer("50%", 1, 4, sparsec.rigl(delta_t=1, alpha=0.5), flat=[0, 1], values=[0.1, 5.0])
+    policy = sparsec.rigl(delta_t=1, alpha=0.5, regrow_dropped=True)
+    layer = _layer("50%", 1, 4, policy, flat=[0, 1], values=[0.1, 5.0])
     opt = torch.optim.SGD(layer.parameters(), lr=0.0, momentum=0.9)
     updater = MaskUpdater(layer, opt, total_steps=10**6)
     changes = _train_step(layer, opt, updater, torch.tensor([[9.0, 1.0, 2.0, 3.0]]))
@@ -220,11 +237,11 @@ def test_conv_updater_matches_rigl_step(spec):
 SMALL = [("90%", 13, 17), ("2:4", 9, 16), ("3:8", 5, 24), ("block(2x3, 60%)", 10, 12), ("fanin(k=3)", 11, 7)]
 
 
-def _random_update(layout, kept, gen, n_drop, scores, chunk=3):
+def _random_update(layout, kept, gen, n_drop, scores, chunk=3, regrow_dropped=False):
     """Drop by random integer scores (many ties), then grow from ``scores`` fed in chunks."""
     drop = torch.randint(0, 4, (layout.n_items,), generator=gen).float()
     dropped = choose_drops(drop, n_drop)
-    selector = GrowSelector(layout, kept, dropped)
+    selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
     for r0 in range(0, layout.grid[0], chunk):
         selector.add_rows(r0, scores[r0 : r0 + chunk].clone())
     return dropped, selector
@@ -246,14 +263,17 @@ def test_invariants_hold_after_1000_random_updates(spec, out, inn):
         assert int(item_mask.sum()) == layout.n_items
         per_unit = item_mask.view(-1, layout.unit_size).sum(1)
         assert bool((per_unit == layout.kept_per_unit).all())
-        assert int((src < 0).sum()) <= n_drop
+        # every lost item comes back fresh while its unit has fresh positions: the mask changes that much
+        lost = torch.bincount(kept[dropped] // layout.unit_size, minlength=layout.n_units)
+        assert int((src < 0).sum()) == int(lost.clamp(max=layout.unit_size - layout.kept_per_unit).sum())
         survivors = src >= 0
         assert torch.equal(kept_new[survivors], kept[src[survivors]])  # a slot keeps its position
         kept = kept_new
 
 
+@pytest.mark.parametrize("regrow_dropped", [False, True])
 @pytest.mark.parametrize("spec,out,inn", SMALL)
-def test_chunked_growth_equals_a_brute_force_choice_with_ties(spec, out, inn):
+def test_chunked_growth_equals_a_brute_force_choice_with_ties(spec, out, inn, regrow_dropped):
     layout = make_layout(sparsec.parse_spec(spec), out, inn)
     gen = torch.Generator().manual_seed(1)
     for trial in range(30):
@@ -261,13 +281,15 @@ def test_chunked_growth_equals_a_brute_force_choice_with_ties(spec, out, inn):
         scores = torch.randint(0, 3, layout.grid, generator=gen).double()  # many ties
         n_drop = int(torch.randint(0, layout.n_items + 1, (1,), generator=gen))
         chunk = int(torch.randint(1, 4, (1,), generator=gen))
-        dropped, selector = _random_update(layout, kept, gen, n_drop, scores, chunk)
-        survivors = set(kept.tolist()) - set(kept[dropped].tolist())
+        dropped, selector = _random_update(layout, kept, gen, n_drop, scores, chunk, regrow_dropped)
+        just_dropped = set(kept[dropped].tolist())
+        survivors = set(kept.tolist()) - just_dropped
         lost = torch.bincount(kept[dropped] // layout.unit_size, minlength=layout.n_units).tolist()
         expected = []
         for u in range(layout.n_units):
             eligible = [p for p in range(u * layout.unit_size, (u + 1) * layout.unit_size) if p not in survivors]
-            eligible.sort(key=lambda p: (-scores.view(-1)[p].item(), p))
+            # fresh positions first unless just-dropped ones compete; then score, then flat index
+            eligible.sort(key=lambda p: (not regrow_dropped and p in just_dropped, -scores.view(-1)[p].item(), p))
             expected += eligible[: lost[u]]
         assert selector.grown().tolist() == sorted(expected), trial
 
@@ -314,3 +336,28 @@ def test_updater_setup_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MaskUpdater(layer, None, total_steps=10)
+
+
+@pytest.mark.parametrize("regrow_dropped", [False, True])
+def test_growth_to_per_row_needs_equals_a_brute_force_choice(regrow_dropped):
+    """srigl's form: rows of any kept count regrow ``need[r]``, fresh positions first."""
+    out, inn = 9, 11
+    layout = make_layout(sparsec.parse_spec("fanin(k=1)"), out, inn)  # units are rows
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(50):
+        kept = (torch.rand(out * inn, generator=gen) < 0.7).nonzero().flatten()
+        dropped = (torch.rand(kept.numel(), generator=gen) < 0.5).nonzero().flatten()
+        survivors = set(kept.tolist()) - set(kept[dropped].tolist())
+        room = inn - torch.bincount(torch.tensor(sorted(survivors), dtype=torch.int64) // inn, minlength=out)
+        need = (torch.rand(out, generator=gen) * (room + 1)).long().clamp(max=room)
+        scores = torch.randint(0, 3, (out, inn), generator=gen).double()
+        selector = GrowSelector(layout, kept, dropped, need=need, regrow_dropped=regrow_dropped)
+        for r0 in range(0, out, 2):
+            selector.add_rows(r0, scores[r0 : r0 + 2].clone())
+        just_dropped = set(kept[dropped].tolist())
+        expected = []
+        for r in range(out):
+            eligible = [p for p in range(r * inn, (r + 1) * inn) if p not in survivors]
+            eligible.sort(key=lambda p: (not regrow_dropped and p in just_dropped, -scores.view(-1)[p].item(), p))
+            expected += eligible[: int(need[r])]
+        assert selector.grown().tolist() == sorted(expected), trial

@@ -18,6 +18,9 @@ def test_policy_values_and_strings_agree():
     assert parse_policy("set") == sparsec.set_ and isinstance(sparsec.set_, SET)
     assert parse_policy(" static ") == sparsec.static and isinstance(sparsec.static, Static)
     assert parse_policy(str(sparsec.rigl(delta_t=7))) == sparsec.rigl(delta_t=7)
+    assert parse_policy("srigl(regrow_dropped=True)") == sparsec.srigl(regrow_dropped=True)
+    assert parse_policy("snfs(regrow_dropped=false)").regrow_dropped is False
+    assert parse_policy(str(sparsec.set_(regrow_dropped=True))) == sparsec.set_(regrow_dropped=True)
 
 
 @pytest.mark.parametrize(
@@ -30,6 +33,8 @@ def test_policy_values_and_strings_agree():
         ("rigl(delta_t=5", "expected ',' or ')'", 14),
         ("set(alpha=)", "expected a number or a word for alpha", 10),
         ("static(alpha=0.1)", "policy 'static' has no parameter 'alpha'", 7),
+        ("rigl(regrow_dropped=1)", "rigl: regrow_dropped=1 must be True or False", 0),
+        ("gmp(regrow_dropped=True)", "policy 'gmp' has no parameter 'regrow_dropped'", 4),
     ],
 )
 def test_policy_errors(text, message, column):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import sparsec
-from sparsec.train.snfs import redistribute
+from sparsec.train.snfs import _grow_by_momentum, redistribute
 
 
 def test_redistribution_by_largest_remainder_within_capacity():
@@ -13,6 +13,14 @@ def test_redistribution_by_largest_remainder_within_capacity():
     assert redistribute(10, [1.0, 3.0], [100, 4]) == [6, 4]  # a full layer passes the rest on
     assert redistribute(5, [0.0, 0.0], [10, 10]) == [3, 2]  # no momentum anywhere: equal shares
     assert sum(redistribute(17, [0.2, 0.5, 0.3], [5, 100, 100])) == 17
+
+
+def test_growth_takes_fresh_positions_first_and_fills_from_the_dropped():
+    kept, dropped = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 2])  # of 6 positions: 4 and 5 are fresh
+    scores = torch.tensor([9.0, 0, 8, 0, 1, 2])  # the dropped ones have the largest momentum
+    assert _grow_by_momentum(kept, dropped, scores, 1, regrow_dropped=False).tolist() == [5]
+    assert _grow_by_momentum(kept, dropped, scores, 3, regrow_dropped=False).tolist() == [5, 4, 0]
+    assert _grow_by_momentum(kept, dropped, scores, 1, regrow_dropped=True).tolist() == [0]
 
 
 def _model(optimizer="sgd"):
@@ -54,10 +62,10 @@ def test_update_keeps_the_total_and_grows_by_momentum(optimizer):
         kept_before, values_before = before[id(layer)]
         now = layer.positions()
         new = now[~torch.isin(now, kept_before)]
-        old_dropped_or_free = ~torch.isin(torch.arange(score.numel()), kept_before)
-        if new.numel():  # grown positions have the largest momentum among those left free
+        fresh = ~torch.isin(torch.arange(score.numel()), kept_before)
+        if new.numel():  # grown positions have the largest momentum among the fresh ones
             worst_grown = score.reshape(-1)[new].min()
-            not_taken = old_dropped_or_free & ~torch.isin(torch.arange(score.numel()), now)
+            not_taken = fresh & ~torch.isin(torch.arange(score.numel()), now)
             assert worst_grown >= score.reshape(-1)[not_taken].max()
         assert bool((layer.dense_weight().reshape(-1)[new] == 0).all())  # grown start at zero
     assert updater.last_dropped["0"] > 0 and updater.last_changes["0"] + updater.last_changes["2"] > 0
