@@ -141,10 +141,11 @@ def train(model: nn.Module, d, epochs: int, seed: int, policy: str) -> tuple[flo
                 if updater is not None:
                     armed = [m for m in model.modules() if getattr(m, "grow_capture", None) is not None]
                     spent += sum(2 * BATCH_SIZE * m.in_features * m.out_features for m in armed)
+                    before = {n: m.positions().clone() for n, m in updater.layers.items()}
                     updater.step()
-                    for name, dropped in updater.last_dropped.items():
+                    for name, dropped in updater.last_dropped.items():  # the layers updated at this step
                         counts[0] += dropped > 0
-                        counts[1] += dropped > 0 and updater.last_changes[name] == 0
+                        counts[1] += dropped > 0 and torch.equal(before[name], updater.layers[name].positions())
                 opt.zero_grad()
         return spent
 

@@ -156,13 +156,13 @@ class SNFS(Policy):
     At ``delta_t`` intervals until ``t_end``: every snfs layer drops the ``floor(n * p_t)`` kept weights
     of smallest ``|w|`` (``p_t = prune_rate / 2 * (1 + cos(pi * t / T_end))``); the total dropped is
     redistributed across layers in proportion to each layer's mean momentum magnitude over its kept
-    weights (largest remainder; a layer never takes more than its positions left after the drop), and every layer
-    grows its share at the positions of largest momentum magnitude among those not kept before the update
-    (ties: lower flat index; just-dropped positions only fill a share larger than the free positions, or
-    compete with them when ``regrow_dropped=True``). Momentum is SGD's buffer, or Adam's
-    ``m / (sqrt(v) + 1e-8)``. Growing by momentum needs the momentum of weights that do not exist yet,
-    so snfs keeps a dense momentum shadow and computes the dense gradient at every step: the one policy
-    that holds O(out x in) memory.
+    weights (largest remainder), and every layer grows its share at the positions of largest momentum
+    magnitude (ties: lower flat index). Shares and growth go to fresh positions, those not kept before
+    the update; just-dropped positions only take what no layer has fresh room for (or compete with fresh
+    ones when ``regrow_dropped=True``), so every update that drops weights changes the masks.
+    Momentum is SGD's buffer, or Adam's ``m / (sqrt(v) + 1e-8)``. Growing by momentum needs the
+    momentum of weights that do not exist yet, so snfs keeps a dense momentum shadow and computes the
+    dense gradient at every step: the one policy that holds O(out x in) memory.
     """
 
     name: ClassVar[str] = "snfs"

@@ -112,11 +112,16 @@ def snfs_update(updater, layers: dict[str, SparseLayer], shadows: dict[str, Mome
     names = list(plans)
     n_total = [layers[n].layout.out_features * layers[n].layout.in_features for n in names]
     survivors = [int(plans[n][2].sum()) for n in names]
-    grants = redistribute(
-        sum(int(plans[n][1].numel()) for n in names),
-        [plans[n][3] for n in names],
-        [n_total[i] - survivors[i] for i in range(len(names))],
-    )
+    shares = [plans[n][3] for n in names]
+    total_dropped = sum(int(plans[n][1].numel()) for n in names)
+    room = [n_total[i] - survivors[i] for i in range(len(names))]  # fresh positions plus the just-dropped
+    if any(layers[n].policy.regrow_dropped for n in names):
+        grants = redistribute(total_dropped, shares, room)
+    else:  # fresh positions first: a full layer cannot take back what it dropped while others have room
+        fresh = [n_total[i] - int(plans[n][0].numel()) for i, n in enumerate(names)]
+        grants = redistribute(total_dropped, shares, fresh)
+        rest = redistribute(total_dropped - sum(grants), shares, [r - g for r, g in zip(room, grants, strict=True)])
+        grants = [g + r for g, r in zip(grants, rest, strict=True)]
     for i, name in enumerate(names):
         layer = layers[name]
         kept, dropped, survives, _, scores = plans[name]

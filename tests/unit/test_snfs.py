@@ -76,3 +76,26 @@ def test_snfs_needs_unstructured_specs():
         sparsec.SpecError, match="snfs moves weights between layers, so layer densities change: it needs unstructured"
     ):
         sparsec.SparseLinear(8, 4, spec="fanin(k=2)", policy="snfs")
+
+
+def test_a_full_layer_gives_its_drop_to_layers_with_fresh_room():
+    """A layer that is dense has no fresh positions: what it drops goes to other layers, so its mask
+    changes too (regrowing its own drop would leave it unchanged)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        sparsec.SparseLinear(12, 10, spec="0%", policy="snfs(delta_t=2)"),
+        nn.ReLU(),
+        sparsec.SparseLinear(10, 40, spec="90%", policy="snfs(delta_t=2)"),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    updater = sparsec.MaskUpdater(model, opt, total_steps=100)
+    x = torch.randn(32, 12)
+    for _ in range(2):
+        model(x).square().mean().backward()
+        opt.step()
+        updater.step()
+        opt.zero_grad()
+    dropped = updater.last_dropped["0"]
+    assert dropped > 0 and model[0].layout.nnz == 120 - dropped
+    assert model[2].layout.nnz == 40 + dropped  # all of it: 360 fresh positions there
+    assert updater.last_changes["2"] == dropped + updater.last_dropped["2"]
