@@ -249,13 +249,15 @@ def _cell(runs) -> str:
 
 def _plot(results, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = {}  # a +regrow variant takes its policy's colour, dotted
     for policy in POLICIES:
         accs = [[r.accuracy for r in results[(policy, s)]] for s in SPARSITIES]
         means = [statistics.mean(a) for a in accs]
         stds = [statistics.stdev(a) if len(a) > 1 else 0 for a in accs]
         style = ":" if policy.endswith(REGROW) else "-"
         x = [s * 100 for s in SPARSITIES]
-        ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, linestyle=style, label=policy)
+        color = colors.setdefault(policy.removesuffix(REGROW), f"C{len(colors)}")
+        ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, linestyle=style, color=color, label=policy)
     dense = statistics.mean(r.accuracy for r in results[("dense", 0.0)])
     ax.axhline(dense, color="k", linestyle="--", label="dense")
     ax.set_xlabel("sparsity (%)")
