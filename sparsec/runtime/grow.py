@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsec import config
 from sparsec.nn.formats import Layout
 from sparsec.policies.candidates import GrowSelector
 from sparsec.policies.decision import rank_in_unit
@@ -100,13 +101,17 @@ def grow_on_kernels(
 
 def _score_dropped_in_short_units(selector: GrowSelector, dy: torch.Tensor, x: torch.Tensor) -> None:
     """|dY^T X| at the just-dropped positions of units that must regrow some of them (nearly dense
-    units; usually none): one dot product per position, ranked only against each other."""
+    units; usually none): one dot product per position, ranked only against each other, a chunk of
+    positions at a time within ``config.grow_chunk_bytes``."""
     if selector.regrow_dropped or not bool((selector.short > 0).any()):
         return
     flat = selector.dropped_flat
     flat = flat[selector.short[flat // selector.layout.unit_size] > 0]
     inn = selector.layout.in_features
-    score = (dy[:, flat // inn].float() * x[:, flat % inn].float()).sum(0).abs()
-    if not bool(torch.isfinite(score).all()):
-        selector.finite = False
-    selector.note_dropped(flat, score)
+    step = max(1, config.grow_chunk_bytes // (dy.shape[0] * 8))  # two fp32 gathers per position
+    for i in range(0, flat.numel(), step):
+        part = flat[i : i + step]
+        score = (dy[:, part // inn].float() * x[:, part % inn].float()).sum(0).abs()
+        if not bool(torch.isfinite(score).all()):
+            selector.finite = False
+        selector.note_dropped(part, score)
