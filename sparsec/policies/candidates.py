@@ -71,7 +71,7 @@ class GrowSelector:
         else:
             self.fresh_need = torch.minimum(lost, layout.unit_size - self._per_unit(kept))
         self.short = lost - self.fresh_need  # regrown from the unit's just-dropped positions
-        self._any_short = bool((self.short > 0).any())
+        self.any_short = bool((self.short > 0).any())  # some unit regrows just-dropped positions
         self.finite = True
         self.rows_seen = 0
         self._flat: list[torch.Tensor] = []
@@ -103,7 +103,7 @@ class GrowSelector:
         scores[self.kept[k_lo:k_hi] - base] = -torch.inf  # kept before the update: not fresh
         if self.regrow_dropped:
             scores[dropped_local] = dropped_scores  # just dropped: eligible again
-        elif self._any_short:
+        elif self.any_short:
             self.note_dropped(dropped_local + base, dropped_scores)
         unit = min(layout.unit_size, scores.numel())
         per_unit = scores.view(-1, unit)
@@ -151,7 +151,7 @@ class GrowSelector:
         if self.layout.unit_size > self.layout.grid[1] and len(self._flat) > 1:
             self._merge()
         grown = torch.cat(self._flat) if self._flat else self.kept.new_empty(0)
-        if self._any_short and self._dropped:
+        if self.any_short and self._dropped:
             flat = torch.cat([f for f, _ in self._dropped])
             score = torch.cat([s for _, s in self._dropped])
             unit = flat // self.layout.unit_size

@@ -103,7 +103,7 @@ def _score_dropped_in_short_units(selector: GrowSelector, dy: torch.Tensor, x: t
     """|dY^T X| at the just-dropped positions of units that must regrow some of them (nearly dense
     units; usually none): one dot product per position, ranked only against each other, a chunk of
     positions at a time within ``config.grow_chunk_bytes``."""
-    if selector.regrow_dropped or not bool((selector.short > 0).any()):
+    if not selector.any_short:  # always so when just-dropped positions compete with fresh ones
         return
     flat = selector.dropped_flat
     flat = flat[selector.short[flat // selector.layout.unit_size] > 0]

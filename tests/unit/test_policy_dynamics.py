@@ -17,31 +17,36 @@ from sparsec.policies.decision import n_drop_for
 CASES = [(p, s) for p in ("rigl(delta_t=10)", "set(delta_t=10)") for s in ("90%", "fanin(90%)", "2:4")]
 
 
-@pytest.mark.parametrize("policy,spec", [*CASES, ("snfs(delta_t=10)", "90%"), ("srigl(delta_t=10)", "fanin(90%)")])
-def test_every_update_changes_the_mask(policy, spec):
+def _train_on_digits(spec, policy, seed: int, total: int = 200):
+    """Train a sparse 64-128-10 MLP (layer "0" sparse) on digits; after every ``updater.step()`` yield
+    the step, layer 0's mask before and after it, the changes it returned, and the updater."""
     digits = load_digits()
     x = torch.tensor(digits.data[:512], dtype=torch.float32) / 16
     y = torch.tensor(digits.target[:512])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = sparsec.sparsify(
         nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)), spec=spec, policy=policy, dense=["2"]
     )
-    layer = model[0]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    total = 200
     updater = sparsec.MaskUpdater(model, opt, total_steps=total)
-    updates = 0
     for t in range(1, total + 1):
         idx = torch.randint(0, 512, (64,))
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-        before = layer.mask().clone()
+        before = model[0].mask().clone()
         changes = updater.step()
         opt.zero_grad()
+        yield t, before, model[0].mask(), changes, updater
+
+
+@pytest.mark.parametrize("policy,spec", [*CASES, ("snfs(delta_t=10)", "90%"), ("srigl(delta_t=10)", "fanin(90%)")])
+def test_every_update_changes_the_mask(policy, spec):
+    total, updates = 200, 0
+    for t, before, after, changes, updater in _train_on_digits(spec, policy, seed=0, total=total):
+        layer = updater.layers["0"]
         n_drop = n_drop_for(layer.layout, layer.policy.drop_fraction(t, total))
         if layer.policy.is_update_step(t, total) and n_drop:
             updates += 1
-            after = layer.mask()
             removed, added = int((before & ~after).sum()), int((after & ~before).sum())
             assert updater.last_dropped["0"] == n_drop, t  # the update ran and dropped what it should
             assert changes["0"] == added, (t, added, changes)  # and reports what it changed
@@ -62,24 +67,10 @@ def test_regrow_dropped_can_leave_late_updates_unchanged():
 
 
 def _rigl_changes(spec: str, regrow_dropped: bool) -> list[int]:
-    digits = load_digits()
-    x = torch.tensor(digits.data[:512], dtype=torch.float32) / 16
-    y = torch.tensor(digits.target[:512])
-    torch.manual_seed(1)
+    """Positions changed in layer 0 at every update that dropped weights."""
     policy = sparsec.rigl(delta_t=10, regrow_dropped=regrow_dropped)
-    model = sparsec.sparsify(
-        nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)), spec=spec, policy=policy, dense=["2"]
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    updater = sparsec.MaskUpdater(model, opt, total_steps=200)
-    changed = []
-    for _ in range(200):
-        idx = torch.randint(0, 512, (64,))
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        before = model[0].mask().clone()
-        updater.step()
-        opt.zero_grad()
-        if "0" in updater.last_dropped and updater.last_dropped["0"]:
-            changed.append(int((before != model[0].mask()).sum()))
-    return changed
+    return [
+        int((before != after).sum())
+        for _, before, after, _, updater in _train_on_digits(spec, policy, seed=1)
+        if updater.last_dropped.get("0")
+    ]
