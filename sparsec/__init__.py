@@ -6,15 +6,14 @@ change between releases.
 """
 
 from sparsec import config
-from sparsec.dsl.policy import parse_policy
 from sparsec.dsl.sparsify import sparse, sparsify
-from sparsec.dsl.spec import NM, Block, Dense, FanIn, Unstructured, parse_spec
 from sparsec.errors import ShapeError, SparsecError, SparsecWarning, SpecError
 from sparsec.nn.layers import SparseConv2d, SparseLinear
-from sparsec.policies.base import gmp, imp, rigl, set_, small_dense, snfs, snip, srigl, static
+from sparsec.policies.base import gmp, rigl, set_, small_dense, snfs, snip, srigl, static
 from sparsec.policies.decision import rigl_step
 from sparsec.policies.distributions import erk_densities
-from sparsec.train.imp import imp_rounds
+from sparsec.policies.imp import imp, imp_rounds
+from sparsec.spec import NM, Block, Dense, FanIn, Unstructured, parse_policy, parse_spec
 from sparsec.train.updater import MaskUpdater
 
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ import re
 import sys
 
 from sparsec.errors import SparsecError
+from sparsec.explainer import explain_spec
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -28,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--activation", choices=["relu", "gelu", "silu"])
     ex.add_argument("--no-source", action="store_true", help="leave out the generated Triton source")
     args = parser.parse_args(argv)
-    from sparsec.explain import explain_spec
-
     out, inn = args.shape
     try:
         print(

@@ -16,8 +16,6 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-import triton
-
 from sparsec import config
 
 SCHEMA = 1
@@ -44,6 +42,8 @@ def write_source(source: str) -> Path:
 def interpreting() -> bool:
     """Whether this process runs Triton's interpreter: ``TRITON_INTERPRET=1`` set before triton's import
     (triton.language's own jit functions are decorated once, at that import)."""
+    import triton  # lazy: triton is optional (Linux only) and heavy; nothing here needs it before a kernel runs
+
     return bool(triton.knobs.runtime.interpret)
 
 

@@ -17,14 +17,13 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from sparsec.dsl.policy import parse_policy
-from sparsec.dsl.spec import Dense, Spec, parse_spec
 from sparsec.errors import SparsecError
-from sparsec.nn.formats import make_layout
+from sparsec.formats import item_scores, make_layout
 from sparsec.nn.layers import SparseConv2d, SparseLayer, SparseLinear
 from sparsec.policies.base import SNIP, Policy, SmallDense, rigl
-from sparsec.policies.decision import item_scores, top_items
+from sparsec.policies.decision import top_items
 from sparsec.policies.distributions import DISTRIBUTIONS
+from sparsec.spec import Dense, Spec, parse_policy, parse_spec
 
 
 def _matches(name: str, pattern: str) -> bool:

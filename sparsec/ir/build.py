@@ -15,13 +15,12 @@ import math
 
 import sympy
 
-from sparsec.dsl.spec import NM, Block, Dense, FanIn, Spec, Unstructured, parse_spec
+from sparsec.dtypes import DTYPES
 from sparsec.errors import SparsecError
 from sparsec.ir.graph import BATCH, IN, OUT, Program, ProgramBuilder, make_node
 from sparsec.ir.ops import ACTIVATIONS, Op
+from sparsec.spec import NM, Block, Dense, FanIn, Spec, Unstructured, parse_spec
 
-# "tf32": fp32 tensors whose products may use TF32 tensor cores (torch.set_float32_matmul_precision)
-DTYPES = {"fp16", "bf16", "fp32", "tf32", "fp64"}
 PROGRAMS = ("forward", "grad_input", "grad_values", "grow_scores")
 
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.dsl.spec import parse_spec
+from sparsec.formats import Layout, item_scores, make_layout
 from sparsec.ir.graph import Program
 from sparsec.ir.ops import Op
-from sparsec.nn.formats import Layout, make_layout
-from sparsec.policies.decision import item_scores
+from sparsec.spec import parse_spec
 
 _ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
 

@@ -13,13 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsec.dsl.policy import parse_policy
-from sparsec.dsl.spec import Dense, Spec, parse_spec
 from sparsec.errors import ShapeError, SparsecError
-from sparsec.nn.formats import Layout, make_layout
-from sparsec.nn.functional import SparseMatmul
-from sparsec.policies.base import Policy, rigl
+from sparsec.formats import Layout, make_layout
+from sparsec.runtime.cpu import SparseMatmul
 from sparsec.runtime.ops import index_plan, layer_config
+from sparsec.spec import Dense, Policy, Spec, parse_policy, parse_spec
 
 
 class SparseLayer(nn.Module):
@@ -233,7 +231,7 @@ class SparseLinear(SparseLayer):
         bias: bool = True,
         *,
         spec: str | Spec = "90%",
-        policy: str | Policy = rigl,
+        policy: str | Policy = "rigl",
         weight: torch.Tensor | None = None,
         name: str = "SparseLinear",
         device=None,
@@ -244,7 +242,7 @@ class SparseLinear(SparseLayer):
         self._init_sparse(spec, policy, out_features, in_features, weight, bias, name, device, dtype)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, spec, policy=rigl, name: str = "SparseLinear") -> SparseLinear:
+    def from_dense(cls, linear: nn.Linear, spec, policy="rigl", name: str = "SparseLinear") -> SparseLinear:
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -285,7 +283,7 @@ class SparseConv2d(SparseLayer):
         bias: bool = True,
         *,
         spec: str | Spec = "90%",
-        policy: str | Policy = rigl,
+        policy: str | Policy = "rigl",
         weight: torch.Tensor | None = None,
         name: str = "SparseConv2d",
         device=None,
@@ -304,7 +302,7 @@ class SparseConv2d(SparseLayer):
         self._init_sparse(spec, policy, out_channels, fan_in, weight, bias, name, device, dtype)
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, spec, policy=rigl, name: str = "SparseConv2d") -> SparseConv2d:
+    def from_dense(cls, conv: nn.Conv2d, spec, policy="rigl", name: str = "SparseConv2d") -> SparseConv2d:
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ShapeError(
                 f"{name}: groups={conv.groups}, padding_mode={conv.padding_mode!r}; sparse convs need "

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sympy
 
-from sparsec.dsl.spec import NM, Block, FanIn, check_layer, parse_spec
 from sparsec.ir.graph import IN, OUT, Program
 from sparsec.ir.ops import Op
+from sparsec.spec import NM, Block, FanIn, check_layer, parse_spec
 
 
 def constraints_for(spec) -> list[tuple[str, sympy.Expr]]:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import sympy
 
+from sparsec.dtypes import DTYPES
 from sparsec.ir.graph import BATCH, IN, OUT, Program
 from sparsec.ir.ops import Op
 
-BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "tf32": 4, "fp64": 8}
 INDEX_BYTES = {"nm": 1, "ell": 4}  # per stored value; csr and bsr add row offsets (below)
 
 
@@ -41,7 +41,7 @@ def _nnz(weight) -> sympy.Expr:
 
 def formulas(op: Op, weight, dtype: str, precision: str = "tensor") -> dict[str, object]:
     """FLOPs and bytes of one product, sparse and dense, and the engine that executes it."""
-    e = BYTES[dtype]
+    e = DTYPES[dtype].bytes
     nnz = _nnz(weight)
     fmt, strategy = weight.attr("format"), weight.attr("strategy")
     if fmt == "bsr":

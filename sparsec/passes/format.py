@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sparsec.dsl.spec import NM, Block, FanIn, parse_spec
 from sparsec.ir.graph import Program
 from sparsec.ir.ops import Op
+from sparsec.spec import NM, Block, FanIn, parse_spec
 
 
 def _is_pow2(n: int) -> bool:

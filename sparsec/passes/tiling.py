@@ -7,9 +7,9 @@ since their 3-D gather lives in registers.
 
 from __future__ import annotations
 
-from sparsec.dsl.spec import NM, Block, parse_spec
 from sparsec.ir.graph import Program
 from sparsec.ir.ops import Op
+from sparsec.spec import NM, Block, parse_spec
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:

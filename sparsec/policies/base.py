@@ -15,61 +15,8 @@ from typing import ClassVar
 
 from sparsec.errors import SpecError
 from sparsec.policies.schedule import cosine_drop_fraction, is_update_step
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Base of every policy value; calling one returns a copy with new parameters."""
-
-    name: ClassVar[str] = "policy"
-    grow: ClassVar[str | None] = None  # "gradient" | "random" | None (never grows)
-
-    def __call__(self, **params) -> Policy:
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise SpecError(
-                f"policy {self.name!r} has no parameter {unknown[0]!r}; its parameters are {sorted(known) or 'none'}"
-            )
-        return dataclasses.replace(self, **params)
-
-    def is_update_step(self, t: int, total_steps: int) -> bool:
-        return False
-
-    def drop_fraction(self, t: int, total_steps: int) -> float:
-        return 0.0
-
-    def initial_spec(self, target):
-        """The spec a layer starts from when ``target`` is where the policy leads it (most: the same)."""
-        return target
-
-    def __str__(self) -> str:
-        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
-        return f"{self.name}({params})" if params else self.name
-
-
-def _check_schedule(policy) -> None:
-    """``delta_t`` a positive integer and ``t_end`` a fraction of total_steps in (0, 1]."""
-    if not isinstance(policy.delta_t, int) or policy.delta_t < 1:
-        raise SpecError(
-            f"{policy.name}: delta_t={policy.delta_t!r} must be an integer of at least 1 (steps between updates)"
-        )
-    if not (isinstance(policy.t_end, (int, float)) and 0.0 < policy.t_end <= 1.0):
-        raise SpecError(f"{policy.name}: t_end={policy.t_end!r} must be in (0, 1] (fraction of total_steps)")
-
-
-def _check_regrow(policy) -> None:
-    if not isinstance(policy.regrow_dropped, bool):
-        raise SpecError(
-            f"{policy.name}: regrow_dropped={policy.regrow_dropped!r} must be True or False (whether just-dropped "
-            f"weights compete with fresh positions for regrowth)"
-        )
-
-
-def _check_fraction(policy, field: str, meaning: str) -> None:
-    value = getattr(policy, field)
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise SpecError(f"{policy.name}: {field}={value!r} must be in [0, 1] ({meaning})")
+from sparsec.spec.policy import Policy, check_fraction, check_regrow, check_schedule
+from sparsec.spec.specs import FanIn, Unstructured
 
 
 @dataclass(frozen=True)
@@ -94,9 +41,9 @@ class _Scheduled(Policy):
     regrow_dropped: bool = False
 
     def __post_init__(self) -> None:
-        _check_schedule(self)
-        _check_fraction(self, "alpha", "initial drop fraction")
-        _check_regrow(self)
+        check_schedule(self)
+        check_fraction(self, "alpha", "initial drop fraction")
+        check_regrow(self)
 
     def is_update_step(self, t: int, total_steps: int) -> bool:
         return is_update_step(t, self.delta_t, self.t_end, total_steps)
@@ -139,8 +86,6 @@ class SRigL(_Scheduled):
     gamma_sal: float = 0.3
 
     def initial_spec(self, target):
-        from sparsec.dsl.spec import FanIn
-
         if not isinstance(target, FanIn):
             raise SpecError(
                 f"srigl keeps a constant fan-in per output, so it needs a fan-in spec such as fanin(90%) or "
@@ -173,13 +118,11 @@ class SNFS(Policy):
     regrow_dropped: bool = False
 
     def __post_init__(self) -> None:
-        _check_schedule(self)
-        _check_fraction(self, "prune_rate", "initial prune rate")
-        _check_regrow(self)
+        check_schedule(self)
+        check_fraction(self, "prune_rate", "initial prune rate")
+        check_regrow(self)
 
     def initial_spec(self, target):
-        from sparsec.dsl.spec import Unstructured
-
         if not isinstance(target, Unstructured):
             raise SpecError(
                 f"snfs moves weights between layers, so layer densities change: it needs unstructured specs "
@@ -210,7 +153,7 @@ class GMP(Policy):
     t_end: float = 0.75
 
     def __post_init__(self) -> None:
-        _check_schedule(self)
+        check_schedule(self)
         if not (isinstance(self.s_0, (int, float)) and 0.0 <= self.s_0 < 1.0):
             raise SpecError(f"gmp: s_0={self.s_0!r} must be in [0, 1) (the sparsity training starts from)")
         if not (0.0 <= self.t_start < self.t_end <= 1.0):
@@ -257,47 +200,6 @@ class SNIP(Policy):
 
 
 @dataclass(frozen=True)
-class IMP(Policy):
-    """Iterative magnitude pruning with learning-rate rewinding (Renda et al. 2020).
-
-    Driven from the user's loop by ``sparsec.imp_rounds``: each round trains with the user's
-    learning-rate schedule, then removes ``fraction`` of the remaining weights by global magnitude
-    (across all imp layers) and replays the schedule from its start; ``rewind="weights"`` also
-    resets the kept weights to their values at initialisation (lottery-ticket style).
-    """
-
-    name: ClassVar[str] = "imp"
-    fraction: float = 0.2
-    rewind: str = "lr"
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction < 1.0):
-            raise SpecError(f"imp: fraction={self.fraction!r} must be in (0, 1) (share of remaining weights per round)")
-        if self.rewind not in ("lr", "weights"):
-            raise SpecError(f"imp: rewind={self.rewind!r} must be 'lr' or 'weights'")
-
-    def initial_spec(self, target):
-        from sparsec.dsl.spec import Unstructured
-
-        if not isinstance(target, Unstructured):
-            raise SpecError(
-                f"imp prunes by global magnitude across layers, which needs unstructured specs such as 90%; "
-                f"got {target}"
-            )
-        return dataclasses.replace(target, sparsity=0.0)
-
-    def rounds(self, model, optimizer, scheduler=None):
-        """``for r in imp.rounds(model, optimizer, scheduler): train...`` (see ``sparsec.imp_rounds``)."""
-        from sparsec.train.imp import imp_rounds
-
-        return imp_rounds(model, optimizer, scheduler)
-
-    def rounds_to(self, sparsity: float) -> int:
-        """Pruning rounds to reach ``sparsity`` removing ``fraction`` of what remains each time."""
-        return max(0, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - self.fraction) - 1e-9))
-
-
-@dataclass(frozen=True)
 class SmallDense(Policy):
     """The baseline of the RigL paper: a dense model with as many weights as the sparse one would keep.
 
@@ -317,6 +219,3 @@ srigl = SRigL()
 snfs = SNFS()
 snip = SNIP()
 small_dense = SmallDense()
-imp = IMP()
-
-POLICIES: dict[str, Policy] = {p.name: p for p in (static, set_, rigl, srigl, snfs, gmp, snip, imp, small_dense)}

@@ -1,177 +1,17 @@
-"""Grow selection chunk by chunk, so the dense gradient never exists in memory.
+"""What a policy arms on a layer for its grow step, and SET's random scores.
 
-The drop of an update is decided before its backward (``decision``), so each unit's regrowth
-count ``lost[u]`` is known while the gradient is scanned. ``GrowSelector`` takes item scores a
-chunk of rows at a time and keeps only the ``lost[u]`` best eligible positions of each unit (for a
-layer-wide unit: the best ``n_drop`` seen so far), plus the scores of just-dropped positions in the
-rare units that must regrow some of them. ``GrowCapture`` feeds it ``|dY^T X|`` from a
-layer's backward, one chunk of output rows at a time, within ``config.grow_chunk_bytes``.
+``GrowCapture`` receives the update step's ``dY`` and ``X`` from the layer's backward and hands them
+to the backend's grow selection (``runtime.grow.select_growth``: generated kernels on triton and
+interpret, chunked torch on cpu); ``random_selection`` draws SET's scores chunk by chunk.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparsec import config
-from sparsec.nn.formats import Layout
-from sparsec.policies.decision import item_scores, rank_in_unit
-
-
-def best_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the ``k[r]`` largest finite entries of each row ``r``; ties go to the lower column.
-
-    A threshold from ``topk`` instead of a full sort: linear work and a few bytes per score.
-    """
-    k = k.clamp(max=scores.shape[1])
-    k_max = int(k.max()) if k.numel() else 0
-    if k_max == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    if scores.shape[0] == 1:  # one long row (a layer-wide unit): quickselect, no sorted output
-        threshold = scores.kthvalue(scores.shape[1] - k_max + 1, dim=1, keepdim=True).values
-    else:  # many short rows (groups, fan-in rows) with small k: each row's k-th of a sorted topk
-        top = scores.topk(k_max, dim=1, sorted=True).values
-        threshold = top.gather(1, (k - 1).clamp(min=0)[:, None])
-        threshold[k == 0] = torch.inf  # nothing to take in that row
-        del top
-    above = scores > threshold
-    at = scores == threshold
-    need = k[:, None] - above.sum(1, keepdim=True)
-    if bool((at.sum(1, keepdim=True) > need).any()):  # more ties at the threshold than places left
-        at &= at.cumsum(1, dtype=torch.int32) <= need
-    return (above | at) & (scores > -torch.inf)
-
-
-class GrowSelector:
-    """Picks, unit by unit, the positions to grow.
-
-    Unit ``u`` grows ``lost[u]`` positions: as many as it lost, or ``need[u]`` (only for units no wider
-    than a row: srigl's redistribution). It takes the largest scores among its *fresh* positions, those
-    not kept before the update, so an update that drops something always changes the mask; a unit
-    with fewer fresh positions than it must grow (a nearly dense one) takes them all and regrows its
-    best just-dropped positions for the rest. With ``regrow_dropped=True`` just-dropped positions
-    compete with fresh ones instead (google-research/rigl's reference behaviour). Ties go to the lower
-    flat index either way.
-    """
-
-    def __init__(
-        self,
-        layout: Layout,
-        kept: torch.Tensor,
-        dropped: torch.Tensor,
-        need: torch.Tensor | None = None,
-        regrow_dropped: bool = False,
-    ):
-        self.layout, self.kept = layout, kept
-        self.dropped_flat = kept[dropped]  # ascending: dropped slots are ascending
-        assert need is None or layout.unit_size <= layout.grid[1]
-        self.need, self.regrow_dropped = need, regrow_dropped
-        lost = need if need is not None else self._per_unit(self.dropped_flat)
-        if regrow_dropped:
-            self.fresh_need = lost
-        else:
-            self.fresh_need = torch.minimum(lost, layout.unit_size - self._per_unit(kept))
-        self.short = lost - self.fresh_need  # regrown from the unit's just-dropped positions
-        self.any_short = bool((self.short > 0).any())  # some unit regrows just-dropped positions
-        self.finite = True
-        self.rows_seen = 0
-        self._flat: list[torch.Tensor] = []
-        self._score: list[torch.Tensor] = []
-        self._dropped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat, score) in short units
-        self._buffered = 0  # layer-wide unit: candidates held since the last merge
-        self._threshold: torch.Tensor | None = None  # layer-wide unit: the k-th best score so far
-
-    def _per_unit(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch.bincount(flat // self.layout.unit_size, minlength=self.layout.n_units)
-
-    def add_rows(self, row0: int, scores: torch.Tensor) -> None:
-        """Take item scores for item-grid rows ``row0 .. row0 + scores.shape[0]`` (overwritten in place)."""
-        layout, cols = self.layout, self.layout.grid[1]
-        if not bool(torch.isfinite(scores).all()):
-            self.finite = False
-        self.rows_seen += scores.shape[0]
-        if self.dropped_flat.numel() == 0 and self.need is None:
-            return  # nothing dropped: nothing to grow
-        base = row0 * cols
-        scores = scores.reshape(-1)
-        bounds = torch.tensor([base, base + scores.numel()], device=scores.device)
-        k_lo, k_hi = torch.searchsorted(self.kept, bounds).tolist()
-        d_lo, d_hi = torch.searchsorted(self.dropped_flat, bounds).tolist()
-        dropped_local = self.dropped_flat[d_lo:d_hi] - base
-        if dropped_local.numel() == 0 and layout.unit_size <= scores.numel() and self.need is None:
-            return  # no unit of this chunk lost anything
-        dropped_scores = scores[dropped_local]
-        scores[self.kept[k_lo:k_hi] - base] = -torch.inf  # kept before the update: not fresh
-        if self.regrow_dropped:
-            scores[dropped_local] = dropped_scores  # just dropped: eligible again
-        elif self.any_short:
-            self.note_dropped(dropped_local + base, dropped_scores)
-        unit = min(layout.unit_size, scores.numel())
-        per_unit = scores.view(-1, unit)
-        if layout.unit_size > unit:  # a layer-wide unit spanning chunks
-            self._add_layer_wide(base, per_unit)
-            return
-        first = base // unit
-        take = best_per_row(per_unit, self.fresh_need[first : first + per_unit.shape[0]])
-        rows, cols_in_unit = take.nonzero(as_tuple=True)  # row-major: ascending flat index
-        self._flat.append(base + rows * unit + cols_in_unit)
-        self._score.append(per_unit[take])
-
-    def note_dropped(self, flat: torch.Tensor, score: torch.Tensor) -> None:
-        """Grow scores of just-dropped positions (ascending ``flat``); only short units keep them."""
-        keep = self.short[flat // self.layout.unit_size] > 0
-        self._dropped.append((flat[keep], score[keep]))
-
-    def _add_layer_wide(self, base: int, scores: torch.Tensor) -> None:
-        # Keep the best k seen so far. A later chunk's flat indices are larger, so on a tie it loses:
-        # only scores strictly above the current k-th best can still enter.
-        k = self.fresh_need[:1]
-        if self._threshold is not None:
-            scores[scores <= self._threshold] = -torch.inf
-        take = best_per_row(scores, k).view(-1)
-        (cols,) = take.nonzero(as_tuple=True)
-        self._flat.append(base + cols)
-        self._score.append(scores.view(-1)[take])
-        self._buffered += cols.numel()
-        if self._buffered >= 2 * int(k):  # merge rarely: amortised linear work
-            self._merge()
-
-    def _merge(self) -> None:
-        # Earlier chunks hold smaller flat indices and each list is in ascending flat order, so the
-        # concatenation is too, and best_per_row's tie rule (lower index first) stays exact.
-        flat, score = torch.cat(self._flat), torch.cat(self._score)
-        k = self.fresh_need[:1]
-        take = best_per_row(score.view(1, -1), k).view(-1)
-        self._flat, self._score = [flat[take]], [score[take]]
-        self._buffered = int(take.sum())
-        if self._buffered == int(k) and int(k) > 0:
-            self._threshold = self._score[0].min()
-
-    def grown(self) -> torch.Tensor:
-        """Flat positions to grow (ascending); regrown just-dropped positions among them."""
-        if self.layout.unit_size > self.layout.grid[1] and len(self._flat) > 1:
-            self._merge()
-        grown = torch.cat(self._flat) if self._flat else self.kept.new_empty(0)
-        if self.any_short and self._dropped:
-            flat = torch.cat([f for f, _ in self._dropped])
-            score = torch.cat([s for _, s in self._dropped])
-            unit = flat // self.layout.unit_size
-            perm, rank = rank_in_unit(unit, score, flat)
-            grown = torch.cat([grown, flat[perm[rank < self.short[unit[perm]]]]]).sort().values
-        return grown
-
-    @property
-    def complete(self) -> bool:
-        return self.rows_seen == self.layout.grid[0]
-
-
-def chunk_item_rows(layout: Layout, score_bytes: int) -> int:
-    """Item rows per chunk so that a chunk's working memory fits ``config.grow_chunk_bytes``.
-
-    Per dense score: the score, ``topk``'s value and int64 index when a unit keeps most of a chunk,
-    and the selection masks of ``best_per_row`` (about ``score_bytes + 20`` bytes).
-    """
-    row_bytes = layout.item[0] * layout.in_features * (score_bytes + 20)
-    return max(1, config.grow_chunk_bytes // row_bytes)
+from sparsec.formats import Layout
+from sparsec.runtime.grow import select_growth
+from sparsec.runtime.selection import GrowSelector, chunk_item_rows
 
 
 class GrowCapture:
@@ -184,25 +24,7 @@ class GrowCapture:
 
     def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         # Each backward replaces the last: the grow step uses the latest gradient.
-        from sparsec.runtime.ops import grow_selector  # generated kernels on the triton/interpret backends
-
-        self.selector = grow_selector(self.layout, self.kept, self.dropped, dy, x, self.regrow_dropped)
-        if self.selector is None:
-            self.selector = self._observe_chunked(dy, x)
-
-    def _observe_chunked(self, dy: torch.Tensor, x: torch.Tensor) -> GrowSelector:
-        """The CPU path: ``|dY^T X|`` chunk by chunk of output rows in torch."""
-        layout = self.layout
-        selector = GrowSelector(layout, self.kept, self.dropped, regrow_dropped=self.regrow_dropped)
-        step = chunk_item_rows(layout, dy.element_size())
-        bh = layout.item[0]
-        with torch.no_grad():
-            for r0 in range(0, layout.grid[0], step):
-                r1 = min(r0 + step, layout.grid[0])
-                grad_rows = (dy[:, r0 * bh : r1 * bh].t() @ x).abs_()  # [rows, in]: this chunk only
-                selector.add_rows(r0, item_scores(layout, grad_rows))
-                del grad_rows
-        return selector
+        self.selector = select_growth(self.layout, self.kept, self.dropped, dy, x, self.regrow_dropped)
 
 
 def random_selection(

@@ -24,9 +24,10 @@ import warnings
 
 import torch
 
-from sparsec.dsl.spec import Spec, parse_spec
 from sparsec.errors import ShapeError, SparsecWarning
-from sparsec.nn.formats import Layout, make_layout
+from sparsec.formats import Layout, item_scores, make_layout
+from sparsec.runtime.selection import GrowSelector, rank_in_unit
+from sparsec.spec import Spec, parse_spec
 
 
 def n_drop_for(layout: Layout, drop_fraction: float) -> int:
@@ -42,17 +43,6 @@ def drop_scores(layout: Layout, values: torch.Tensor) -> torch.Tensor:
 def choose_drops(drop_score: torch.Tensor, n_drop: int) -> torch.Tensor:
     """Slots of the ``n_drop`` smallest scores, ascending; slots follow flat order, so ties keep the lower."""
     return drop_score.argsort(stable=True)[:n_drop].sort().values
-
-
-def rank_in_unit(
-    unit: torch.Tensor, score: torch.Tensor, flat: torch.Tensor, descending: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order by (unit asc, score desc or asc, flat asc) and every entry's rank inside its unit."""
-    perm = flat.argsort(stable=True)
-    perm = perm[score[perm].argsort(descending=descending, stable=True)]
-    perm = perm[unit[perm].argsort(stable=True)]
-    u = unit[perm]
-    return perm, torch.arange(u.numel(), device=u.device) - torch.searchsorted(u, u)
 
 
 def top_items(layout: Layout, scores: torch.Tensor) -> torch.Tensor:
@@ -74,14 +64,6 @@ def prune_to(layout: Layout, new_layout: Layout, kept: torch.Tensor, drop_score:
     flat = kept[src]
     new_layout.check_positions(flat, what="pruned mask")
     return flat, src
-
-
-def item_scores(layout: Layout, dense_scores: torch.Tensor) -> torch.Tensor:
-    """Per-item scores on the item grid: the scores themselves, or their block means."""
-    if layout.item == (1, 1):
-        return dense_scores
-    bh, bw = layout.item
-    return dense_scores.reshape(-1, bh, layout.grid[1], bw).mean(dim=(1, 3))
 
 
 def apply_growth(
@@ -121,8 +103,6 @@ def rigl_step(
     mask; a NaN or Inf score returns ``mask`` unchanged with a warning. ``regrow_dropped`` as for the
     ``rigl`` policy (``True``: google-research/rigl's choice).
     """
-    from sparsec.policies.candidates import GrowSelector
-
     if not (mask.shape == weight.shape == grad.shape):
         raise ShapeError(f"mask {tuple(mask.shape)}, weight {tuple(weight.shape)} and grad {tuple(grad.shape)} differ")
     out = mask.shape[0]

@@ -25,6 +25,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sparsec.codegen.cache import load_kernel_module
+from sparsec.dtypes import DTYPES, KERNEL_DTYPES, pointer_of
+from sparsec.formats import make_layout
+from sparsec.runtime.compile import compile_layer
+from sparsec.runtime.launch import Launcher, positions_of
+from sparsec.runtime.plan import TritonPlan
+from sparsec.spec import parse_spec
+
 # Compute capability, the arch ptxas names, and the opt-in shared memory limit per block (bytes).
 ARCHS = {"sm_80": (80, "sm_80", 166912), "sm_90a": (90, "sm_90a", 232448)}
 
@@ -40,16 +48,6 @@ MATRIX = [
     ("block(4x8, 50%)", 20, 40),  # sides padded to 16 for tl.dot
     ("fanin(k=7)", 37, 53),
 ]
-# kernel dtype -> tensor dtype ("tf32": float32 tensors, TF32 dots)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "tf32": torch.float32}
-_POINTER = {
-    torch.float16: "*fp16",
-    torch.bfloat16: "*bf16",
-    torch.float32: "*fp32",
-    torch.int32: "*i32",
-    torch.int64: "*i64",
-    torch.uint8: "*u8",
-}
 
 
 @dataclass
@@ -80,11 +78,6 @@ class RecordedCall:
 
 def record_calls(spec: str, out: int, inn: int, dtype: str, batch: int = 19) -> list[RecordedCall]:
     """The kernel calls of forward, grad_input and grad_values of one layer, recorded, not launched."""
-    import sparsec
-    from sparsec.runtime.compile import compile_layer
-    from sparsec.runtime.launch import Launcher, positions_of
-    from sparsec.runtime.plan import TritonPlan
-
     calls: list[RecordedCall] = []
 
     class Recorder(Launcher):
@@ -92,19 +85,21 @@ def record_calls(spec: str, out: int, inn: int, dtype: str, batch: int = 19) -> 
             src = self.kernels.kernels[program]
             calls.append(RecordedCall(program, src.source, src.template, args, constexprs))
 
-    torch_dtype = DTYPES[dtype]
-    layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=torch_dtype)
-    launcher = Recorder(compile_layer(str(layer.spec), inn, out, dtype, True, "relu"), layer.layout, interpret=False)
-    plan = TritonPlan.build(layer.layout, layer.positions())
-    pos = positions_of(layer.spec, layer._buffers_dict())
-    values = layer.values.detach()
+    torch_dtype = DTYPES[dtype].torch
+    layout = make_layout(parse_spec(spec), out, inn)
+    flat = layout.random_positions()
+    launcher = Recorder(compile_layer(str(layout.spec), inn, out, dtype, True, "relu"), layout, interpret=False)
+    plan = TritonPlan.build(layout, flat)
+    pos = positions_of(layout.spec, layout.encode(flat))
+    values = torch.zeros(layout.values_shape, dtype=torch_dtype)
+    bias = torch.zeros(out, dtype=torch_dtype)
     x, dz = torch.zeros(batch, inn, dtype=torch_dtype), torch.zeros(batch, out, dtype=torch_dtype)
-    launcher.forward(x, values, plan, pos, layer.bias.detach())
+    launcher.forward(x, values, plan, pos, bias)
     launcher.grad_input(dz, values, plan, pos)
     launcher.grad_values(dz, x, values, plan, pos)
     kernels = launcher.kernels
     if not (kernels.format == "nm" and kernels.strategy == "gather"):  # those grow on the CPU path
-        drop = torch.zeros(layer.layout.values_shape if pos is not None else layer.layout.n_items, dtype=torch.uint8)
+        drop = torch.zeros(layout.values_shape if pos is not None else layout.n_items, dtype=torch.uint8)
         launcher.grow_scores(dz, x, plan, pos, drop, kc=2)
     return calls
 
@@ -114,7 +109,7 @@ def _signature(fn, args, constexprs) -> tuple[dict, dict, dict]:
     signature, attrs = {}, {}
     for i, (name, value) in enumerate(zip(names, args, strict=False)):
         if isinstance(value, torch.Tensor):
-            signature[name] = _POINTER[value.dtype]
+            signature[name] = pointer_of(value.dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned or better
         else:
             signature[name] = "i64" if abs(value) >= 2**31 else "i32"
@@ -127,11 +122,9 @@ def _signature(fn, args, constexprs) -> tuple[dict, dict, dict]:
 
 def compile_call(call: RecordedCall, arch: str) -> dict:
     """Compile one recorded call for ``arch``; returns the report fields (ptxas log parsed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from sparsec.codegen.cache import load_kernel_module
+    import triton  # lazy: triton is optional (Linux only) and heavy; only AOT compilation needs it
+    from triton.backends.compiler import GPUTarget  # lazy, as above
+    from triton.compiler import ASTSource  # lazy, as above
 
     cc, ptx_arch, limit = ARCHS[arch]
     fn = load_kernel_module(call.source).kernel
@@ -157,7 +150,7 @@ def compile_call(call: RecordedCall, arch: str) -> dict:
 
 def ptxas_report(ptx: str, cc: int, arch: str) -> str:
     """ptxas -v on the PTX (run here, not read from Triton's log: a Triton cache hit prints nothing)."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas  # lazy, as above
 
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
@@ -178,7 +171,7 @@ def _compile_case(case: tuple[str, int, int, str]) -> list[dict]:
     return reports
 
 
-def compile_matrix(matrix=MATRIX, dtypes=tuple(DTYPES), workers: int | None = None) -> list[dict]:
+def compile_matrix(matrix=MATRIX, dtypes=KERNEL_DTYPES, workers: int | None = None) -> list[dict]:
     """Compile every kernel of every (structure, dtype) for every arch; one report per kernel and arch."""
     if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
         raise RuntimeError("ahead-of-time compilation needs a process without TRITON_INTERPRET")

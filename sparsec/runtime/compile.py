@@ -11,12 +11,13 @@ import functools
 from dataclasses import dataclass
 
 from sparsec.codegen.render import render
-from sparsec.dsl.spec import parse_spec
+from sparsec.dtypes import KERNEL_DTYPES
 from sparsec.errors import SparsecError
 from sparsec.ir.build import build_programs
 from sparsec.ir.graph import Program, program_key
 from sparsec.ir.ops import Op
 from sparsec.passes import lower
+from sparsec.spec import parse_spec
 
 # (program, strategy) -> (template, fixed template parameters)
 TEMPLATES = {
@@ -33,7 +34,6 @@ TEMPLATES = {
     ("grow_scores", "block-dot"): ("bsr_grow.py.jinja", {}),
     ("grow_scores", "gather"): ("grow_topk.py.jinja", {"fmt": "csr"}),
 }
-KERNEL_DTYPES = ("fp16", "bf16", "fp32", "tf32")
 SUMMARIES = {
     "forward": "forward: Y = act(X @ W^T + b)",
     "grad_input": "grad_input: dX = dZ @ W",

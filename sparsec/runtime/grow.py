@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from sparsec import config
-from sparsec.nn.formats import Layout
-from sparsec.policies.candidates import GrowSelector
-from sparsec.policies.decision import rank_in_unit
+from sparsec.dtypes import KERNEL_TORCH_DTYPES
+from sparsec.formats import Layout
+from sparsec.runtime.ops import backend_for, index_plan, kernel_launcher, layer_config, nm_positions
+from sparsec.runtime.selection import GrowSelector, rank_in_unit, score_chunked
 
 
 def _pow2_at_least(n: int) -> int:
@@ -97,6 +98,34 @@ def grow_on_kernels(
             selector._flat, selector._score = [flat[chosen][order]], [score[chosen][order]]
             return selector
         kc = min(seg_width, kc * 2)
+
+
+def select_growth(
+    layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
+) -> GrowSelector:
+    """A completed ``GrowSelector`` for the grow step: the generated ``grow_scores`` kernel where it applies
+    (``kernel_selection``), else chunked torch (``selection.score_chunked``)."""
+    selector = kernel_selection(layout, kept, dropped, dy, x, regrow_dropped)
+    return selector if selector is not None else score_chunked(layout, kept, dropped, dy, x, regrow_dropped)
+
+
+def kernel_selection(
+    layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
+) -> GrowSelector | None:
+    """Grow selection on the generated ``grow_scores`` kernel (triton, interpret); None on the cpu backend,
+    for dtypes without kernels, and for N:M with a non-power-of-two M (its groups straddle the kernel's
+    segments, and the exactness check needs segments nested in units)."""
+    backend = backend_for(dy)
+    if backend == "cpu" or dy.dtype not in KERNEL_TORCH_DTYPES:
+        return None
+    config = layer_config(layout.spec, layout.out_features, layout.in_features)
+    launcher = kernel_launcher(config, dy, False, backend)
+    if launcher.kernels.format == "nm" and launcher.kernels.strategy == "gather":
+        return None
+    index = list(layout.encode(kept).values())
+    plan = index_plan(config, backend, index)
+    positions = nm_positions(config, index)
+    return grow_on_kernels(launcher, layout, plan, positions, kept, dropped, dy, x, regrow_dropped)
 
 
 def _score_dropped_in_short_units(selector: GrowSelector, dy: torch.Tensor, x: torch.Tensor) -> None:

@@ -7,16 +7,17 @@ start as NaN, so an element a kernel forgets to write cannot pass a test by luck
 from __future__ import annotations
 
 import torch
-import triton
 
 from sparsec.codegen.cache import interpreting, load_kernel_module
-from sparsec.dsl.spec import NM, parse_spec
 from sparsec.errors import ShapeError, SparsecError
-from sparsec.nn.formats import Layout
+from sparsec.formats import Layout
 from sparsec.runtime.compile import LayerKernels
 from sparsec.runtime.plan import TritonPlan
+from sparsec.spec import NM, parse_spec
 
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _new(shape, like: torch.Tensor, poison: bool) -> torch.Tensor:
@@ -71,7 +72,7 @@ class Launcher:
         t = self._tile("forward")
         bias_arg = bias if bias is not None else values
         if strategy == "decompress-dot":
-            grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.out_features, t["BLOCK_O"]))
+            grid = (cdiv(b, t["BLOCK_B"]), cdiv(lay.out_features, t["BLOCK_O"]))
             self._launch(
                 "forward",
                 grid,
@@ -88,7 +89,7 @@ class Launcher:
                 **t,
             )
         elif strategy == "block-dot":
-            grid = (triton.cdiv(b, t["BLOCK_B"]), lay.grid[0])
+            grid = (cdiv(b, t["BLOCK_B"]), lay.grid[0])
             self._launch(
                 "forward",
                 grid,
@@ -106,7 +107,7 @@ class Launcher:
                 **self._block_sides(),
             )
         else:
-            grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.out_features, t["BLOCK_O"]))
+            grid = (cdiv(b, t["BLOCK_B"]), cdiv(lay.out_features, t["BLOCK_O"]))
             self._launch(
                 "forward",
                 grid,
@@ -133,7 +134,7 @@ class Launcher:
         dx = _new((b, lay.in_features), dz, self.poison)
         t = self._tile("grad_input")
         if strategy == "decompress-dot":
-            grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.in_features, t["BLOCK_K"]))
+            grid = (cdiv(b, t["BLOCK_B"]), cdiv(lay.in_features, t["BLOCK_K"]))
             self._launch(
                 "grad_input",
                 grid,
@@ -149,7 +150,7 @@ class Launcher:
                 **t,
             )
         elif strategy == "block-dot":
-            grid = (triton.cdiv(b, t["BLOCK_B"]), lay.grid[1])
+            grid = (cdiv(b, t["BLOCK_B"]), lay.grid[1])
             self._launch(
                 "grad_input",
                 grid,
@@ -167,7 +168,7 @@ class Launcher:
                 **self._block_sides(),
             )
         else:
-            grid = (triton.cdiv(b, t["BLOCK_B"]), triton.cdiv(lay.in_features, t["BLOCK_O"]))
+            grid = (cdiv(b, t["BLOCK_B"]), cdiv(lay.in_features, t["BLOCK_O"]))
             self._launch(
                 "grad_input",
                 grid,
@@ -195,7 +196,7 @@ class Launcher:
         dv = _new(lay.values_shape, values, self.poison)
         t = self._tile("grad_values")
         if strategy == "decompress-dot":
-            grid = (triton.cdiv(lay.out_features, t["BLOCK_O"]), triton.cdiv(lay.in_features, t["BLOCK_K"]))
+            grid = (cdiv(lay.out_features, t["BLOCK_O"]), cdiv(lay.in_features, t["BLOCK_K"]))
             self._launch(
                 "grad_values",
                 grid,
@@ -226,7 +227,7 @@ class Launcher:
                 **self._block_sides(),
             )
         else:
-            grid = (triton.cdiv(lay.nnz, t["BLOCK_E"]),)
+            grid = (cdiv(lay.nnz, t["BLOCK_E"]),)
             self._launch(
                 "grad_values", grid, dz, x, plan.rows, plan.idx, dv, b, lay.out_features, lay.in_features, lay.nnz, **t
             )
@@ -265,11 +266,11 @@ class Launcher:
             return scores
         nm = strategy == "decompress-dot"
         seg = self.spec.m if nm else t["BLOCK_K"]
-        nseg = triton.cdiv(lay.in_features, seg)
+        nseg = cdiv(lay.in_features, seg)
         keys = torch.empty((lay.out_features, nseg, kc), dtype=torch.int64, device=dz.device)
         if self.poison:
             keys.fill_(-2)  # neither a key (>= 0) nor the kernel's empty place (-1)
-        grid = (triton.cdiv(lay.out_features, t["BLOCK_O"]), triton.cdiv(lay.in_features, t["BLOCK_K"]))
+        grid = (cdiv(lay.out_features, t["BLOCK_O"]), cdiv(lay.in_features, t["BLOCK_K"]))
         tiles = {k: t[k] for k in ("BLOCK_B", "BLOCK_O", "BLOCK_K")}
         if nm:
             self._launch(

@@ -18,21 +18,18 @@ from collections import OrderedDict
 import torch
 
 from sparsec import config as settings
-from sparsec.dsl.spec import parse_spec
+from sparsec.dtypes import KERNEL_TORCH_DTYPES
+from sparsec.dtypes import name_of as dtype_name
 from sparsec.errors import SparsecError
-from sparsec.nn.formats import Layout, make_layout
-from sparsec.nn.functional import CSRPlan, csr_forward, csr_grad_input, csr_grad_values
+from sparsec.formats import Layout, make_layout
+from sparsec.runtime.compile import compile_layer
+from sparsec.runtime.cpu import CSRPlan, csr_forward, csr_grad_input, csr_grad_values
+from sparsec.runtime.launch import Launcher
+from sparsec.runtime.plan import TritonPlan
+from sparsec.spec import parse_spec
 
 _PLANS: OrderedDict = OrderedDict()  # (config, backend, index ptrs and versions) -> (index refs, plan)
 _MAX_PLANS = 256
-_KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def kernel_dtype(dtype: torch.dtype) -> str:
-    """Kernel dtype name; float32 follows torch.set_float32_matmul_precision ("highest": IEEE, else TF32)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return _KERNEL_DTYPES[dtype]
 
 
 def layer_config(spec, out_features: int, in_features: int) -> str:
@@ -69,8 +66,6 @@ def index_plan(config: str, backend: str, index: list[torch.Tensor]):
     if backend == "cpu":
         plan = CSRPlan.build(layout, flat)
     else:
-        from sparsec.runtime.plan import TritonPlan
-
         plan = TritonPlan.build(layout, flat)
     _PLANS[key] = (list(index), plan)
     if len(_PLANS) > _MAX_PLANS:
@@ -78,26 +73,23 @@ def index_plan(config: str, backend: str, index: list[torch.Tensor]):
     return plan
 
 
-def _launcher(config: str, values: torch.Tensor, bias: bool, backend: str):
-    if values.dtype not in _KERNEL_DTYPES:
+def kernel_launcher(config: str, values: torch.Tensor, bias: bool, backend: str):
+    if values.dtype not in KERNEL_TORCH_DTYPES:
         raise SparsecError(
             f"the {backend} backend runs fp16, bf16 and fp32; this layer is {values.dtype}: "
             f"use SPARSEC_BACKEND=cpu for float64"
         )
-    return _cached_launcher(config, kernel_dtype(values.dtype), bias, backend == "interpret")
+    return _cached_launcher(config, dtype_name(values.dtype), bias, backend == "interpret")
 
 
 @functools.lru_cache(maxsize=256)
 def _cached_launcher(config: str, dtype: str, bias: bool, interpret: bool):
-    from sparsec.runtime.compile import compile_layer
-    from sparsec.runtime.launch import Launcher
-
     spec, out, inn = config.rsplit("|", 2)
     kernels = compile_layer(spec, int(inn), int(out), dtype, bias, None)
     return Launcher(kernels, _layout(config), interpret=interpret)
 
 
-def _nm_positions(config: str, index: list[torch.Tensor]) -> torch.Tensor | None:
+def nm_positions(config: str, index: list[torch.Tensor]) -> torch.Tensor | None:
     return index[0] if _layout(config).buffers[0][0] == "nm_positions" else None
 
 
@@ -110,8 +102,8 @@ def spmm(
     if backend == "cpu":
         y = csr_forward(plan, x, values)
         return y if bias is None else y + bias
-    launcher = _launcher(config, values, bias is not None, backend)
-    return launcher.forward(x.contiguous(), values, plan, _nm_positions(config, index), bias)
+    launcher = kernel_launcher(config, values, bias is not None, backend)
+    return launcher.forward(x.contiguous(), values, plan, nm_positions(config, index), bias)
 
 
 @spmm.register_fake
@@ -125,8 +117,8 @@ def spmm_grad_input(dy: torch.Tensor, values: torch.Tensor, index: list[torch.Te
     plan = index_plan(config, backend, index)
     if backend == "cpu":
         return csr_grad_input(plan, dy, values)
-    launcher = _launcher(config, values, False, backend)
-    return launcher.grad_input(dy.contiguous(), values, plan, _nm_positions(config, index))
+    launcher = kernel_launcher(config, values, False, backend)
+    return launcher.grad_input(dy.contiguous(), values, plan, nm_positions(config, index))
 
 
 @spmm_grad_input.register_fake
@@ -142,8 +134,8 @@ def spmm_grad_values(
     plan = index_plan(config, backend, index)
     if backend == "cpu":
         return csr_grad_values(plan, dy, x, values)
-    launcher = _launcher(config, values, False, backend)
-    return launcher.grad_values(dy.contiguous(), x.contiguous(), values, plan, _nm_positions(config, index))
+    launcher = kernel_launcher(config, values, False, backend)
+    return launcher.grad_values(dy.contiguous(), x.contiguous(), values, plan, nm_positions(config, index))
 
 
 @spmm_grad_values.register_fake
@@ -166,22 +158,3 @@ def _backward(ctx, dy):
 
 
 spmm.register_autograd(_backward, setup_context=_setup)
-
-
-def grow_selector(
-    layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
-):
-    """Grow selection on the generated ``grow_scores`` kernel (triton, interpret); None on the cpu backend."""
-    backend = backend_for(dy)
-    if backend == "cpu" or dy.dtype not in _KERNEL_DTYPES:
-        return None
-    from sparsec.runtime.grow import grow_on_kernels
-
-    config = layer_config(layout.spec, layout.out_features, layout.in_features)
-    launcher = _launcher(config, dy, False, backend)
-    if launcher.kernels.format == "nm" and launcher.kernels.strategy == "gather":
-        return None  # groups of a non-power-of-two M straddle the kernel's segments: the exactness check needs nesting
-    index = list(layout.encode(kept).values())
-    plan = index_plan(config, backend, index)
-    positions = _nm_positions(config, index)
-    return grow_on_kernels(launcher, layout, plan, positions, kept, dropped, dy, x, regrow_dropped)

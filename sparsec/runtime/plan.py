@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsec.nn.formats import Layout
+from sparsec.formats import Layout
 
 
 def _offsets(index: torch.Tensor, n: int) -> torch.Tensor:

@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 from sparsec.errors import SparsecError, SparsecWarning
-from sparsec.nn.formats import make_layout
+from sparsec.formats import make_layout
 from sparsec.nn.layers import SparseLayer
 from sparsec.policies.base import GMP, SNFS, SRigL
 from sparsec.policies.candidates import GrowCapture, random_selection
 from sparsec.policies.decision import apply_growth, choose_drops, drop_scores, n_drop_for, prune_to
+from sparsec.policies.optim_state import remap_optimizer_state, replace_parameter
+from sparsec.policies.snfs import MomentumShadow, snfs_update
+from sparsec.policies.srigl import ActivationCapture, srigl_update
 from sparsec.runtime.ops import layer_config
-from sparsec.train.optim_state import remap_optimizer_state, replace_parameter
-from sparsec.train.snfs import MomentumShadow, snfs_update
-from sparsec.train.srigl import ActivationCapture, srigl_update
 
 STATE_VERSION = 1
 

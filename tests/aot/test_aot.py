@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sparsec.runtime.aot import ARCHS, DTYPES, MATRIX
+from sparsec.runtime.aot import ARCHS, KERNEL_DTYPES, MATRIX
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_every_kernel_compiled_for_every_arch(reports):
     expected = {
         (spec, dtype, program, arch)
         for spec, _, _ in MATRIX
-        for dtype in DTYPES
+        for dtype in KERNEL_DTYPES
         for program in ("forward", "grad_input", "grad_values", "grow_scores")
         for arch in ARCHS
         if not (program == "grow_scores" and spec == "1:3")  # M not a power of two: grows on the CPU path

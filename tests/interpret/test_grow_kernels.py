@@ -6,10 +6,10 @@ import torch
 
 import sparsec
 from sparsec import config
-from sparsec.nn.formats import make_layout
-from sparsec.policies.candidates import GrowCapture
+from sparsec.formats import make_layout
 from sparsec.policies.decision import choose_drops
-from sparsec.runtime.ops import grow_selector
+from sparsec.runtime.grow import kernel_selection
+from sparsec.runtime.selection import score_chunked
 
 CASES = [
     ("90%", 37, 53),
@@ -43,9 +43,9 @@ def test_kernel_growth_equals_cpu_growth(spec, out, inn, ties, regrow_dropped):
             x[:, ::3] = 0
         else:
             dy, x = torch.randn(13, out, generator=gen), torch.randn(13, inn, generator=gen)
-        expected = GrowCapture(layout, kept, dropped, regrow_dropped)._observe_chunked(dy, x).grown()
+        expected = score_chunked(layout, kept, dropped, dy, x, regrow_dropped).grown()
         with config.patch(backend="interpret", grow_chunk_bytes=13 * 8 * 5):  # short units: 5 positions a chunk
-            got = grow_selector(layout, kept, dropped, dy, x, regrow_dropped)
+            got = kernel_selection(layout, kept, dropped, dy, x, regrow_dropped)
         assert got is not None and got.finite and got.complete
         assert torch.equal(got.grown(), expected), (spec, drop_fraction)
 
@@ -54,11 +54,11 @@ def test_cpu_backend_and_non_power_of_two_nm_use_the_chunked_path():
     layout = make_layout(sparsec.parse_spec("2:4"), 8, 16)
     kept = layout.random_positions()
     with config.patch(backend="cpu"):
-        assert grow_selector(layout, kept, kept[:0], torch.randn(3, 8), torch.randn(3, 16), False) is None
+        assert kernel_selection(layout, kept, kept[:0], torch.randn(3, 8), torch.randn(3, 16), False) is None
     layout = make_layout(sparsec.parse_spec("1:3"), 8, 15)
     with config.patch(backend="interpret"):
         positions = layout.random_positions()
-        assert grow_selector(layout, positions, kept[:0], torch.randn(3, 8), torch.randn(3, 15), False) is None
+        assert kernel_selection(layout, positions, kept[:0], torch.randn(3, 8), torch.randn(3, 15), False) is None
 
 
 GROW_KERNEL_CASES = [("90%", 37, 53), ("70%", 21, 130), ("2:4", 37, 52), ("1:8", 21, 56), ("fanin(k=7)", 37, 53)]
@@ -77,14 +77,15 @@ GROW_KERNEL_CASES = [("90%", 37, 53), ("70%", 21, 130), ("2:4", 37, 52), ("1:8",
 def test_grow_kernel_segments_equal_torch_topk_of_the_dense_reference(spec, out, inn, dtype):
     """Raw kernel output: every segment's kc keys are torch.topk of the dense float64 |dY^T X|
     outside the positions kept after the drop (ties: lower column first); outputs start poisoned."""
+    from sparsec.dtypes import name_of
     from sparsec.runtime.compile import compile_layer
-    from sparsec.runtime.launch import DTYPE_NAMES, Launcher, positions_of
+    from sparsec.runtime.launch import Launcher, positions_of
     from sparsec.runtime.plan import TritonPlan
 
     gen = torch.Generator().manual_seed(3)
     layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=dtype)
     layout = layer.layout
-    kernels = compile_layer(str(layer.spec), inn, out, DTYPE_NAMES[dtype], True, None)
+    kernels = compile_layer(str(layer.spec), inn, out, name_of(dtype), True, None)
     launcher = Launcher(kernels, layout, interpret=True, poison=True)
     kept = layer.positions()
     dropped = choose_drops(torch.rand(layout.n_items, generator=gen), layout.n_items // 3)

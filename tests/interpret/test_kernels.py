@@ -6,9 +6,10 @@ import torch
 from helpers import assert_kernel_close
 
 import sparsec
+from sparsec.dtypes import name_of
 from sparsec.runtime.aot import MATRIX
 from sparsec.runtime.compile import compile_layer
-from sparsec.runtime.launch import DTYPE_NAMES, Launcher, positions_of
+from sparsec.runtime.launch import Launcher, positions_of
 from sparsec.runtime.plan import TritonPlan
 
 # (spec, out, in): odd sizes; N:M and block sizes divide what they must and nothing else
@@ -32,7 +33,7 @@ def cases(dtypes=DTYPES):
 def _setup(spec, out, inn, dtype, bias=True, activation="relu"):
     torch.manual_seed(hash((spec, out, inn, str(dtype))) % 2**31)  # fresh data per case, reproducible
     layer = sparsec.SparseLinear(inn, out, spec=spec, bias=bias, dtype=dtype)
-    kernels = compile_layer(str(layer.spec), inn, out, DTYPE_NAMES[dtype], bias, activation)
+    kernels = compile_layer(str(layer.spec), inn, out, name_of(dtype), bias, activation)
     launcher = Launcher(kernels, layer.layout, interpret=True, poison=True)
     plan = TritonPlan.build(layer.layout, layer.positions())
     return layer, launcher, plan, positions_of(layer.spec, layer._buffers_dict())

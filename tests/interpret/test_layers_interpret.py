@@ -59,7 +59,7 @@ def test_mask_updater_trains_on_the_interpret_backend(monkeypatch):
 
 def test_float32_follows_torch_matmul_precision():
     """set_float32_matmul_precision("high") selects the TF32 kernels (IEEE under "highest")."""
-    from sparsec.runtime.ops import kernel_dtype
+    from sparsec.dtypes import name_of as kernel_dtype
 
     torch.manual_seed(0)
     layer = sparsec.SparseLinear(52, 37, spec="2:4")

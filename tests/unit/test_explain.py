@@ -5,7 +5,7 @@ import pytest
 
 import sparsec
 from sparsec.cli import main
-from sparsec.explain import explain
+from sparsec.explainer import explain
 
 
 def test_explain_cli_shows_every_stage(capsys):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sparsec
-from sparsec.train.imp import unstructured_with
+from sparsec.spec import unstructured_with
 
 
 def _model(seed=0):
@@ -23,7 +23,7 @@ def test_rounds_to_a_target():
 
 def test_unstructured_with_keeps_the_exact_count():
     for n, kept in [(100, 72), (80, 64), (7, 1), (1000, 999), (96, 19)]:
-        layout = sparsec.nn.formats.make_layout(unstructured_with(n, kept), 1, n)
+        layout = sparsec.formats.make_layout(unstructured_with(n, kept), 1, n)
         assert layout.n_items == kept
 
 

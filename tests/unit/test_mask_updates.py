@@ -9,9 +9,9 @@ from torch import nn
 
 import sparsec
 from sparsec import MaskUpdater, SparsecWarning, SparseLinear, config, rigl_step
-from sparsec.nn.formats import make_layout
-from sparsec.policies.candidates import GrowSelector
+from sparsec.formats import make_layout
 from sparsec.policies.decision import apply_growth, choose_drops
+from sparsec.runtime.selection import GrowSelector
 
 
 def mask_of(rows):

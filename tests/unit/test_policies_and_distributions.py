@@ -7,7 +7,7 @@ from torch import nn
 import sparsec
 from sparsec import SparsecError, SpecError, erk_densities, parse_policy
 from sparsec.dsl.sparsify import plan_specs
-from sparsec.nn.formats import make_layout
+from sparsec.formats import make_layout
 from sparsec.policies.base import SET, RigL, Static
 from sparsec.policies.schedule import cosine_drop_fraction
 

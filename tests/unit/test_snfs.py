@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import sparsec
-from sparsec.train.snfs import _grow_by_momentum, redistribute
+from sparsec.policies.snfs import _grow_by_momentum, redistribute
 
 
 def test_redistribution_by_largest_remainder_within_capacity():

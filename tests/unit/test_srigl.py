@@ -45,7 +45,7 @@ def test_constant_fan_in_and_the_last_layer_survive_many_updates(spec):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     updater = sparsec.MaskUpdater(model, opt, total_steps=100)
     budgets = {
-        n: sparsec.nn.formats.make_layout(m.target_spec, m.out_features, m.in_features).n_items
+        n: sparsec.formats.make_layout(m.target_spec, m.out_features, m.in_features).n_items
         for n, m in updater.layers.items()
     }
     for _ in range(100):

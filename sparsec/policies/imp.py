@@ -17,28 +17,60 @@ is the sum of every layer's kept count at its spec's sparsity.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from sparsec.dsl.spec import Unstructured
-from sparsec.errors import SparsecError
-from sparsec.nn.formats import make_layout
+from sparsec.errors import SparsecError, SpecError
+from sparsec.formats import make_layout
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.base import IMP
-from sparsec.train.optim_state import replace_parameter
+from sparsec.policies.optim_state import replace_parameter
+from sparsec.spec import Policy, Unstructured, unstructured_with
 
 
-def unstructured_with(n: int, kept: int) -> Unstructured:
-    """The unstructured spec whose layout keeps exactly ``kept`` of ``n`` (``n - floor(s n) == kept``)."""
-    s = (n - kept) / n
-    while n - math.floor(s * n) > kept:
-        s = math.nextafter(s, 1.0)
-    while s > 0 and n - math.floor(s * n) < kept:
-        s = math.nextafter(s, 0.0)
-    return Unstructured(s)
+@dataclass(frozen=True)
+class IMP(Policy):
+    """Iterative magnitude pruning with learning-rate rewinding (Renda et al. 2020).
+
+    Driven from the user's loop by ``sparsec.imp_rounds``: each round trains with the user's
+    learning-rate schedule, then removes ``fraction`` of the remaining weights by global magnitude
+    (across all imp layers) and replays the schedule from its start; ``rewind="weights"`` also
+    resets the kept weights to their values at initialisation (lottery-ticket style).
+    """
+
+    name: ClassVar[str] = "imp"
+    fraction: float = 0.2
+    rewind: str = "lr"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction < 1.0):
+            raise SpecError(f"imp: fraction={self.fraction!r} must be in (0, 1) (share of remaining weights per round)")
+        if self.rewind not in ("lr", "weights"):
+            raise SpecError(f"imp: rewind={self.rewind!r} must be 'lr' or 'weights'")
+
+    def initial_spec(self, target):
+        if not isinstance(target, Unstructured):
+            raise SpecError(
+                f"imp prunes by global magnitude across layers, which needs unstructured specs such as 90%; "
+                f"got {target}"
+            )
+        return dataclasses.replace(target, sparsity=0.0)
+
+    def rounds(self, model, optimizer, scheduler=None):
+        """``for r in imp.rounds(model, optimizer, scheduler): train...`` (see ``sparsec.imp_rounds``)."""
+        return imp_rounds(model, optimizer, scheduler)
+
+    def rounds_to(self, sparsity: float) -> int:
+        """Pruning rounds to reach ``sparsity`` removing ``fraction`` of what remains each time."""
+        return max(0, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - self.fraction) - 1e-9))
+
+
+imp = IMP()
 
 
 def imp_rounds(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None) -> Iterator[int]:

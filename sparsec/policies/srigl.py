@@ -12,12 +12,11 @@ from __future__ import annotations
 import torch
 
 from sparsec import config
-from sparsec.dsl.spec import FanIn
-from sparsec.nn.formats import make_layout
+from sparsec.formats import make_layout
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.candidates import GrowSelector, best_per_row
-from sparsec.train.imp import unstructured_with
-from sparsec.train.optim_state import replace_parameter
+from sparsec.policies.optim_state import replace_parameter
+from sparsec.runtime.selection import GrowSelector, best_per_row
+from sparsec.spec import FanIn, unstructured_with
 
 
 class ActivationCapture:

@@ -8,9 +8,10 @@ import torch
 
 from sparsec import config
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.decision import choose_drops, drop_scores, n_drop_for, rank_in_unit
-from sparsec.train.imp import unstructured_with
-from sparsec.train.optim_state import replace_parameter
+from sparsec.policies.decision import choose_drops, drop_scores, n_drop_for
+from sparsec.policies.optim_state import replace_parameter
+from sparsec.runtime.selection import rank_in_unit
+from sparsec.spec import unstructured_with
 
 
 class MomentumShadow:

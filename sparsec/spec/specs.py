@@ -137,6 +137,16 @@ Spec = Dense | Unstructured | NM | Block | FanIn
 SPEC_TYPES: tuple[type, ...] = (Dense, Unstructured, NM, Block, FanIn)
 
 
+def unstructured_with(n: int, kept: int) -> Unstructured:
+    """The unstructured spec whose layout keeps exactly ``kept`` of ``n`` (``n - floor(s n) == kept``)."""
+    s = (n - kept) / n
+    while n - math.floor(s * n) > kept:
+        s = math.nextafter(s, 1.0)
+    while s > 0 and n - math.floor(s * n) < kept:
+        s = math.nextafter(s, 0.0)
+    return Unstructured(s)
+
+
 # --- the parser ---------------------------------------------------------------------------------
 
 _TOKEN = re.compile(
@@ -154,7 +164,7 @@ class _Tok:
     col: int
 
 
-def _tokenize(text: str) -> list[_Tok]:
+def tokenize(text: str) -> list[_Tok]:
     toks, pos = [], 0
     while pos < len(text):
         m = _TOKEN.match(text, pos)
@@ -167,7 +177,7 @@ def _tokenize(text: str) -> list[_Tok]:
     return toks
 
 
-def _describe(tok: _Tok) -> str:
+def describe_token(tok: _Tok) -> str:
     return "the end of the text" if tok.kind == "end" else repr(tok.text)
 
 
@@ -179,7 +189,7 @@ class _Parser:
 
     def __init__(self, text: str):
         self.text = text
-        self.toks = _tokenize(text)
+        self.toks = tokenize(text)
         self.i = 0
 
     # token helpers
@@ -197,13 +207,13 @@ class _Parser:
     def expect(self, text: str, what: str) -> _Tok:
         tok = self.take()
         if tok.text.lower() != text:
-            raise self.fail(f"expected {what} but found {_describe(tok)}", tok)
+            raise self.fail(f"expected {what} but found {describe_token(tok)}", tok)
         return tok
 
     def integer(self, what: str) -> tuple[int, _Tok]:
         tok = self.take()
         if tok.kind != "num":
-            raise self.fail(f"expected {what} (an integer) but found {_describe(tok)}", tok)
+            raise self.fail(f"expected {what} (an integer) but found {describe_token(tok)}", tok)
         if not tok.text.isdigit():
             raise self.fail(f"{what} must be an integer, not {tok.text}", tok)
         return int(tok.text), tok
@@ -211,7 +221,7 @@ class _Parser:
     def sparsity(self) -> tuple[float, _Tok]:
         tok = self.take()
         if tok.kind != "num":
-            raise self.fail(f"expected a sparsity (0.9 or 90%) but found {_describe(tok)}", tok)
+            raise self.fail(f"expected a sparsity (0.9 or 90%) but found {describe_token(tok)}", tok)
         value = float(tok.text)
         if self.peek().text == "%":
             self.take()
@@ -249,7 +259,7 @@ class _Parser:
             xtok = self.take()
             if xtok.text.lower() != "x":
                 raise self.fail(
-                    f"expected 'x' between block sides, as in block(32x32, 90%), found {_describe(xtok)}",
+                    f"expected 'x' between block sides, as in block(32x32, 90%), found {describe_token(xtok)}",
                     xtok,
                 )
             c, ctok = self.integer("the block width")

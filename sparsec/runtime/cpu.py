@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsec.nn.formats import Layout
+from sparsec.formats import Layout
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsec.dsl.spec import NM, Block, FanIn, Spec, Unstructured, check_layer
 from sparsec.errors import ShapeError, SparsecError
+from sparsec.spec.specs import NM, Block, FanIn, Spec, Unstructured, check_layer
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,14 @@ class Layout:
 
     def values_from_dense(self, dense: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         return dense.reshape(-1)[self.element_positions(flat)].view(self.values_shape)
+
+
+def item_scores(layout: Layout, dense_scores: torch.Tensor) -> torch.Tensor:
+    """Per-item scores on the item grid: the scores themselves, or their block means."""
+    if layout.item == (1, 1):
+        return dense_scores
+    bh, bw = layout.item
+    return dense_scores.reshape(-1, bh, layout.grid[1], bw).mean(dim=(1, 3))
 
 
 def make_layout(spec: Spec, out_features: int, in_features: int, layer: str = "layer") -> Layout:

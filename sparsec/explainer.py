@@ -7,13 +7,12 @@ Triton source.
 
 from __future__ import annotations
 
-from sparsec.dsl.spec import Spec, parse_spec
+from sparsec.dtypes import name_of as dtype_name
 from sparsec.ir.build import build_programs
 from sparsec.ir.printer import print_program
 from sparsec.passes.cost import GPUS, roofline
 from sparsec.runtime.compile import compile_layer
-
-_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+from sparsec.spec import Spec, parse_spec
 
 
 def _table(kernels, dtype: str, batch: int, out: int, inn: int) -> list[str]:
@@ -44,7 +43,6 @@ def explain_spec(
     source: bool = True,
 ) -> str:
     spec = parse_spec(spec)
-    dtype = _DTYPES.get(dtype, dtype)
     programs = build_programs(spec, in_features, out_features, dtype, bias, activation)
     kernels = compile_layer(str(spec), in_features, out_features, dtype, bias, activation)
     weight = next(
@@ -78,7 +76,7 @@ def explain_spec(
 
 def explain(layer, dtype: str | None = None, batch: int = 4096, source: bool = True) -> str:
     """Explain a ``SparseLinear``/``SparseConv2d`` (its spec, shape and dtype)."""
-    dt = dtype or _DTYPES.get(str(layer.values.dtype).removeprefix("torch."), "fp16")
+    dt = dtype or dtype_name(layer.values.dtype)
     return explain_spec(
         layer.spec, layer.layout.out_features, layer.layout.in_features, dt, batch, layer.bias is not None, None, source
     )
