@@ -15,8 +15,8 @@ from torch import nn
 
 from sparsec.errors import ShapeError, SparsecError
 from sparsec.formats import Layout, make_layout
-from sparsec.runtime.cpu import SparseMatmul
-from sparsec.runtime.ops import index_plan, layer_config
+from sparsec.runtime.cpu import compute_dtype
+from sparsec.runtime.ops import layer_config
 from sparsec.spec import Dense, Policy, Spec, parse_policy, parse_spec
 
 
@@ -56,7 +56,7 @@ class SparseLayer(nn.Module):
         for buf, buf_dtype, shape in self.layout.buffers:
             self.register_buffer(buf, torch.empty(shape, dtype=buf_dtype, device=device))
         flat = self.layout.random_positions(device=device)
-        self._write_positions(flat)
+        self.write_positions(flat)
         if weight is None:
             # The distribution nn.Linear / nn.Conv2d give their dense weight, drawn only where kept.
             bound = 1.0 / math.sqrt(in_features)
@@ -75,19 +75,21 @@ class SparseLayer(nn.Module):
 
     # --- positions -------------------------------------------------------------------------------
 
-    def _buffers_dict(self) -> dict[str, torch.Tensor]:
+    def index_buffers(self) -> dict[str, torch.Tensor]:
+        """The format's index buffers by name, in the layout's order (what the custom op reads)."""
         return {name: getattr(self, name) for name, _, _ in self.layout.buffers}
 
     def positions(self) -> torch.Tensor:
         """Sorted flat item positions (weights, or blocks for block specs) of the kept items."""
-        bufs = self._buffers_dict()
+        bufs = self.index_buffers()
         # In-place writes (load_state_dict, updates) bump _version; .to() changes data_ptr.
         key = tuple((b._version, b.data_ptr(), b.device) for b in bufs.values())
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.layout.decode(bufs))
         return self._cache[1]
 
-    def _write_positions(self, flat: torch.Tensor) -> None:
+    def write_positions(self, flat: torch.Tensor) -> None:
+        """Store sorted flat item positions ``flat`` (already satisfying the spec) in the index buffers."""
         for name, tensor in self.layout.encode(flat).items():
             getattr(self, name).copy_(tensor)
 
@@ -98,7 +100,7 @@ class SparseLayer(nn.Module):
         ``flat`` must already satisfy the spec (``policies.decision.apply_growth`` checks it).
         """
         self.values.copy_(remap_rows(self.values, src))
-        self._write_positions(flat)
+        self.write_positions(flat)
 
     @torch.no_grad()
     def set_layout(self, spec: Spec, flat: torch.Tensor, src: torch.Tensor) -> nn.Parameter:
@@ -118,14 +120,14 @@ class SparseLayer(nn.Module):
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=self.values.device))
         self.spec, self.layout, self._cache = spec, layout, None
         self._op_config = layer_config(spec, layout.out_features, layout.in_features)
-        self._write_positions(flat)
+        self.write_positions(flat)
         return old
 
     @torch.no_grad()
     def take_dense(self, weight: torch.Tensor, flat: torch.Tensor) -> None:
         """Keep the items ``flat`` (sorted, satisfying the spec) with their values from a dense ``weight``."""
         self.layout.check_positions(flat, what="chosen mask")
-        self._write_positions(flat)
+        self.write_positions(flat)
         self.values.copy_(self.layout.values_from_dense(weight.reshape(self.layout.out_features, -1), flat))
 
     def get_extra_state(self) -> dict:
@@ -151,7 +153,12 @@ class SparseLayer(nn.Module):
         return self.layout.to_dense(self.values.detach(), self.positions()).view(self.weight_shape)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        """``x2d @ W^T + bias``: the custom op ``sparsec::spmm``, or the eager CPU path on an armed step."""
+        """``x2d @ W^T + bias`` through the custom op ``sparsec::spmm``, on every step and backend.
+
+        On a step armed for a grow update, a hook on the op's output hands ``dY`` (the gradient at
+        ``x2d @ W^T + bias``) and ``X`` to the armed capture during the backward; the forward and both
+        gradients still run the op (generated kernels on a GPU).
+        """
         if x2d.dtype != self.values.dtype:
             raise SparsecError(
                 f"input dtype {x2d.dtype} does not match the layer's {self.values.dtype}; "
@@ -159,12 +166,18 @@ class SparseLayer(nn.Module):
             )
         if x2d.device != self.values.device:
             raise SparsecError(f"input on {x2d.device} but the layer on {self.values.device}; move one of them")
-        if self.grow_capture is not None:  # the backward must hand dY and X to the grow selection
-            plan = index_plan(self._op_config, "cpu", list(self._buffers_dict().values()))  # shared with the op
-            y = SparseMatmul.apply(x2d, self.values, plan, self.grow_capture)
-            return y if self.bias is None else y + self.bias
-        index = [getattr(self, name) for name, _, _ in self.layout.buffers]
-        return torch.ops.sparsec.spmm(x2d, self.values, self.bias, index, self._op_config)
+        index = list(self.index_buffers().values())
+        y = torch.ops.sparsec.spmm(x2d, self.values, self.bias, index, self._op_config)
+        capture = self.grow_capture
+        if capture is not None and y.requires_grad:
+            x_seen = x2d.detach()
+
+            def hand_to_capture(dy: torch.Tensor) -> None:
+                dt = compute_dtype(dy)  # half types score in float32 on the CPU, as the cpu backend computes
+                capture.observe(dy.detach().to(dt), x_seen.to(dt))
+
+            y.register_hook(hand_to_capture)
+        return y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         extra = state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # dense checkpoints have none
@@ -188,7 +201,7 @@ class SparseLayer(nn.Module):
             state_dict[prefix + "values"] = self.layout.values_from_dense(
                 dense.reshape(self.layout.out_features, -1), flat
             )
-            for name, tensor in self._buffers_dict().items():
+            for name, tensor in self.index_buffers().items():
                 state_dict.setdefault(prefix + name, tensor)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -2,8 +2,8 @@
 
 ``Y = X @ W^T`` runs as a CSR product; ``dX = dY @ W`` as a product with the CSR of ``W^T``; the
 gradient of the kept values is ``dY^T @ X`` sampled at the kept positions (SDDMM,
-``torch.sparse.sampled_addmm``), so the dense ``[out, in]`` weight gradient never exists. A layer
-armed for a grow step hands ``dY`` and ``X`` to its capture object in the backward.
+``torch.sparse.sampled_addmm``), so the dense ``[out, in]`` weight gradient never exists. The custom
+ops of ``runtime.ops`` call these on the cpu backend.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     return crow
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
     # PyTorch's CPU CSR kernels take float32/float64 only: half types compute in float32 there.
     if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
@@ -79,43 +79,18 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def csr_forward(plan: CSRPlan, x2d: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``x2d @ W^T`` (no bias)."""
-    dt = _compute_dtype(x2d)
+    dt = compute_dtype(x2d)
     # row-major result, like the dense op and the fake kernel of sparsec::spmm
     return torch.sparse.mm(plan.weight(values.to(dt)), x2d.to(dt).t()).t().to(x2d.dtype).contiguous()
 
 
 def csr_grad_input(plan: CSRPlan, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``dy @ W`` through the CSR of ``W^T``."""
-    dt = _compute_dtype(dy)
+    dt = compute_dtype(dy)
     return torch.sparse.mm(plan.weight_t(values.to(dt)), dy.to(dt).t()).t().to(dy.dtype).contiguous()
 
 
 def csr_grad_values(plan: CSRPlan, dy: torch.Tensor, x2d: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``(dy^T @ x2d)`` at the kept positions, in stored order (SDDMM)."""
-    dt = _compute_dtype(dy)
+    dt = compute_dtype(dy)
     return plan.sampled_grad(dy.to(dt), x2d.to(dt), values.shape).to(values.dtype)
-
-
-class SparseMatmul(torch.autograd.Function):
-    """``y2d = x2d @ W^T`` on the CPU path, with a grow capture that sees ``dY`` and ``X`` in backward.
-
-    Used for steps where a layer is armed for a grow step; other steps go through the custom op
-    ``sparsec::spmm`` (``runtime.ops``), which torch.compile can trace.
-    """
-
-    @staticmethod
-    def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, plan: CSRPlan, capture):
-        ctx.plan, ctx.capture = plan, capture
-        ctx.save_for_backward(x2d, values)
-        return csr_forward(plan, x2d, values)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x2d, values = ctx.saved_tensors
-        plan: CSRPlan = ctx.plan
-        dx = csr_grad_input(plan, dy, values) if ctx.needs_input_grad[0] else None
-        dvalues = csr_grad_values(plan, dy, x2d, values) if ctx.needs_input_grad[1] else None
-        if ctx.capture is not None:
-            dt = _compute_dtype(dy)
-            ctx.capture.observe(dy.to(dt), x2d.to(dt))
-        return dx, dvalues, None, None

@@ -162,7 +162,7 @@ class MaskUpdater:
             "step": self.t,
             "total_steps": self.total_steps,
             "generator": self.generator.get_state(),
-            "masks": {n: {k: v.clone() for k, v in layer._buffers_dict().items()} for n, layer in self.layers.items()},
+            "masks": {n: {k: v.clone() for k, v in layer.index_buffers().items()} for n, layer in self.layers.items()},
             "momentum": {n: shadow.state_dict() for n, shadow in self._shadows.items()},
         }
 
@@ -186,7 +186,7 @@ class MaskUpdater:
             layer = self.layers[name]
             flat = layer.layout.decode(buffers)
             layer.layout.check_positions(flat, what=f"{name} mask in the checkpoint")
-            layer._write_positions(flat)
+            layer.write_positions(flat)
         for name, shadow_state in state.get("momentum", {}).items():
             self._shadows[name].load_state_dict(shadow_state)
         self.t = state["step"]

@@ -91,7 +91,7 @@ def test_grow_kernel_segments_equal_torch_topk_of_the_dense_reference(spec, out,
     dropped = choose_drops(torch.rand(layout.n_items, generator=gen), layout.n_items // 3)
     flags = torch.zeros(layout.n_items, dtype=torch.uint8)
     flags[dropped] = 1
-    pos = positions_of(layer.spec, layer._buffers_dict())
+    pos = positions_of(layer.spec, layer.index_buffers())
     if pos is not None:
         flags = flags.view(pos.shape)
     dy = torch.randint(-2, 3, (9, out), generator=gen).to(dtype)  # exact in every dtype: exact ties

@@ -36,7 +36,7 @@ def _setup(spec, out, inn, dtype, bias=True, activation="relu"):
     kernels = compile_layer(str(layer.spec), inn, out, name_of(dtype), bias, activation)
     launcher = Launcher(kernels, layer.layout, interpret=True, poison=True)
     plan = TritonPlan.build(layer.layout, layer.positions())
-    return layer, launcher, plan, positions_of(layer.spec, layer._buffers_dict())
+    return layer, launcher, plan, positions_of(layer.spec, layer.index_buffers())
 
 
 @pytest.mark.parametrize("spec,out,inn,dtype", list(cases()))

@@ -116,7 +116,7 @@ def test_rigl_step_nan_leaves_mask_unchanged():
 def _layer(spec, out, inn, policy, flat=None, values=None):
     layer = SparseLinear(inn, out, bias=False, spec=spec, policy=policy)
     if flat is not None:
-        layer._write_positions(torch.tensor(flat))
+        layer.write_positions(torch.tensor(flat))
     if values is not None:
         layer.values.data.copy_(torch.tensor(values))
     return layer

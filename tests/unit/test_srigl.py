@@ -13,7 +13,7 @@ def test_a_row_without_salient_weights_is_ablated_and_its_budget_shared():
         8, 4, bias=False, spec="fanin(k=2)", policy=sparsec.srigl(delta_t=1, alpha=0.6, gamma_sal=1.0)
     )
     model = nn.Sequential(first, sparsec.SparseLinear(4, 2, spec="50%", policy=sparsec.static))
-    first._write_positions(torch.tensor([0, 1, 8, 9, 16, 17, 24, 25]))  # row r keeps columns 0 and 1
+    first.write_positions(torch.tensor([0, 1, 8, 9, 16, 17, 24, 25]))  # row r keeps columns 0 and 1
     with torch.no_grad():
         first.values.copy_(torch.tensor([[5.0, 1.0], [5.0, 1.0], [5.0, 5.0], [0.01, 0.01]]))
     updater = sparsec.MaskUpdater(model, torch.optim.SGD(model.parameters(), lr=0.0), total_steps=10**6)
