@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 
+from sparsec.dtypes import KERNEL_DTYPES
 from sparsec.errors import SparsecError
 from sparsec.explainer import explain_spec
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("explain", help="show the IR, passes, format, cost model and generated source of a layer")
     ex.add_argument("spec", help="a sparsity spec, e.g. 2:4, 90%%, 'block(32x32, 90%%)', 'fanin(k=64)'")
     ex.add_argument("--shape", type=_shape, required=True, help="weight shape OUTxIN, e.g. 4096x1024")
-    ex.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    ex.add_argument("--dtype", default="fp16", choices=[d for d in KERNEL_DTYPES if d != "tf32"])
     ex.add_argument("--batch", type=int, default=4096, help="rows of the activation for the cost model")
     ex.add_argument("--no-bias", action="store_true")
     ex.add_argument("--activation", choices=["relu", "gelu", "silu"])
