@@ -1,18 +1,26 @@
 """sparsec: declared sparsity, real compressed layers, and RigL-family mask updates.
 
 Stable import paths: the names in ``__all__`` below, ``sparsec.config`` and ``sparsec.errors``.
-Everything else (``sparsec.nn.formats``, ``sparsec.policies.decision``, ...) is internal and may
+Everything else (``sparsec.formats``, ``sparsec.policies.decision``, ...) is internal and may
 change between releases.
 """
 
 from sparsec import config
 from sparsec.dsl.sparsify import sparse, sparsify
 from sparsec.errors import ShapeError, SparsecError, SparsecWarning, SpecError
+from sparsec.explainer import explain
 from sparsec.nn.layers import SparseConv2d, SparseLinear
-from sparsec.policies.base import gmp, rigl, set_, small_dense, snfs, snip, srigl, static
 from sparsec.policies.decision import rigl_step
 from sparsec.policies.distributions import erk_densities
+from sparsec.policies.gmp import gmp
 from sparsec.policies.imp import imp, imp_rounds
+from sparsec.policies.rigl import rigl
+from sparsec.policies.set import set_
+from sparsec.policies.small_dense import small_dense
+from sparsec.policies.snfs import snfs
+from sparsec.policies.snip import snip
+from sparsec.policies.srigl import srigl
+from sparsec.policies.static import static
 from sparsec.spec import NM, Block, Dense, FanIn, Unstructured, parse_policy, parse_spec
 from sparsec.train.updater import MaskUpdater
 
@@ -48,4 +56,5 @@ __all__ = [
     "ShapeError",
     "SparsecWarning",
     "config",
+    "explain",
 ]

@@ -1,7 +1,8 @@
 """``sparsify(model, ...)`` and the ``@sparse(...)`` class decorator.
 
 Both replace ``nn.Linear`` and ``nn.Conv2d`` modules in place with compressed sparse layers that
-start from the dense layer's values at randomly chosen kept positions (the RigL initial topology).
+start from the dense layer's values at randomly chosen kept positions (the RigL initial topology),
+through the policy's ``prepare`` (snip and small_dense choose otherwise).
 Per-layer specs come from, in order: ``dense=[...]`` (names or globs kept dense), the first
 matching glob of ``overrides``, else the global ``spec`` spread by ``distribution``.
 """
@@ -12,17 +13,17 @@ import dataclasses
 import fnmatch
 import functools
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from sparsec.errors import SparsecError
-from sparsec.formats import item_scores, make_layout
+from sparsec.formats import Layout
 from sparsec.nn.layers import SparseConv2d, SparseLayer, SparseLinear
-from sparsec.policies.base import SNIP, Policy, SmallDense, rigl
-from sparsec.policies.decision import top_items
+from sparsec.policies.base import Policy
 from sparsec.policies.distributions import DISTRIBUTIONS
+from sparsec.policies.rigl import rigl
 from sparsec.spec import Dense, Spec, parse_policy, parse_spec
 
 
@@ -77,13 +78,12 @@ def sparsify(
     dense: Iterable[str] = (),
     overrides: Mapping[str, str | Spec] | None = None,
 ) -> nn.Module:
-    """Replace the model's Linear/Conv2d layers with sparse ones, in place; returns the model."""
+    """Replace the model's Linear/Conv2d layers with sparse ones, in place; returns the model.
+
+    The policy's ``prepare`` builds the result from the planned specs: most put the sparse layers in
+    with a random topology, snip chooses each mask first, small_dense narrows the dense model instead.
+    """
     policy = parse_policy(policy)
-    if isinstance(policy, SNIP) and policy.loss is None:
-        raise SparsecError(
-            "snip chooses the mask from one batch: pass policy=sparsec.snip(loss=lambda model: ...), a callable "
-            "returning the loss of the dense model on that batch"
-        )
     targets = {
         name: m
         for name, m in model.named_modules()
@@ -93,107 +93,29 @@ def sparsify(
         raise SparsecError("the model has no nn.Linear or nn.Conv2d layers to sparsify")
     shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
     specs = plan_specs(shapes, spec, distribution, dense, overrides)
-    if isinstance(policy, SmallDense):
-        return shrink_to_budget(model, targets, specs)
-    sensitivity = _snip_scores(model, targets, policy.loss) if isinstance(policy, SNIP) else {}
+    return policy.prepare(model, targets, specs, functools.partial(replace_layers, model, targets, specs, policy))
+
+
+def replace_layers(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    specs: Mapping[str, Spec],
+    policy: Policy,
+    initial: Callable[[str, Layout], torch.Tensor] | None = None,
+) -> nn.Module:
+    """Put a sparse layer in place of every target whose spec is not dense, starting from the dense
+    values at random kept positions, or at ``initial(name, layout)`` (sorted kept item positions)."""
     for name, module in targets.items():
         layer_spec = specs[name]
         if isinstance(layer_spec, Dense):
             continue
         kind = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
         sparse_module = kind.from_dense(module, layer_spec, policy, name=name)
-        if name in sensitivity:  # snip: the best |g * w| of every unit instead of a random topology
-            layout = sparse_module.layout
-            scores = item_scores(layout, sensitivity[name].reshape(layout.out_features, -1))
-            sparse_module.take_dense(module.weight, top_items(layout, scores))
+        if initial is not None:
+            sparse_module.take_dense(module.weight, initial(name, sparse_module.layout))
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, sparse_module)
     return model
-
-
-def _snip_scores(model: nn.Module, targets: dict[str, nn.Module], loss) -> dict[str, torch.Tensor]:
-    """``|g * w|`` of every target layer's dense weight for one evaluation of ``loss(model)``."""
-    weights = [m.weight for m in targets.values()]
-    grads = torch.autograd.grad(loss(model), weights, allow_unused=True)
-    scores = {}
-    for (name, module), g in zip(targets.items(), grads, strict=True):
-        if g is None:
-            raise SparsecError(f"snip: the loss does not depend on layer {name!r}; check the loss callable")
-        scores[name] = (g * module.weight).detach().abs()
-    return scores
-
-
-def shrink_to_budget(model: nn.Module, targets: dict[str, nn.Module], specs: dict[str, Spec]) -> nn.Module:
-    """small_dense: narrow the hidden widths of a Sequential chain until its weights fit the budget."""
-    if not isinstance(model, nn.Sequential) or any(
-        p.numel() and not isinstance(m, (nn.Linear, nn.Conv2d))
-        for m in model.children()
-        for p in m.parameters(recurse=False)
-    ):
-        raise SparsecError(
-            "small_dense narrows hidden widths, which is defined here for an nn.Sequential chain of Linear/"
-            "Conv2d layers (and parameter-free modules); build the small dense model by hand for other models"
-        )
-    layers = [(i, m) for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
-    budget = 0
-    for name, module in targets.items():
-        w = module.weight
-        budget += (
-            w.numel() if isinstance(specs[name], Dense) else make_layout(specs[name], w.shape[0], w[0].numel()).nnz
-        )
-
-    def widths(scale: float) -> list[int]:  # output width of each layer; the last keeps its own
-        return [max(1, round(_out(m) * scale)) for _, m in layers[:-1]] + [_out(layers[-1][1])]
-
-    def weights(scale: float) -> int:
-        outs, total, prev = widths(scale), 0, None
-        for (_, m), out in zip(layers, outs, strict=True):
-            total += out * _fan_in(m, prev)
-            prev = (out, _out(m))
-        return total
-
-    lo, hi = 0.0, 1.0
-    for _ in range(50):  # bisection on the width factor
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if weights(mid) <= budget else (lo, mid)
-    prev = None
-    for (i, m), out in zip(layers, widths(lo), strict=True):
-        model[i] = _resized(m, _fan_in(m, prev) // _kernel(m), out)
-        prev = (out, _out(m))
-    return model
-
-
-def _out(m) -> int:
-    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-
-
-def _kernel(m) -> int:
-    return 1 if isinstance(m, nn.Linear) else m.kernel_size[0] * m.kernel_size[1]
-
-
-def _fan_in(m, prev) -> int:
-    """Inputs per output after the previous layer went from ``prev[1]`` to ``prev[0]`` outputs."""
-    full = m.in_features if isinstance(m, nn.Linear) else m.in_channels * _kernel(m)
-    if prev is None:
-        return full
-    new, old = prev
-    return full * new // old  # a Linear after Flatten sees every channel's positions
-
-
-def _resized(m, fan_in: int, out: int):
-    if isinstance(m, nn.Linear):
-        return nn.Linear(fan_in, out, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
-    return nn.Conv2d(
-        fan_in,
-        out,
-        m.kernel_size,
-        m.stride,
-        m.padding,
-        m.dilation,
-        bias=m.bias is not None,
-        device=m.weight.device,
-        dtype=m.weight.dtype,
-    )
 
 
 _building = threading.local()

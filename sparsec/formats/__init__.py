@@ -1,5 +1,58 @@
-"""Storage formats: how a spec's kept weights are laid out, indexed and checked (pure data over torch)."""
+"""Storage formats: one ``Format`` per structure (layout, buffers, kernels), found by spec type.
 
-from sparsec.formats.layout import Layout, item_scores, make_layout
+``format_of(spec)`` is the format of a spec; ``make_layout`` checks a spec against a weight shape
+and builds its ``Layout``; ``layout_of(*layout.key)`` rebuilds a layout from the custom ops' typed
+arguments, parsed once per distinct key. A new structure is one module here (its ``Format`` and, if its kernels
+are new, its ``Strategy``), one entry in ``FORMATS``, its templates in ``kernels/`` and its tests.
+"""
 
-__all__ = ["Layout", "item_scores", "make_layout"]
+from __future__ import annotations
+
+import functools
+
+from sparsec.errors import SparsecError
+from sparsec.formats.base import Format, Layout, LayoutKey, Strategy, item_scores
+from sparsec.formats.bsr import BSRFormat
+from sparsec.formats.csr import CSRFormat
+from sparsec.formats.ell import ELLFormat
+from sparsec.formats.nm import NMFormat
+from sparsec.spec.specs import Spec, check_layer, parse_spec
+
+FORMATS: dict[type, Format] = {f.spec_type: f for f in (CSRFormat(), NMFormat(), BSRFormat(), ELLFormat())}
+
+# The kernel test cases: every format's examples, in FORMATS order (tests/interpret, tests/aot, bench).
+KERNEL_CASES: tuple[tuple[str, int, int], ...] = tuple(case for f in FORMATS.values() for case in f.cases)
+
+
+def format_of(spec: Spec) -> Format:
+    """The storage format of a (parsed) sparse spec."""
+    found = FORMATS.get(type(spec))
+    if found is None:
+        raise SparsecError(f"spec {spec} has no sparse storage format; a dense spec keeps the layer dense")
+    return found
+
+
+def make_layout(spec: Spec, out_features: int, in_features: int, layer: str = "layer") -> Layout:
+    """The layout of ``spec`` on an ``out_features x in_features`` weight (checked, clear errors)."""
+    check_layer(spec, out_features, in_features, layer)
+    return format_of(spec).layout(spec, out_features, in_features)
+
+
+@functools.cache
+def layout_of(spec: str, out_features: int, in_features: int) -> Layout:
+    """The layout of a ``LayoutKey`` (the custom ops' typed arguments), parsed once per distinct key."""
+    return make_layout(parse_spec(spec), out_features, in_features)
+
+
+__all__ = [
+    "FORMATS",
+    "KERNEL_CASES",
+    "Format",
+    "Layout",
+    "LayoutKey",
+    "Strategy",
+    "format_of",
+    "item_scores",
+    "layout_of",
+    "make_layout",
+]

@@ -11,54 +11,17 @@ records the concrete ``out_features``/``in_features`` the program is built for.
 
 from __future__ import annotations
 
-import math
-
 import sympy
 
 from sparsec.dtypes import DTYPES
 from sparsec.errors import SparsecError
+from sparsec.formats import format_of
+from sparsec.formats.base import PROGRAMS
 from sparsec.ir.graph import BATCH, IN, OUT, Program, ProgramBuilder, make_node
 from sparsec.ir.ops import ACTIVATIONS, Op
-from sparsec.spec import NM, Block, Dense, FanIn, Spec, Unstructured, parse_spec
+from sparsec.spec import Dense, Spec, parse_spec
 
-PROGRAMS = ("forward", "grad_input", "grad_values", "grow_scores")
-
-
-class kept(sympy.Function):  # noqa: N801 - reads as a formula: kept(n, s)
-    """``n - floor(s * n)`` (at least 1), evaluated with Python floats exactly as the runtime does."""
-
-    @classmethod
-    def eval(cls, n, s):
-        if n.is_Integer and s.is_Number:
-            return sympy.Integer(max(1, int(n) - math.floor(float(s) * int(n))))
-        return None
-
-
-def _kept(n: sympy.Expr, sparsity: float) -> sympy.Expr:
-    return kept(n, sympy.Float(sparsity)) if sparsity else n
-
-
-def values_shape(spec: Spec) -> tuple[sympy.Expr, ...]:
-    """Symbolic shape of the stored values (README's storage table)."""
-    if isinstance(spec, NM):
-        return (OUT, IN * spec.n / spec.m)
-    if isinstance(spec, FanIn):
-        return (OUT, sympy.Integer(spec.k) if spec.k is not None else _kept(IN, spec.sparsity))
-    if isinstance(spec, Block):
-        blocks = OUT * IN / (spec.rows * spec.cols)
-        return (_kept(blocks, spec.sparsity), sympy.Integer(spec.rows), sympy.Integer(spec.cols))
-    if isinstance(spec, Unstructured):
-        return (_kept(OUT * IN, spec.sparsity),)
-    raise SparsecError(f"spec {spec} has no sparse programs")
-
-
-def units_shape(spec: Spec) -> sympy.Expr:
-    """Number of units whose kept count is fixed (groups, rows, or the layer)."""
-    if isinstance(spec, NM):
-        return OUT * IN / spec.m
-    if isinstance(spec, FanIn):
-        return OUT
-    return sympy.Integer(1)
+__all__ = ["PROGRAMS", "build_programs"]
 
 
 def build_programs(
@@ -77,14 +40,16 @@ def build_programs(
         raise SparsecError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     if activation is not None and activation not in ACTIVATIONS:
         raise SparsecError(f"activation {activation!r} is not supported; choose one of {ACTIVATIONS} or None")
+    fmt = format_of(spec)
+    values_shape = fmt.values_shape(spec)
     weight = make_node(
         Op.SPARSE,
         dtype,
         (OUT, IN),
-        spec=str(spec),
+        spec=spec,  # the frozen Spec value: passes read it, nobody re-parses a string
         out_features=out_features,
         in_features=in_features,
-        values_shape=values_shape(spec),
+        values_shape=values_shape,
     )
 
     def start(name: str) -> tuple[ProgramBuilder, int]:
@@ -112,15 +77,15 @@ def build_programs(
         gval.add(make_node(Op.DENSE, dtype, (BATCH, OUT), name="dz")),
         gval.add(make_node(Op.DENSE, dtype, (BATCH, IN), name="x")),
     )
-    dv = gval.add(make_node(Op.SDDMM, dtype, values_shape(spec)), dz, x, w)
-    gval.add(make_node(Op.OUTPUT, dtype, values_shape(spec), name="dvalues"), dv)
+    dv = gval.add(make_node(Op.SDDMM, dtype, values_shape), dz, x, w)
+    gval.add(make_node(Op.OUTPUT, dtype, values_shape, name="dvalues"), dv)
 
     grow, w = start("grow_scores")
     dz, x = (
         grow.add(make_node(Op.DENSE, dtype, (BATCH, OUT), name="dz")),
         grow.add(make_node(Op.DENSE, dtype, (BATCH, IN), name="x")),
     )
-    cand = (units_shape(spec), sympy.Integer(grow_k))
+    cand = (fmt.units(spec), sympy.Integer(grow_k))
     top = grow.add(make_node(Op.GROW_TOPK, "fp32", cand, k=grow_k), dz, x, w)
     grow.add(make_node(Op.OUTPUT, "fp32", cand, name="candidates"), top)
 

@@ -16,10 +16,10 @@ from typing import Any
 import networkx as nx
 import sympy
 
+from sparsec.formats.base import BATCH, IN, OUT
 from sparsec.ir.ops import Op
 
-# Symbols every shape is written in: batch rows, out features, in features.
-BATCH, OUT, IN = sympy.symbols("B O I", integer=True, positive=True)
+__all__ = ["BATCH", "IN", "OUT", "Node", "Program", "ProgramBuilder", "make_node", "node_keys", "program_key"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.formats import Layout, item_scores, make_layout
+from sparsec.formats import Layout, item_scores, layout_of
 from sparsec.ir.graph import Program
 from sparsec.ir.ops import Op
-from sparsec.spec import parse_spec
 
 _ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
 
 
 def weight_layout(program: Program) -> Layout:
     node = program.node(program.find(Op.SPARSE)[0])
-    return make_layout(parse_spec(node.attr("spec")), node.attr("out_features"), node.attr("in_features"))
+    return layout_of(str(node.attr("spec")), node.attr("out_features"), node.attr("in_features"))
 
 
 def grow_topk(layout: Layout, scores: torch.Tensor, kept: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,3 +36,11 @@ ARITY: dict[Op, tuple[int, ...]] = {  # allowed argument counts
 }
 
 ACTIVATIONS = ("relu", "gelu", "silu")
+
+# The product each program computes, by program name (formats key tiles and templates by program).
+PRODUCTS: dict[Op, str] = {
+    Op.SPMM: "forward",
+    Op.SPMM_T: "grad_input",
+    Op.SDDMM: "grad_values",
+    Op.GROW_TOPK: "grow_scores",
+}

@@ -15,8 +15,8 @@ from torch import nn
 
 from sparsec.errors import ShapeError, SparsecError
 from sparsec.formats import Layout, make_layout
+from sparsec.runtime import ops  # noqa: F401 - registers the custom ops torch.ops.sparsec.*
 from sparsec.runtime.cpu import compute_dtype
-from sparsec.runtime.ops import layer_config
 from sparsec.spec import Dense, Policy, Spec, parse_policy, parse_spec
 
 
@@ -49,9 +49,10 @@ class SparseLayer(nn.Module):
         self.name = name
         self.target_spec = target  # where a density-changing policy (gmp) is heading
         self.layout = make_layout(self.spec, out_features, in_features, name)
-        self._op_config = layer_config(self.spec, out_features, in_features)
         self.grow_capture = None  # set by MaskUpdater one step before a gradient-driven grow
-        self._stale_values: nn.Parameter | None = None  # replaced by a checkpoint load at another density
+        # the values Parameter a checkpoint load at another density replaced (gmp): an optimizer built before
+        # the load still holds it, until MaskUpdater.load_state_dict points the optimizer at the new one
+        self.replaced_values: nn.Parameter | None = None
         self._cache: tuple | None = None
         for buf, buf_dtype, shape in self.layout.buffers:
             self.register_buffer(buf, torch.empty(shape, dtype=buf_dtype, device=device))
@@ -97,7 +98,7 @@ class SparseLayer(nn.Module):
     def set_positions(self, flat: torch.Tensor, src: torch.Tensor) -> None:
         """Move to new kept positions; ``src[i]`` is the old slot of new item ``i`` or -1 (grown: 0).
 
-        ``flat`` must already satisfy the spec (``policies.decision.apply_growth`` checks it).
+        ``flat`` must already satisfy the spec (``policies.relayout.apply_change`` checks it).
         """
         self.values.copy_(remap_rows(self.values, src))
         self.write_positions(flat)
@@ -108,7 +109,7 @@ class SparseLayer(nn.Module):
 
         ``values`` becomes a new Parameter (autograd caches a leaf's shape, so a resized one cannot
         keep its identity); the old one is returned so the optimizer can be pointed at the new one
-        (``train.optim_state.replace_parameter``).
+        (``policies.relayout.replace_parameter``).
         """
         layout = make_layout(spec, self.layout.out_features, self.layout.in_features, self.name)
         layout.check_positions(flat, what="new mask")
@@ -119,9 +120,16 @@ class SparseLayer(nn.Module):
         for name, dtype, shape in layout.buffers:
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=self.values.device))
         self.spec, self.layout, self._cache = spec, layout, None
-        self._op_config = layer_config(spec, layout.out_features, layout.in_features)
         self.write_positions(flat)
         return old
+
+    def set_spec(self, spec: Spec) -> None:
+        """Record ``spec`` for a layer whose kept counts it leaves as they are (gmp between two sparsities
+        that round to the same count): storage, values and positions stay."""
+        layout = make_layout(spec, self.layout.out_features, self.layout.in_features, self.name)
+        same = (layout.values_shape, layout.buffers) == (self.layout.values_shape, self.layout.buffers)
+        assert same, (spec, self.spec)
+        self.spec, self.layout = spec, layout
 
     @torch.no_grad()
     def take_dense(self, weight: torch.Tensor, flat: torch.Tensor) -> None:
@@ -167,7 +175,7 @@ class SparseLayer(nn.Module):
         if x2d.device != self.values.device:
             raise SparsecError(f"input on {x2d.device} but the layer on {self.values.device}; move one of them")
         index = list(self.index_buffers().values())
-        y = torch.ops.sparsec.spmm(x2d, self.values, self.bias, index, self._op_config)
+        y = torch.ops.sparsec.spmm(x2d, self.values, self.bias, index, *self.layout.key)
         capture = self.grow_capture
         if capture is not None and y.requires_grad:
             x_seen = x2d.detach()
@@ -189,7 +197,7 @@ class SparseLayer(nn.Module):
             # an optimizer built before this load still holds the replaced Parameter:
             # MaskUpdater.load_state_dict points it at the new one
             # (kept in __dict__: assigning a Parameter attribute would register it as one)
-            self.__dict__["_stale_values"] = self.set_layout(layout.spec, flat, src)
+            self.__dict__["replaced_values"] = self.set_layout(layout.spec, flat, src)
         # A dense checkpoint (`weight`) loads into the current mask: kept positions take its values.
         dense = state_dict.pop(prefix + "weight", None)
         if dense is not None:

@@ -1,8 +1,9 @@
 """cost_model: FLOPs and bytes of every product as sympy formulas, and a roofline against dense.
 
 Formulas are in the batch ``B`` and the layer's ``O``/``I``; ``nnz`` is the number of stored
-values. N:M decompresses to a dense tile before ``tl.dot``: it moves fewer bytes but executes the
-dense FLOPs. Gather strategies run on CUDA cores. Peaks are datasheet figures (dense, no sparsity
+values. The weight's format gives its index bytes and its strategy's cost terms: a strategy that
+decompresses to a dense tile before ``tl.dot`` moves fewer bytes but executes the dense FLOPs; one
+without tensor cores (gathers) runs on CUDA cores. Peaks are datasheet figures (dense, no sparsity
 feature): bf16/fp16 tensor cores, TF32 tensor cores at half that rate, and FP32 CUDA cores for gathers
 and for IEEE fp32 dots (fp32 follows torch.get_float32_matmul_precision: "highest" is IEEE).
 """
@@ -15,10 +16,9 @@ from dataclasses import dataclass
 import sympy
 
 from sparsec.dtypes import DTYPES
+from sparsec.formats import format_of
 from sparsec.ir.graph import BATCH, IN, OUT, Program
 from sparsec.ir.ops import Op
-
-INDEX_BYTES = {"nm": 1, "ell": 4}  # per stored value; csr and bsr add row offsets (below)
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,12 @@ def formulas(op: Op, weight, dtype: str, precision: str = "tensor") -> dict[str,
     """FLOPs and bytes of one product, sparse and dense, and the engine that executes it."""
     e = DTYPES[dtype].bytes
     nnz = _nnz(weight)
-    fmt, strategy = weight.attr("format"), weight.attr("strategy")
-    if fmt == "bsr":
-        rows, cols = weight.attr("values_shape")[1:]
-        index = 4 * nnz / (rows * cols) + 4 * (OUT / rows + 1)
-    elif fmt == "csr":
-        index = 4 * nnz + 4 * (OUT + 1)
-    else:
-        index = INDEX_BYTES[fmt] * nnz
+    spec = weight.attr("spec")
+    fmt = format_of(spec)
+    strategy = fmt.strategy(spec)
+    index = fmt.index_bytes(spec, nnz)
     dense_mm = 2 * BATCH * OUT * IN
-    executed = dense_mm if strategy == "decompress-dot" else 2 * BATCH * nnz
+    executed = dense_mm if strategy.dense_product else 2 * BATCH * nnz
     if op is Op.GROW_TOPK:
         executed = dense_mm  # every candidate's |dY^T X| must be computed
     act_in, act_out = {
@@ -69,7 +65,7 @@ def formulas(op: Op, weight, dtype: str, precision: str = "tensor") -> dict[str,
         "bytes": e * (act_in + act_out + (nnz if op in (Op.SPMM, Op.SPMM_T) else 0)) + index,
         "dense_flops": dense_mm,
         "dense_bytes": e * (act_in + dense_out + dense_weight),
-        "engine": "cuda" if precision == "ieee" or (strategy == "gather" and op is not Op.GROW_TOPK) else "tensor",
+        "engine": "cuda" if precision == "ieee" or not (strategy.tensor_cores or op is Op.GROW_TOPK) else "tensor",
     }
 
 

@@ -1,221 +1,112 @@
-"""Mask policies as frozen values: ``rigl``, ``rigl(delta_t=50)``, ``"set(alpha=0.5)"``.
+"""The Policy protocol: what every policy module implements for ``sparsify`` and ``MaskUpdater``.
 
-A policy answers two questions for the ``MaskUpdater``: is step ``t`` an update step, and what
-fraction of kept weights is dropped there. How candidates are scored (gradient, random) is the
-policy's ``grow`` field; the drop/grow decision itself lives in ``policies.decision``.
+A policy value (its parameters, checks and string form) is ``sparsec.spec.Policy``; its behaviour is
+the subclass of ``Policy`` below in the policy's own module. Values are frozen and shared (one
+``sparsec.rigl`` serves every layer of every model), so whatever a policy keeps across steps lives in
+a per-layer state object it creates (``layer_state``), which the updater holds and checkpoints.
+
+At sparsify time ``prepare`` builds the sparse model (snip chooses the mask, small_dense narrows the
+dense model instead). In training, for every step ``t`` the updater
+
+1. arms each layer one step ahead (``arm`` with ``ctx.t = t``): the policy decides the drop from the
+   weights step ``t``'s forward will use and returns a ``Capture`` that step's backward feeds
+   (``layer.grow_capture``), or a reason to skip the update, or None;
+2. after the optimizer step, hands every due layer to its policy class at once (``update``: snfs
+   redistributes across all its layers) with what it armed, and applies the returned ``Change``s
+   (``relayout.apply_change``) or warns once per layer about a skip.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from sparsec.errors import SpecError
-from sparsec.policies.schedule import cosine_drop_fraction, is_update_step
-from sparsec.spec.policy import Policy, check_fraction, check_regrow, check_schedule
-from sparsec.spec.specs import FanIn, Unstructured
+import torch
+from torch import nn
+
+from sparsec.nn.layers import SparseLayer
+from sparsec.spec import Spec
+from sparsec.spec.policy import Policy as PolicyValue
+
+# sparsify's module replacement: ``replace(initial=None)`` puts the sparse layers in, each starting from
+# ``initial(name, layout)`` (sorted kept item positions) or, without it, a random topology; returns the model
+Replace = Callable[..., nn.Module]
 
 
 @dataclass(frozen=True)
-class Static(Policy):
-    """The mask chosen at initialisation never changes."""
+class Context:
+    """What a policy sees of the updater at step ``t`` (the step being armed, or updated)."""
 
-    name: ClassVar[str] = "static"
+    t: int
+    total_steps: int
+    optimizer: torch.optim.Optimizer | None
+    generator: torch.Generator  # the updater's seeded generator: SET's random scores, checkpointed
+    last_layer: str  # the model's last sparse layer (srigl never ablates its outputs)
 
 
-@dataclass(frozen=True)
-class _Scheduled(Policy):
-    """Drop by magnitude at ``delta_t`` intervals with the cosine-decayed fraction ``alpha``.
+class Capture:
+    """What a policy arms on a layer; ``update`` gets it back at the update step.
 
-    Regrowth takes fresh positions (not kept before the update), so every update that drops weights
-    changes the mask; ``regrow_dropped=True`` lets just-dropped weights compete for regrowth, keeping
-    value and optimizer state (google-research/rigl's behaviour: late updates can then change nothing).
+    Installed on ``layer.grow_capture`` while ``observes``: the layer hands ``observe`` the ``dY``
+    and ``X`` of every backward through it. A plan that needs no backward (SET's random growth) sets
+    ``observes = False`` and is only handed back.
     """
 
-    delta_t: int = 100
-    alpha: float = 0.3
-    t_end: float = 0.75
-    regrow_dropped: bool = False
+    observes: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        check_schedule(self)
-        check_fraction(self, "alpha", "initial drop fraction")
-        check_regrow(self)
-
-    def is_update_step(self, t: int, total_steps: int) -> bool:
-        return is_update_step(t, self.delta_t, self.t_end, total_steps)
-
-    def drop_fraction(self, t: int, total_steps: int) -> float:
-        return cosine_drop_fraction(t, self.alpha, self.t_end, total_steps)
+    def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        """Take one backward's ``dY`` and ``X`` (the last backward before the update wins)."""
 
 
 @dataclass(frozen=True)
-class SET(_Scheduled):
-    """Sparse Evolutionary Training: drop by magnitude, grow uniformly at random (seeded)."""
+class Change:
+    """A layer's new mask, applied by ``relayout.apply_change``.
 
-    name: ClassVar[str] = "set"
-    grow: ClassVar[str | None] = "random"
-
-
-@dataclass(frozen=True)
-class RigL(_Scheduled):
-    """Rigged Lottery: drop by magnitude, grow where |dense gradient| is largest."""
-
-    name: ClassVar[str] = "rigl"
-    grow: ClassVar[str | None] = "gradient"
-
-
-@dataclass(frozen=True)
-class SRigL(_Scheduled):
-    """Structured RigL (Lasby et al. 2023): RigL that keeps constant fan-in, with neuron ablation.
-
-    Every active output keeps exactly ``k = floor(K / active outputs)`` inputs, ``K`` the layer's
-    budget. At an update the drop is RigL's (layer-wide smallest |w|); an output whose salient
-    weights (those surviving the drop, plus those among the layer's ``n_drop`` largest |gradient|)
-    number fewer than ``max(1, int(gamma_sal * k))`` is ablated, unless too few outputs would be
-    left to hold the budget (then the most salient of them stay) or the layer is the model's last
-    sparse layer. Survivors then regrow to the new ``k`` by largest |gradient| in their row.
-    Ablated outputs hold no weights: the kernels do no work for them.
+    ``flat``: the new sorted item positions; ``src[i]``: the old slot of item ``i``, ``-1`` for a grown
+    one (it starts at 0 with zero optimizer state). ``spec``: the layer's new storage when its density
+    changes (None: the same layout). ``flat=None`` with a spec: the counts stay and only the recorded
+    spec moves on (gmp between two sparsities of the same kept count); the updater reports nothing.
+    ``dropped`` goes to ``MaskUpdater.last_dropped``; ``changed`` (positions grown, or ``pruned`` for a
+    policy that only prunes) to ``last_changes``.
     """
 
-    name: ClassVar[str] = "srigl"
-    grow: ClassVar[str | None] = "srigl"
-    gamma_sal: float = 0.3
+    flat: torch.Tensor | None
+    src: torch.Tensor | None
+    dropped: int = 0
+    spec: Spec | None = None
+    pruned: int = 0
 
-    def initial_spec(self, target):
-        if not isinstance(target, FanIn):
-            raise SpecError(
-                f"srigl keeps a constant fan-in per output, so it needs a fan-in spec such as fanin(90%) or "
-                f"fanin(k=64); got {target}"
-            )
-        return target  # after the first ablation the layer is stored as compressed rows (sparsec.train.srigl)
+    @property
+    def changed(self) -> int:
+        return self.pruned or int((self.src < 0).sum())
 
 
-@dataclass(frozen=True)
-class SNFS(Policy):
-    """Sparse momentum (Dettmers & Zettlemoyer 2019).
+class Policy(PolicyValue):
+    """The behaviour of a policy. The defaults are a policy whose mask never changes after ``prepare``."""
 
-    At ``delta_t`` intervals until ``t_end``: every snfs layer drops the ``floor(n * p_t)`` kept weights
-    of smallest ``|w|`` (``p_t = prune_rate / 2 * (1 + cos(pi * t / T_end))``); the total dropped is
-    redistributed across layers in proportion to each layer's mean momentum magnitude over its kept
-    weights (largest remainder), and every layer grows its share at the positions of largest momentum
-    magnitude (ties: lower flat index). Shares and growth go to fresh positions, those not kept before
-    the update; just-dropped positions only take what no layer has fresh room for (or compete with fresh
-    ones when ``regrow_dropped=True``), so every update that drops weights changes the masks.
-    Momentum is SGD's buffer, or Adam's ``m / (sqrt(v) + 1e-8)``. Growing by momentum needs the
-    momentum of weights that do not exist yet, so snfs keeps a dense momentum shadow and computes the
-    dense gradient at every step: the one policy that holds O(out x in) memory.
-    """
+    def prepare(
+        self, model: nn.Module, targets: Mapping[str, nn.Module], specs: Mapping[str, Spec], replace: Replace
+    ) -> nn.Module:
+        """Whole-model setup in ``sparsify``: ``targets`` are the Linear/Conv2d modules by name, ``specs``
+        their planned specs. Returns the model; the default replaces the targets, random topology."""
+        return replace()
 
-    name: ClassVar[str] = "snfs"
-    grow: ClassVar[str | None] = "momentum"
-    delta_t: int = 100
-    prune_rate: float = 0.5
-    t_end: float = 0.75
-    regrow_dropped: bool = False
+    def layer_state(self, layer: SparseLayer, optimizer: torch.optim.Optimizer | None):
+        """State the policy keeps for ``layer`` across steps (``state_dict``/``load_state_dict``, saved in
+        the updater's checkpoint), made when the updater is built; None: nothing."""
+        return None
 
-    def __post_init__(self) -> None:
-        check_schedule(self)
-        check_fraction(self, "prune_rate", "initial prune rate")
-        check_regrow(self)
+    def arm(self, layer: SparseLayer, ctx: Context, state) -> Capture | str | None:
+        """One step ahead of ``ctx.t``: a capture for step ``ctx.t``'s backward, a reason to skip that
+        update (reported at step ``ctx.t``), or None (nothing to capture)."""
+        return None
 
-    def initial_spec(self, target):
-        if not isinstance(target, Unstructured):
-            raise SpecError(
-                f"snfs moves weights between layers, so layer densities change: it needs unstructured specs "
-                f"such as 90%; got {target}"
-            )
-        return target
-
-    def is_update_step(self, t: int, total_steps: int) -> bool:
-        return is_update_step(t, self.delta_t, self.t_end, total_steps)
-
-    def drop_fraction(self, t: int, total_steps: int) -> float:
-        return cosine_drop_fraction(t, self.prune_rate, self.t_end, total_steps)
-
-
-@dataclass(frozen=True)
-class GMP(Policy):
-    """Gradual magnitude pruning (Zhu & Gupta 2017): from ``s_0`` to the layer's target sparsity ``s_f``.
-
-    At ``t = t0 + k * delta_t`` for ``t0 = t_start * total`` up to ``t1 = t_end * total`` the layer is
-    pruned by magnitude to ``s_t = s_f + (s_0 - s_f) * (1 - (t - t0) / (t1 - t0)) ** 3`` (the cubic
-    schedule with ``n * delta_t = t1 - t0``); storage shrinks with it. Nothing ever grows back.
-    """
-
-    name: ClassVar[str] = "gmp"
-    delta_t: int = 100
-    s_0: float = 0.0
-    t_start: float = 0.0
-    t_end: float = 0.75
-
-    def __post_init__(self) -> None:
-        check_schedule(self)
-        if not (isinstance(self.s_0, (int, float)) and 0.0 <= self.s_0 < 1.0):
-            raise SpecError(f"gmp: s_0={self.s_0!r} must be in [0, 1) (the sparsity training starts from)")
-        if not (0.0 <= self.t_start < self.t_end <= 1.0):
-            raise SpecError(
-                f"gmp: need 0 <= t_start < t_end <= 1 (fractions of total_steps), got {self.t_start}, {self.t_end}"
-            )
-
-    def initial_spec(self, target):
-        if not target.has_free_sparsity:
-            raise SpecError(
-                f"gmp prunes toward a sparsity, but spec {target} fixes the density; use a spec with a sparsity "
-                f"such as 90%, block(16x16, 90%) or fanin(90%)"
-            )
-        return dataclasses.replace(target, sparsity=min(self.s_0, target.sparsity))
-
-    def window(self, total_steps: int) -> tuple[float, float]:
-        return self.t_start * total_steps, self.t_end * total_steps
-
-    def is_update_step(self, t: int, total_steps: int) -> bool:
-        """Every ``delta_t`` steps from ``t0``, and once more at the first step >= ``t1`` (the final sparsity)."""
-        t0, t1 = self.window(total_steps)
-        return t >= 1 and ((t0 <= t <= t1 and (t - math.ceil(t0)) % self.delta_t == 0) or t == math.ceil(t1))
-
-    def sparsity_at(self, t: int, total_steps: int, final: float) -> float:
-        """The cubic schedule: ``s_0`` at ``t0``, ``final`` from ``t1`` on."""
-        t0, t1 = self.window(total_steps)
-        progress = min(1.0, max(0.0, (t - t0) / (t1 - t0)))
-        return final + (min(self.s_0, final) - final) * (1.0 - progress) ** 3
-
-
-@dataclass(frozen=True)
-class SNIP(Policy):
-    """SNIP (Lee et al. 2019): the mask is chosen once, at initialisation, by connection sensitivity
-    ``|g * w|`` of the dense model on one batch, per layer; it never changes afterwards.
-
-    ``loss`` is a callable ``loss(model) -> scalar`` evaluated on the dense model by ``sparsify``.
-    """
-
-    name: ClassVar[str] = "snip"
-    loss: Callable | None = dataclasses.field(default=None, compare=False, repr=False)
-
-    def __str__(self) -> str:
-        return self.name
-
-
-@dataclass(frozen=True)
-class SmallDense(Policy):
-    """The baseline of the RigL paper: a dense model with as many weights as the sparse one would keep.
-
-    ``sparsify(model, spec, policy=small_dense)`` shrinks the hidden widths of an ``nn.Sequential``
-    chain of Linear/Conv2d layers (the input and output widths stay) by one factor, the largest whose
-    dense weights fit the sparse model's kept-weight budget, and re-initialises the layers.
-    """
-
-    name: ClassVar[str] = "small_dense"
-
-
-static = Static()
-set_ = SET()
-rigl = RigL()
-gmp = GMP()
-srigl = SRigL()
-snfs = SNFS()
-snip = SNIP()
-small_dense = SmallDense()
+    @classmethod
+    def update(
+        cls, due: Mapping[str, SparseLayer], captures: Mapping[str, Capture | None], ctx: Context
+    ) -> dict[str, Change | str]:
+        """The update of step ``ctx.t`` for every due layer of this policy class, in model order, with
+        what each armed; each layer's parameters are its own ``layer.policy``. A layer left out is
+        unchanged and not reported; a string skips it with a warning."""
+        return {}

@@ -14,7 +14,7 @@ Conventions (pinned by tests, stated in the README):
 - new items start at zero.
 
 Because the drop is known before the backward of the update step, the grow side only ever keeps
-``lost[u]`` candidates per unit while it scans the gradient (``candidates.GrowSelector``).
+``lost[u]`` candidates per unit while it scans the gradient (``runtime.selection.GrowSelector``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 
 from sparsec.errors import ShapeError, SparsecWarning
 from sparsec.formats import Layout, item_scores, make_layout
-from sparsec.runtime.selection import GrowSelector, rank_in_unit
+from sparsec.policies.base import Change
+from sparsec.runtime.selection import GrowSelector
 from sparsec.spec import Spec, parse_spec
 
 
@@ -45,46 +46,34 @@ def choose_drops(drop_score: torch.Tensor, n_drop: int) -> torch.Tensor:
     return drop_score.argsort(stable=True)[:n_drop].sort().values
 
 
-def top_items(layout: Layout, scores: torch.Tensor) -> torch.Tensor:
-    """Sorted flat positions of every unit's ``kept_per_unit`` largest item scores (ties: lower index)."""
-    flat = torch.arange(scores.numel(), device=scores.device)
-    perm, rank = rank_in_unit(flat // layout.unit_size, scores.reshape(-1), flat)
-    return perm[rank < layout.kept_per_unit].sort().values
-
-
-def prune_to(layout: Layout, new_layout: Layout, kept: torch.Tensor, drop_score: torch.Tensor):
-    """Magnitude pruning to ``new_layout``'s counts: every unit drops its smallest items (ties: lower
-    flat index first). Returns the new sorted positions and their old slots."""
-    assert (new_layout.grid, new_layout.unit_size) == (layout.grid, layout.unit_size)
-    drop = layout.kept_per_unit - new_layout.kept_per_unit
-    perm, rank = rank_in_unit(kept // layout.unit_size, drop_score, kept, descending=False)
-    survives = torch.ones(kept.numel(), dtype=torch.bool, device=kept.device)
-    survives[perm[rank < drop]] = False
-    src = survives.nonzero().flatten()
-    flat = kept[src]
-    new_layout.check_positions(flat, what="pruned mask")
-    return flat, src
-
-
-def apply_growth(
-    layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, grown: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """New sorted kept positions and, for each, its old slot (``-1`` for a newly grown item).
-
-    ``dropped`` holds slots of ``kept``; ``grown`` holds flat positions, some of which may be
-    just-dropped ones: those keep their slot.
-    """
-    slots = torch.arange(kept.numel(), device=kept.device)
+def survivor_mask(kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """Boolean mask over the slots of ``kept``: False at the ``dropped`` slots."""
     survives = torch.ones(kept.numel(), dtype=torch.bool, device=kept.device)
     survives[dropped] = False
-    new_flat = torch.cat([kept[survives], grown])
-    order = new_flat.argsort()
-    new_flat = new_flat[order]
-    layout.check_positions(new_flat, what="updated mask")  # exact counts per unit, checked every time
-    # a position present before keeps its old slot (survivor, or dropped and regrown)
+    return survives
+
+
+def remap_positions(
+    kept: torch.Tensor, survives: torch.Tensor, grown: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New sorted kept positions (the ``survives`` slots of ``kept``, and ``grown``) and, for each, its
+    old slot in ``kept`` (``-1`` for a newly grown item).
+
+    ``grown`` may hold just-dropped positions: those keep their slot, so their value and optimizer state.
+    """
+    new_flat = torch.cat([kept[survives], grown]).sort().values
     at = torch.searchsorted(kept, new_flat).clamp(max=kept.numel() - 1)
-    src = torch.where(kept[at] == new_flat, slots[at], -1)
+    src = torch.where(kept[at] == new_flat, at, -1)  # a position present before keeps its old slot
     return new_flat, src
+
+
+def growth_change(kept: torch.Tensor, dropped: torch.Tensor, selector: GrowSelector) -> Change | str:
+    """The change of a same-layout drop/grow update (rigl, set): drop the ``dropped`` slots of ``kept``,
+    grow what a completed ``selector`` chose; or why the update is skipped."""
+    if not selector.finite:
+        return "a NaN or Inf gradient score"
+    flat, src = remap_positions(kept, survivor_mask(kept, dropped), selector.grown())
+    return Change(flat, src, dropped=int(dropped.numel()))
 
 
 def rigl_step(
@@ -118,6 +107,7 @@ def rigl_step(
     dropped = choose_drops(w_items.reshape(-1)[kept], n_drop_for(layout, drop_fraction))
     selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
     selector.add_rows(0, g_items.clone())
-    new_flat, _ = apply_growth(layout, kept, dropped, selector.grown())
+    new_flat, _ = remap_positions(kept, survivor_mask(kept, dropped), selector.grown())
+    layout.check_positions(new_flat, what="updated mask")
     ones = torch.ones(new_flat.numel(), layout.item[0], layout.item[1], dtype=torch.bool)
     return layout.to_dense(ones, new_flat).view(mask.shape)

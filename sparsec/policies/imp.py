@@ -29,8 +29,9 @@ from torch import nn
 from sparsec.errors import SparsecError, SpecError
 from sparsec.formats import make_layout
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.optim_state import replace_parameter
-from sparsec.spec import Policy, Unstructured, unstructured_with
+from sparsec.policies.base import Change, Policy
+from sparsec.policies.relayout import apply_change
+from sparsec.spec import Unstructured, unstructured_with
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,7 @@ def _prune_globally(layers: dict[str, SparseLayer], optimizer, n_drop: int) -> N
         src = survives.nonzero().flatten().to(layer.values.device)
         flat = layer.positions()[src]
         n = layer.layout.out_features * layer.layout.in_features
-        old = layer.set_layout(unstructured_with(n, src.numel()), flat, src)
-        replace_parameter(optimizer, old, layer.values, src)
+        apply_change(layer, optimizer, Change(flat, src, spec=unstructured_with(n, src.numel())))
 
 
 def _snapshot(model: nn.Module, layers: dict[str, SparseLayer]) -> dict[str, torch.Tensor]:

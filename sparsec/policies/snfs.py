@@ -1,25 +1,31 @@
-"""snfs: the dense momentum shadow and the cross-layer drop/redistribute/grow update (policies.base.SNFS)."""
+"""snfs: sparse momentum (Dettmers & Zettlemoyer 2019), the dense momentum shadow and the cross-layer
+drop/redistribute/grow update."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from sparsec import config
+from sparsec.errors import SpecError
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.decision import choose_drops, drop_scores, n_drop_for
-from sparsec.policies.optim_state import replace_parameter
-from sparsec.runtime.selection import rank_in_unit
-from sparsec.spec import unstructured_with
+from sparsec.policies.base import Capture, Change, Context, Policy
+from sparsec.policies.decision import choose_drops, drop_scores, n_drop_for, remap_positions, survivor_mask
+from sparsec.policies.schedule import cosine_drop_fraction, is_update_step
+from sparsec.runtime.selection import grad_row_chunks, rank_in_unit
+from sparsec.spec import Unstructured, unstructured_with
+from sparsec.spec.policy import check_fraction, check_regrow, check_schedule
 
 
-class MomentumShadow:
+class MomentumShadow(Capture):
     """Dense momentum of every weight of one layer, kept like the optimizer keeps it for kept weights.
 
-    Installed as the layer's capture at every step: each backward hands it ``dY`` and ``X``, and it
-    folds ``|dY^T X|`` chunk by chunk of output rows into SGD's ``m = beta m + (1 - dampening) g``
-    or Adam's ``m``, ``v``. O(out x in) memory by design (see SNFS).
+    The layer's state (``SNFS.layer_state``) and its capture at every step: each backward hands it
+    ``dY`` and ``X``, and it folds ``dY^T X`` chunk by chunk of output rows into SGD's
+    ``m = beta m + (1 - dampening) g`` or Adam's ``m``, ``v``. O(out x in) memory by design (see SNFS).
     """
 
     def __init__(self, layer: SparseLayer, optimizer):
@@ -42,18 +48,19 @@ class MomentumShadow:
     def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         group = self._group()
         first = self.steps == 0
-        rows = max(1, config.grow_chunk_bytes // (x.shape[1] * 4 * 3))
-        for r0 in range(0, self.m.shape[0], rows):
-            g = (dy[:, r0 : r0 + rows].t() @ x).float()
-            m = self.m[r0 : r0 + rows]
+        for r0, g in grad_row_chunks(self.layer.layout, dy, x):
+            g = g.float()
+            rows = slice(r0, r0 + g.shape[0])
+            m = self.m[rows]
             if self.v is not None:
                 beta1, beta2 = group["betas"]
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
-                self.v[r0 : r0 + rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                self.v[rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             elif first:
                 m.copy_(g)  # torch's SGD starts its buffer at the first gradient
             else:
                 m.mul_(group.get("momentum", 0.0)).add_(g, alpha=1 - group.get("dampening", 0.0))
+            del g  # before the next chunk is computed
         self.steps += 1
 
     def scores(self) -> torch.Tensor:
@@ -68,6 +75,98 @@ class MomentumShadow:
         if self.v is not None:
             self.v.copy_(state["v"])
         self.steps = state["steps"]
+
+
+@dataclass(frozen=True)
+class SNFS(Policy):
+    """Sparse momentum (Dettmers & Zettlemoyer 2019).
+
+    At ``delta_t`` intervals until ``t_end``: every snfs layer drops the ``floor(n * p_t)`` kept weights
+    of smallest ``|w|`` (``p_t = prune_rate / 2 * (1 + cos(pi * t / T_end))``); the total dropped is
+    redistributed across layers in proportion to each layer's mean momentum magnitude over its kept
+    weights (largest remainder), and every layer grows its share at the positions of largest momentum
+    magnitude (ties: lower flat index). Shares and growth go to fresh positions, those not kept before
+    the update; just-dropped positions only take what no layer has fresh room for (or compete with fresh
+    ones when ``regrow_dropped=True``), so every update that drops weights changes the masks.
+    Momentum is SGD's buffer, or Adam's ``m / (sqrt(v) + 1e-8)``. Growing by momentum needs the
+    momentum of weights that do not exist yet, so snfs keeps a dense momentum shadow and computes the
+    dense gradient at every step: the one policy that holds O(out x in) memory.
+    """
+
+    name: ClassVar[str] = "snfs"
+    delta_t: int = 100
+    prune_rate: float = 0.5
+    t_end: float = 0.75
+    regrow_dropped: bool = False
+
+    def __post_init__(self) -> None:
+        check_schedule(self)
+        check_fraction(self, "prune_rate", "initial prune rate")
+        check_regrow(self)
+
+    def initial_spec(self, target):
+        if not isinstance(target, Unstructured):
+            raise SpecError(
+                f"snfs moves weights between layers, so layer densities change: it needs unstructured specs "
+                f"such as 90%; got {target}"
+            )
+        return target
+
+    def is_update_step(self, t: int, total_steps: int) -> bool:
+        return is_update_step(t, self.delta_t, self.t_end, total_steps)
+
+    def drop_fraction(self, t: int, total_steps: int) -> float:
+        return cosine_drop_fraction(t, self.prune_rate, self.t_end, total_steps)
+
+    def layer_state(self, layer: SparseLayer, optimizer) -> MomentumShadow:
+        return MomentumShadow(layer, optimizer)
+
+    def arm(self, layer: SparseLayer, ctx: Context, state: MomentumShadow) -> Capture:
+        return state  # the shadow sees every backward; the drop is decided at the update
+
+    @classmethod
+    @torch.no_grad()
+    def update(
+        cls, due: Mapping[str, SparseLayer], captures: Mapping[str, Capture | None], ctx: Context
+    ) -> dict[str, Change | str]:
+        """One sparse-momentum update over every snfs layer due at this step."""
+        t, total = ctx.t, ctx.total_steps
+        plans = {}
+        for name, layer in due.items():
+            scores = captures[name].scores()
+            weights = drop_scores(layer.layout, layer.values)
+            if not (bool(torch.isfinite(scores).all()) and bool(torch.isfinite(weights).all())):
+                return {name: "a NaN or Inf weight or momentum"}  # no snfs layer moves this time
+            kept = layer.positions()
+            dropped = choose_drops(weights, n_drop_for(layer.layout, layer.policy.drop_fraction(t, total)))
+            survives = survivor_mask(kept, dropped)
+            share = float(scores.reshape(-1)[kept].mean()) if kept.numel() else 0.0
+            plans[name] = (kept, dropped, survives, share, scores)
+        names = list(plans)
+        n_total = [due[n].layout.out_features * due[n].layout.in_features for n in names]
+        survivors = [int(plans[n][2].sum()) for n in names]
+        shares = [plans[n][3] for n in names]
+        total_dropped = sum(int(plans[n][1].numel()) for n in names)
+        room = [n_total[i] - survivors[i] for i in range(len(names))]  # fresh positions plus the just-dropped
+        if any(due[n].policy.regrow_dropped for n in names):
+            grants = redistribute(total_dropped, shares, room)
+        else:  # fresh positions first: a full layer cannot take back what it dropped while others have room
+            fresh = [n_total[i] - int(plans[n][0].numel()) for i, n in enumerate(names)]
+            grants = redistribute(total_dropped, shares, fresh)
+            rest = redistribute(total_dropped - sum(grants), shares, [r - g for r, g in zip(room, grants, strict=True)])
+            grants = [g + r for g, r in zip(grants, rest, strict=True)]
+        changes = {}
+        for i, name in enumerate(names):
+            kept, dropped, survives, _, scores = plans[name]
+            regrow = due[name].policy.regrow_dropped
+            grown = _grow_by_momentum(kept, kept[~survives], scores.reshape(-1), grants[i], regrow)
+            new_flat, src = remap_positions(kept, survives, grown)
+            spec = unstructured_with(n_total[i], new_flat.numel())
+            changes[name] = Change(new_flat, src, dropped=int(dropped.numel()), spec=spec)
+        return changes
+
+
+snfs = SNFS()
 
 
 def redistribute(total: int, shares: list[float], capacity: list[int]) -> list[int]:
@@ -92,49 +191,6 @@ def redistribute(total: int, shares: list[float], capacity: list[int]) -> list[i
             left -= take
         open_ = [i for i in open_ if grant[i] < capacity[i]]
     return grant
-
-
-@torch.no_grad()
-def snfs_update(updater, layers: dict[str, SparseLayer], shadows: dict[str, MomentumShadow]) -> None:
-    """One sparse-momentum update over ``layers`` (all snfs layers due at this step)."""
-    t, total = updater.t, updater.total_steps
-    plans = {}
-    for name, layer in layers.items():
-        scores = shadows[name].scores()
-        weights = drop_scores(layer.layout, layer.values)
-        if not (bool(torch.isfinite(scores).all()) and bool(torch.isfinite(weights).all())):
-            return updater._skip(name, "a NaN or Inf weight or momentum")
-        kept = layer.positions()
-        dropped = choose_drops(weights, n_drop_for(layer.layout, layer.policy.drop_fraction(t, total)))
-        survives = torch.ones(kept.numel(), dtype=torch.bool, device=kept.device)
-        survives[dropped] = False
-        share = float(scores.reshape(-1)[kept].mean()) if kept.numel() else 0.0
-        plans[name] = (kept, dropped, survives, share, scores)
-    names = list(plans)
-    n_total = [layers[n].layout.out_features * layers[n].layout.in_features for n in names]
-    survivors = [int(plans[n][2].sum()) for n in names]
-    shares = [plans[n][3] for n in names]
-    total_dropped = sum(int(plans[n][1].numel()) for n in names)
-    room = [n_total[i] - survivors[i] for i in range(len(names))]  # fresh positions plus the just-dropped
-    if any(layers[n].policy.regrow_dropped for n in names):
-        grants = redistribute(total_dropped, shares, room)
-    else:  # fresh positions first: a full layer cannot take back what it dropped while others have room
-        fresh = [n_total[i] - int(plans[n][0].numel()) for i, n in enumerate(names)]
-        grants = redistribute(total_dropped, shares, fresh)
-        rest = redistribute(total_dropped - sum(grants), shares, [r - g for r, g in zip(room, grants, strict=True)])
-        grants = [g + r for g, r in zip(grants, rest, strict=True)]
-    for i, name in enumerate(names):
-        layer = layers[name]
-        kept, dropped, survives, _, scores = plans[name]
-        grown = _grow_by_momentum(kept, kept[~survives], scores.reshape(-1), grants[i], layer.policy.regrow_dropped)
-        new_flat = torch.cat([kept[survives], grown]).sort().values
-        at = torch.searchsorted(kept, new_flat).clamp(max=kept.numel() - 1)
-        src = torch.where(kept[at] == new_flat, at, -1)  # survivors and regrown just-dropped keep their slot
-        spec = unstructured_with(n_total[i], new_flat.numel())
-        old = layer.set_layout(spec, new_flat, src)
-        replace_parameter(updater.optimizer, old, layer.values, src)
-        updater.last_changes[name] = int((src < 0).sum())
-        updater.last_dropped[name] = int(dropped.numel())
 
 
 def _grow_by_momentum(

@@ -1,4 +1,4 @@
-"""srigl: constant fan-in RigL with neuron ablation (policies.base.SRigL).
+"""srigl: Structured RigL (Lasby et al. 2023), constant fan-in RigL with neuron ablation.
 
 The update needs two passes over ``|dY^T X|`` (saliency decides the new fan-in, which decides how
 much each row regrows), so the armed backward keeps ``dY`` and ``X`` (O(batch x (in + out))) and
@@ -9,21 +9,27 @@ keeps its fan-in storage until an output is ablated; from then on it is stored a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from sparsec import config
-from sparsec.formats import make_layout
+from sparsec.errors import SpecError
+from sparsec.formats import Layout, make_layout
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.optim_state import replace_parameter
-from sparsec.runtime.selection import GrowSelector, best_per_row
+from sparsec.policies.base import Capture, Change, Context
+from sparsec.policies.decision import remap_positions, survivor_mask
+from sparsec.policies.schedule import Scheduled
+from sparsec.runtime.selection import GrowSelector, best_per_row, grad_row_chunks
 from sparsec.spec import FanIn, unstructured_with
 
 
-class ActivationCapture:
+class ActivationCapture(Capture):
     """Armed on a srigl layer for the update step's backward: keeps ``dY`` and ``X``."""
 
-    def __init__(self, dropped: torch.Tensor):
-        self.dropped = dropped
+    def __init__(self, kept: torch.Tensor, dropped: torch.Tensor):
+        self.kept, self.dropped = kept, dropped
         self.dy: torch.Tensor | None = None
         self.x: torch.Tensor | None = None
 
@@ -31,48 +37,80 @@ class ActivationCapture:
         self.dy, self.x = dy.detach().clone(), x.detach().clone()
 
 
-def _chunks(dy: torch.Tensor, x: torch.Tensor):
-    """``|dY^T X|`` one chunk of output rows at a time."""
-    rows = max(1, config.grow_chunk_bytes // (x.shape[1] * (x.element_size() + 20)))
-    for r0 in range(0, dy.shape[1], rows):
-        yield r0, (dy[:, r0 : r0 + rows].t() @ x).abs_()
+@dataclass(frozen=True)
+class SRigL(Scheduled):
+    """Structured RigL (Lasby et al. 2023): RigL that keeps constant fan-in, with neuron ablation.
+
+    Every active output keeps exactly ``k = floor(K / active outputs)`` inputs, ``K`` the layer's
+    budget. At an update the drop is RigL's (layer-wide smallest |w|); an output whose salient
+    weights (those surviving the drop, plus those among the layer's ``n_drop`` largest |gradient|)
+    number fewer than ``max(1, int(gamma_sal * k))`` is ablated, unless too few outputs would be
+    left to hold the budget (then the most salient of them stay) or the layer is the model's last
+    sparse layer. Survivors then regrow to the new ``k`` by largest |gradient| in their row.
+    Ablated outputs hold no weights: the kernels do no work for them.
+    """
+
+    name: ClassVar[str] = "srigl"
+    gamma_sal: float = 0.3
+
+    def initial_spec(self, target):
+        if not isinstance(target, FanIn):
+            raise SpecError(
+                f"srigl keeps a constant fan-in per output, so it needs a fan-in spec such as fanin(90%) or "
+                f"fanin(k=64); got {target}"
+            )
+        return target  # after the first ablation the layer is stored as compressed rows (module docstring)
+
+    def capture(self, layer: SparseLayer, kept: torch.Tensor, dropped: torch.Tensor) -> Capture:
+        return ActivationCapture(kept, dropped)
+
+    @classmethod
+    def update(
+        cls, due: Mapping[str, SparseLayer], captures: Mapping[str, Capture | None], ctx: Context
+    ) -> dict[str, Change | str]:
+        return {name: _update(layer, captures[name], last=name == ctx.last_layer) for name, layer in due.items()}
 
 
-def _layerwide_top(dy, x, active: torch.Tensor, d: int) -> torch.Tensor:
+srigl = SRigL()
+
+
+def _layerwide_top(layout: Layout, dy, x, active: torch.Tensor, d: int) -> torch.Tensor:
     """Flat positions of the ``d`` largest ``|dY^T X|`` over active rows (ties: lower flat index)."""
     inn = x.shape[1]
     flat = torch.empty(0, dtype=torch.int64, device=x.device)
     score = torch.empty(0, dtype=x.dtype, device=x.device)
     if d == 0:
         return flat
-    for r0, g in _chunks(dy, x):
+    for r0, g in grad_row_chunks(layout, dy, x):
+        g.abs_()
         g[~active[r0 : r0 + g.shape[0]]] = -torch.inf
         take = best_per_row(g.reshape(1, -1), torch.tensor([d], device=g.device)).view(-1)
         flat = torch.cat([flat, r0 * inn + take.nonzero().flatten()])  # ascending: chunks come in order
         score = torch.cat([score, g.reshape(-1)[take]])
         best = best_per_row(score.view(1, -1), torch.tensor([d], device=g.device)).view(-1)
         flat, score = flat[best], score[best]
+        del g, take  # before the next chunk is computed
     return flat
 
 
 @torch.no_grad()
-def srigl_update(updater, name: str, layer: SparseLayer, capture: ActivationCapture | None, last: bool) -> None:
-    if capture is None or capture.dy is None:
-        return updater._skip(name, "no backward ran through the layer since the updater armed it")
+def _update(layer: SparseLayer, capture: ActivationCapture, last: bool) -> Change | str:
+    if capture.dy is None:
+        return "no backward ran through the layer since the updater armed it"
     dy, x = capture.dy, capture.x
     if not (bool(torch.isfinite(dy).all()) and bool(torch.isfinite(x).all())):
-        return updater._skip(name, "a NaN or Inf gradient score")
-    out, inn = layer.layout.out_features, layer.layout.in_features
-    kept, dropped = layer.positions(), capture.dropped
+        return "a NaN or Inf gradient score"
+    layout = layer.layout
+    out, inn = layout.out_features, layout.in_features
+    kept, dropped = capture.kept, capture.dropped
     rows = kept // inn
     active = torch.bincount(rows, minlength=out) > 0
     budget = make_layout(layer.target_spec, out, inn).n_items
     k = budget // int(active.sum())
-    survives = torch.ones(kept.numel(), dtype=torch.bool, device=kept.device)
-    survives[dropped] = False
+    survives = survivor_mask(kept, dropped)
     surviving = torch.bincount(rows[survives], minlength=out)
     # saliency: surviving weights plus the layer's n_drop best gradients outside them
-    top = _layerwide_top(dy, x, active, int(dropped.numel()))
+    top = _layerwide_top(layout, dy, x, active, int(dropped.numel()))
     top = top[~torch.isin(top, kept[survives])]
     salient = surviving + torch.bincount(top // inn, minlength=out)
     ablate = active & (salient < max(1, int(layer.policy.gamma_sal * k)))
@@ -87,20 +125,16 @@ def srigl_update(updater, name: str, layer: SparseLayer, capture: ActivationCapt
     alive = active & ~ablate
     k_new = budget // int(alive.sum())
     need = torch.where(alive, k_new - surviving, torch.zeros_like(surviving))
-    gone = ~survives | ablate[rows]  # dropped, or in an ablated row
+    stays = survives & ~ablate[rows]  # neither dropped nor in an ablated row
     rows_layout = make_layout(FanIn(k=1), out, inn)  # units are rows
     selector = GrowSelector(
-        rows_layout, kept, gone.nonzero().flatten(), need=need, regrow_dropped=layer.policy.regrow_dropped
+        rows_layout, kept, (~stays).nonzero().flatten(), need=need, regrow_dropped=layer.policy.regrow_dropped
     )
-    for r0, g in _chunks(dy, x):
-        selector.add_rows(r0, g)
-    new_flat = torch.cat([kept[~gone], selector.grown()]).sort().values
+    for r0, g in grad_row_chunks(layout, dy, x):
+        selector.add_rows(r0, g.abs_())
+        del g  # before the next chunk is computed
+    new_flat, src = remap_positions(kept, stays, selector.grown())
     counts = torch.bincount(new_flat // inn, minlength=out)
     assert bool(((counts == 0) | (counts == k_new)).all()) and int(counts.sum()) == int(alive.sum()) * k_new
-    at = torch.searchsorted(kept, new_flat).clamp(max=kept.numel() - 1)
-    src = torch.where(kept[at] == new_flat, at, -1)
     spec = FanIn(k=k_new) if bool(alive.all()) else unstructured_with(out * inn, new_flat.numel())
-    old = layer.set_layout(spec, new_flat, src)
-    replace_parameter(updater.optimizer, old, layer.values, src)
-    updater.last_changes[name] = int((src < 0).sum())
-    updater.last_dropped[name] = int(dropped.numel())
+    return Change(new_flat, src, dropped=int(dropped.numel()), spec=spec)

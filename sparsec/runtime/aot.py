@@ -27,27 +27,17 @@ import torch
 
 from sparsec.codegen.cache import load_kernel_module
 from sparsec.dtypes import DTYPES, KERNEL_DTYPES, pointer_of
-from sparsec.formats import make_layout
+from sparsec.formats import KERNEL_CASES, make_layout
 from sparsec.runtime.compile import compile_layer
-from sparsec.runtime.launch import Launcher, positions_of
-from sparsec.runtime.plan import TritonPlan
+from sparsec.runtime.launch import Launcher, kernel_parameters
 from sparsec.spec import parse_spec
 
 # Compute capability, the arch ptxas names, and the opt-in shared memory limit per block (bytes).
 ARCHS = {"sm_80": (80, "sm_80", 166912), "sm_90a": (90, "sm_90a", 232448)}
 
-# Every structure, on shapes that are not multiples of any tile: the interpreter tests run these
-# same cases (tests/interpret/test_kernels.py), and AOT compiles them at the default tiles.
-MATRIX = [
-    ("90%", 37, 53),
-    ("2:4", 37, 52),
-    ("1:8", 21, 56),
-    ("1:3", 19, 33),  # M not a power of two: the gather strategy
-    ("block(16x16, 50%)", 48, 80),
-    ("block(32x32, 75%)", 64, 96),
-    ("block(4x8, 50%)", 20, 40),  # sides padded to 16 for tl.dot
-    ("fanin(k=7)", 37, 53),
-]
+# Every format's example cases, on shapes that are not multiples of any tile: the interpreter tests
+# run these same cases (tests/interpret/test_kernels.py), and AOT compiles them at the default tiles.
+MATRIX = list(KERNEL_CASES)
 
 
 @dataclass
@@ -72,16 +62,17 @@ class RecordedCall:
     program: str
     source: str
     template: str
-    args: tuple
+    args: dict  # tensors and sizes by parameter name, in signature order
     constexprs: dict
 
 
 def record_calls(spec: str, out: int, inn: int, dtype: str, batch: int = 19) -> list[RecordedCall]:
-    """The kernel calls of forward, grad_input and grad_values of one layer, recorded, not launched."""
+    """The kernel calls of the four programs of one layer, recorded, not launched (grow_scores only where
+    the format's strategy grows on a kernel)."""
     calls: list[RecordedCall] = []
 
     class Recorder(Launcher):
-        def _launch(self, program, grid, *args, **constexprs):
+        def _launch(self, program, grid, args, constexprs):
             src = self.kernels.kernels[program]
             calls.append(RecordedCall(program, src.source, src.template, args, constexprs))
 
@@ -89,25 +80,26 @@ def record_calls(spec: str, out: int, inn: int, dtype: str, batch: int = 19) -> 
     layout = make_layout(parse_spec(spec), out, inn)
     flat = layout.random_positions()
     launcher = Recorder(compile_layer(str(layout.spec), inn, out, dtype, True, "relu"), layout, interpret=False)
-    plan = TritonPlan.build(layout, flat)
-    pos = positions_of(layout.spec, layout.encode(flat))
+    plan = launcher.plan(layout.encode(flat))
     values = torch.zeros(layout.values_shape, dtype=torch_dtype)
     bias = torch.zeros(out, dtype=torch_dtype)
     x, dz = torch.zeros(batch, inn, dtype=torch_dtype), torch.zeros(batch, out, dtype=torch_dtype)
-    launcher.forward(x, values, plan, pos, bias)
-    launcher.grad_input(dz, values, plan, pos)
-    launcher.grad_values(dz, x, values, plan, pos)
-    kernels = launcher.kernels
-    if not (kernels.format == "nm" and kernels.strategy == "gather"):  # those grow on the CPU path
-        drop = torch.zeros(layout.values_shape if pos is not None else layout.n_items, dtype=torch.uint8)
-        launcher.grow_scores(dz, x, plan, pos, drop, kc=2)
+    launcher.run("forward", plan, x=x, values=values, bias=bias)
+    launcher.run("grad_input", plan, dz=dz, values=values)
+    launcher.run("grad_values", plan, dz=dz, x=x, values=values)
+    if launcher.strategy.grows_on_kernel:
+        drop = torch.zeros(layout.n_items, dtype=torch.uint8)
+        launcher.run("grow_scores", plan, dz=dz, x=x, drop=drop, kc=2)
     return calls
 
 
-def _signature(fn, args, constexprs) -> tuple[dict, dict, dict]:
-    names = fn.arg_names
+def _signature(fn, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
     signature, attrs = {}, {}
-    for i, (name, value) in enumerate(zip(names, args, strict=False)):
+    for i, (name, constexpr) in enumerate(kernel_parameters(fn)):
+        if constexpr:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
         if isinstance(value, torch.Tensor):
             signature[name] = pointer_of(value.dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned or better
@@ -115,8 +107,6 @@ def _signature(fn, args, constexprs) -> tuple[dict, dict, dict]:
             signature[name] = "i64" if abs(value) >= 2**31 else "i32"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    for name in names[len(args) :]:
-        signature[name] = "constexpr"
     return signature, dict(constexprs), attrs
 
 

@@ -1,8 +1,8 @@
 """From a layer's configuration to rendered kernel source: build programs, lower them, render.
 
 ``compile_layer`` is memoised per configuration; the sources are deterministic, so the same
-configuration always maps to the same cache files. The template a program uses follows from the
-strategy the ``choose_format`` pass picked (see ``TEMPLATES``).
+configuration always maps to the same cache files. The template a program uses is the one its
+format's strategy names (``Strategy.template``).
 """
 
 from __future__ import annotations
@@ -13,34 +13,19 @@ from dataclasses import dataclass
 from sparsec.codegen.render import render
 from sparsec.dtypes import KERNEL_DTYPES
 from sparsec.errors import SparsecError
-from sparsec.ir.build import build_programs
+from sparsec.formats import format_of
+from sparsec.ir.build import PROGRAMS, build_programs
 from sparsec.ir.graph import Program, program_key
-from sparsec.ir.ops import Op
+from sparsec.ir.ops import PRODUCTS, Op
 from sparsec.passes import lower
 from sparsec.spec import parse_spec
 
-# (program, strategy) -> (template, fixed template parameters)
-TEMPLATES = {
-    ("forward", "decompress-dot"): ("nm_spmm.py.jinja", {}),
-    ("forward", "block-dot"): ("bsr_spmm.py.jinja", {"transposed": False}),
-    ("forward", "gather"): ("csr_spmm.py.jinja", {"has_perm": False}),
-    ("grad_input", "decompress-dot"): ("nm_spmm_t.py.jinja", {}),
-    ("grad_input", "block-dot"): ("bsr_spmm.py.jinja", {"transposed": True, "bias": False, "activation": None}),
-    ("grad_input", "gather"): ("csr_spmm.py.jinja", {"has_perm": True, "bias": False, "activation": None}),
-    ("grad_values", "decompress-dot"): ("nm_sddmm.py.jinja", {}),
-    ("grad_values", "block-dot"): ("bsr_sddmm.py.jinja", {}),
-    ("grad_values", "gather"): ("coo_sddmm.py.jinja", {}),
-    ("grow_scores", "decompress-dot"): ("grow_topk.py.jinja", {"fmt": "nm"}),
-    ("grow_scores", "block-dot"): ("bsr_grow.py.jinja", {}),
-    ("grow_scores", "gather"): ("grow_topk.py.jinja", {"fmt": "csr"}),
-}
 SUMMARIES = {
     "forward": "forward: Y = act(X @ W^T + b)",
     "grad_input": "grad_input: dX = dZ @ W",
     "grad_values": "grad_values: dV = (dZ^T @ X) at the kept positions",
     "grow_scores": "grow_scores: the best |dZ^T @ X| outside the kept positions, tile by tile",
 }
-PRODUCTS = (Op.SPMM, Op.SPMM_T, Op.SDDMM, Op.GROW_TOPK)
 
 
 @dataclass(frozen=True)
@@ -74,20 +59,21 @@ def compile_layer(
             f"dtype {dtype} has no generated kernels (they take {', '.join(KERNEL_DTYPES)}); "
             f"run float64 on the cpu backend (SPARSEC_BACKEND=cpu)"
         )
-    spec = str(parse_spec(spec))
+    value = parse_spec(spec)
+    spec = str(value)
+    strategy = format_of(value).strategy(value)
     programs = build_programs(spec, in_features, out_features, dtype, bias, activation)
     kernels, applied = {}, ()
-    for name in ("forward", "grad_input", "grad_values", "grow_scores"):
+    for name in PROGRAMS:
         lowered, applied = lower(programs[name])
         weight = lowered.node(lowered.find(Op.SPARSE)[0])
-        strategy = weight.attr("strategy")
-        template, fixed = TEMPLATES[(name, strategy)]
+        template, fixed = strategy.template(name)
         product = next(lowered.node(n) for n in lowered.order() if lowered.node(n).op in PRODUCTS)
         params = {"bias": bool(product.attr("bias")), "activation": product.attr("activation"), **fixed}
         params["dot_args"] = ', input_precision="ieee"' if product.attr("precision") == "ieee" else ""
         source_text = _render(template, spec, dtype, program_key(lowered), SUMMARIES[name], params)
         kernels[name] = KernelSource(lowered, template, source_text, dict(product.attr("tile")))
-    return LayerKernels(spec, strategy, weight.attr("format"), kernels, tuple(applied))
+    return LayerKernels(spec, weight.attr("strategy"), weight.attr("format"), kernels, tuple(applied))
 
 
 def _render(template, spec, dtype, key, summary, params) -> str:

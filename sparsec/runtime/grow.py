@@ -1,13 +1,14 @@
 """The grow step on generated kernels: exact RigL growth from per-segment candidates.
 
-Block formats score every block of the block grid in a kernel and select on the host. Element
-formats run ``grow_topk``: every segment (an N:M group, or a row's BLOCK_K-wide column tile) keeps
-its ``kc`` best eligible positions. The host then takes each unit's ``lost[u]`` best. That is exact
-when no *full* segment (one that kept ``kc`` positions) had its last kept position chosen: then
-every position it left out ranks below the unit's cut. Otherwise ``kc`` doubles and the kernel runs
-again; at ``kc`` = segment width nothing is left out, so the loop ends. The argument needs every
-segment inside one unit: true for N:M with a power-of-two M (segment = group), fan-in (unit = row)
-and unstructured (unit = layer); other N:M grow on the CPU path.
+Where the format's strategy scores whole items (blocks), its kernel scores every item of the grid
+and the host selects. Otherwise it runs ``grow_topk``: every segment (``Launcher.grow_segment``
+wide: a group, or a row's column tile) keeps its ``kc`` best eligible positions. The host then
+takes each unit's ``lost[u]`` best. That is exact when no *full* segment (one that kept ``kc``
+positions) had its last kept position chosen: then every position it left out ranks below the
+unit's cut. Otherwise ``kc`` doubles and the kernel runs again; at ``kc`` = segment width nothing
+is left out, so the loop ends. The argument needs every segment inside one unit (a segment that is
+a unit, or units of whole segments); a strategy where segments straddle units
+(``Strategy.grows_on_kernel`` false) grows on the CPU path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from sparsec import config
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
 from sparsec.formats import Layout
-from sparsec.runtime.ops import backend_for, index_plan, kernel_launcher, layer_config, nm_positions
+from sparsec.runtime.ops import backend_for, index_plan, kernel_launcher
 from sparsec.runtime.selection import GrowSelector, rank_in_unit, score_chunked
 
 
@@ -40,7 +41,6 @@ def grow_on_kernels(
     launcher,
     layout: Layout,
     plan,
-    positions,
     kept: torch.Tensor,
     dropped: torch.Tensor,
     dy: torch.Tensor,
@@ -54,9 +54,9 @@ def grow_on_kernels(
         selector.finite = False  # as on the CPU path, a NaN or Inf anywhere skips the update
         selector.rows_seen = layout.grid[0]
         return selector
-    if layout.item != (1, 1):  # blocks: one score per block, selected exactly as on the CPU path
-        scores = launcher.grow_scores(dy, x, plan, positions, None, 0)
-        selector.add_rows(0, scores)
+    seg_width = launcher.grow_segment()
+    if seg_width is None:  # one score per item (block) of the grid, selected exactly as on the CPU path
+        selector.add_rows(0, launcher.run("grow_scores", plan, dz=dy, x=x))
         return selector
     selector.rows_seen = layout.grid[0]
     if dropped.numel() == 0:
@@ -69,14 +69,9 @@ def grow_on_kernels(
     drop_flags = torch.zeros(layout.n_items, dtype=torch.uint8, device=kept.device)
     if regrow_dropped:
         drop_flags[dropped] = 1
-    if positions is not None:
-        drop_flags = drop_flags.view(positions.shape)
-    seg_width = (
-        launcher.spec.m if launcher.kernels.strategy == "decompress-dot" else launcher._tile("grow_scores")["BLOCK_K"]
-    )
     kc = initial_kc(int(lost.max()), seg_width, layout.unit_size)
     while True:
-        keys = launcher.grow_scores(dy, x, plan, positions, drop_flags, kc)
+        keys = launcher.run("grow_scores", plan, dz=dy, x=x, drop=drop_flags, kc=kc)
         n_out, nseg, _ = keys.shape
         valid = keys >= 0
         rows, segs, slot = valid.nonzero(as_tuple=True)
@@ -95,7 +90,7 @@ def grow_on_kernels(
         last_chosen[rows[chosen], segs[chosen], slot[chosen]] = True
         if kc >= seg_width or not bool((full & last_chosen[..., -1]).any()):
             order = flat[chosen].argsort()
-            selector._flat, selector._score = [flat[chosen][order]], [score[chosen][order]]
+            selector.set_result(flat[chosen][order], score[chosen][order])
             return selector
         kc = min(seg_width, kc * 2)
 
@@ -113,19 +108,17 @@ def kernel_selection(
     layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
 ) -> GrowSelector | None:
     """Grow selection on the generated ``grow_scores`` kernel (triton, interpret); None on the cpu backend,
-    for dtypes without kernels, and for N:M with a non-power-of-two M (its groups straddle the kernel's
-    segments, and the exactness check needs segments nested in units)."""
+    for dtypes without kernels, and where the format's strategy does not grow on a kernel (N:M with a
+    non-power-of-two M: its groups straddle the kernel's segments, and the exactness check needs
+    segments nested in units)."""
     backend = backend_for(dy)
     if backend == "cpu" or dy.dtype not in KERNEL_TORCH_DTYPES:
         return None
-    config = layer_config(layout.spec, layout.out_features, layout.in_features)
-    launcher = kernel_launcher(config, dy, False, backend)
-    if launcher.kernels.format == "nm" and launcher.kernels.strategy == "gather":
+    if not layout.format.strategy(layout.spec).grows_on_kernel:
         return None
-    index = list(layout.encode(kept).values())
-    plan = index_plan(config, backend, index)
-    positions = nm_positions(config, index)
-    return grow_on_kernels(launcher, layout, plan, positions, kept, dropped, dy, x, regrow_dropped)
+    launcher = kernel_launcher(layout.key, dy, False, backend)
+    plan = index_plan(layout.key, backend, list(layout.encode(kept).values()))
+    return grow_on_kernels(launcher, layout, plan, kept, dropped, dy, x, regrow_dropped)
 
 
 def _score_dropped_in_short_units(selector: GrowSelector, dy: torch.Tensor, x: torch.Tensor) -> None:

@@ -1,9 +1,11 @@
 """Sparse layers as ``torch.library`` custom ops with autograd and fake implementations.
 
-``sparsec::spmm(x, values, bias, index, config)`` is ``x @ W^T + bias`` for the compressed weight
-given by ``values`` and the format's ``index`` buffers; ``config`` ("spec|out|in") names the layout.
-Its backward calls ``sparsec::spmm_grad_input`` and ``sparsec::spmm_grad_values``. Eager mode,
-``torch.compile(fullgraph=True)`` and DDP see ordinary operators.
+``sparsec::spmm(x, values, bias, index, spec, out_features, in_features)`` is ``x @ W^T + bias`` for
+the compressed weight given by ``values`` and the format's ``index`` buffers; ``spec`` (canonical
+text), ``out_features`` and ``in_features`` name the layout (``LayoutKey``: a layer stores one and
+splats it into the call). Its backward calls ``sparsec::spmm_grad_input`` and
+``sparsec::spmm_grad_values``. Eager mode, ``torch.compile(fullgraph=True)`` and DDP see ordinary
+operators.
 
 Backends (``SPARSEC_BACKEND``): ``triton`` (generated kernels on CUDA), ``interpret`` (the same
 kernels in Triton's interpreter, CPU), ``cpu`` (PyTorch's CSR kernels); ``auto`` picks triton for
@@ -21,25 +23,13 @@ from sparsec import config as settings
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
 from sparsec.dtypes import name_of as dtype_name
 from sparsec.errors import SparsecError
-from sparsec.formats import Layout, make_layout
+from sparsec.formats import LayoutKey, layout_of
 from sparsec.runtime.compile import compile_layer
 from sparsec.runtime.cpu import CSRPlan, csr_forward, csr_grad_input, csr_grad_values
 from sparsec.runtime.launch import Launcher
-from sparsec.runtime.plan import TritonPlan
-from sparsec.spec import parse_spec
 
-_PLANS: OrderedDict = OrderedDict()  # (config, backend, index ptrs and versions) -> (index refs, plan)
+_PLANS: OrderedDict = OrderedDict()  # (layout key, backend, index ptrs and versions) -> (index refs, plan)
 _MAX_PLANS = 256
-
-
-def layer_config(spec, out_features: int, in_features: int) -> str:
-    return f"{parse_spec(spec)}|{out_features}|{in_features}"
-
-
-@functools.cache
-def _layout(config: str) -> Layout:
-    spec, out, inn = config.rsplit("|", 2)
-    return make_layout(parse_spec(spec), int(out), int(inn))
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -53,108 +43,120 @@ def backend_for(t: torch.Tensor) -> str:
     return backend
 
 
-def index_plan(config: str, backend: str, index: list[torch.Tensor]):
-    """The index plan for these buffers, built once per mask (entries hold their tensors alive, so a
-    data pointer cannot be reused by another tensor while its entry exists)."""
-    key = (config, backend, tuple((t.data_ptr(), t._version, t.device) for t in index))
-    hit = _PLANS.get(key)
+def index_plan(key: LayoutKey, backend: str, index: list[torch.Tensor]):
+    """The index plan for these buffers, built once per mask: the CSR structures of the cpu backend, or
+    the tensors the format's kernels read. Entries hold their tensors alive, so a data pointer cannot
+    be reused by another tensor while its entry exists."""
+    entry = (key, backend, tuple((t.data_ptr(), t._version, t.device) for t in index))
+    hit = _PLANS.get(entry)
     if hit is not None:
-        _PLANS.move_to_end(key)
+        _PLANS.move_to_end(entry)
         return hit[1]
-    layout = _layout(config)
-    flat = layout.decode({name: t for (name, _, _), t in zip(layout.buffers, index, strict=True)})
+    layout = layout_of(*key)
+    buffers = {name: t for (name, _, _), t in zip(layout.buffers, index, strict=True)}
     if backend == "cpu":
-        plan = CSRPlan.build(layout, flat)
+        plan = CSRPlan.build(layout, layout.decode(buffers))
     else:
-        plan = TritonPlan.build(layout, flat)
-    _PLANS[key] = (list(index), plan)
+        plan = layout.format.strategy(layout.spec).plan(layout, buffers)
+    _PLANS[entry] = (list(index), plan)
     if len(_PLANS) > _MAX_PLANS:
         _PLANS.popitem(last=False)
     return plan
 
 
-def kernel_launcher(config: str, values: torch.Tensor, bias: bool, backend: str):
+def kernel_launcher(key: LayoutKey, values: torch.Tensor, bias: bool, backend: str) -> Launcher:
     if values.dtype not in KERNEL_TORCH_DTYPES:
         raise SparsecError(
             f"the {backend} backend runs fp16, bf16 and fp32; this layer is {values.dtype}: "
             f"use SPARSEC_BACKEND=cpu for float64"
         )
-    return _cached_launcher(config, dtype_name(values.dtype), bias, backend == "interpret")
+    return _cached_launcher(key, dtype_name(values.dtype), bias, backend == "interpret")
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_launcher(config: str, dtype: str, bias: bool, interpret: bool):
-    spec, out, inn = config.rsplit("|", 2)
-    kernels = compile_layer(spec, int(inn), int(out), dtype, bias, None)
-    return Launcher(kernels, _layout(config), interpret=interpret)
-
-
-def nm_positions(config: str, index: list[torch.Tensor]) -> torch.Tensor | None:
-    return index[0] if _layout(config).buffers[0][0] == "nm_positions" else None
+def _cached_launcher(key: LayoutKey, dtype: str, bias: bool, interpret: bool) -> Launcher:
+    kernels = compile_layer(key.spec, key.in_features, key.out_features, dtype, bias, None)
+    return Launcher(kernels, layout_of(*key), interpret=interpret)
 
 
 @torch.library.custom_op("sparsec::spmm", mutates_args=())
 def spmm(
-    x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, index: list[torch.Tensor], config: str
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: list[torch.Tensor],
+    spec: str,
+    out_features: int,
+    in_features: int,
 ) -> torch.Tensor:
+    key = LayoutKey(spec, out_features, in_features)
     backend = backend_for(x)
-    plan = index_plan(config, backend, index)
+    plan = index_plan(key, backend, index)
     if backend == "cpu":
         y = csr_forward(plan, x, values)
         return y if bias is None else y + bias
-    launcher = kernel_launcher(config, values, bias is not None, backend)
-    return launcher.forward(x.contiguous(), values, plan, nm_positions(config, index), bias)
+    launcher = kernel_launcher(key, values, bias is not None, backend)
+    return launcher.run("forward", plan, x=x.contiguous(), values=values, bias=bias)
 
 
 @spmm.register_fake
-def _(x, values, bias, index, config):
-    return x.new_empty(x.shape[0], _layout(config).out_features)
+def _(x, values, bias, index, spec, out_features, in_features):
+    return x.new_empty(x.shape[0], out_features)
 
 
 @torch.library.custom_op("sparsec::spmm_grad_input", mutates_args=())
-def spmm_grad_input(dy: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], config: str) -> torch.Tensor:
+def spmm_grad_input(
+    dy: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], spec: str, out_features: int, in_features: int
+) -> torch.Tensor:
+    key = LayoutKey(spec, out_features, in_features)
     backend = backend_for(dy)
-    plan = index_plan(config, backend, index)
+    plan = index_plan(key, backend, index)
     if backend == "cpu":
         return csr_grad_input(plan, dy, values)
-    launcher = kernel_launcher(config, values, False, backend)
-    return launcher.grad_input(dy.contiguous(), values, plan, nm_positions(config, index))
+    return kernel_launcher(key, values, False, backend).run("grad_input", plan, dz=dy.contiguous(), values=values)
 
 
 @spmm_grad_input.register_fake
-def _(dy, values, index, config):
-    return dy.new_empty(dy.shape[0], _layout(config).in_features)
+def _(dy, values, index, spec, out_features, in_features):
+    return dy.new_empty(dy.shape[0], in_features)
 
 
 @torch.library.custom_op("sparsec::spmm_grad_values", mutates_args=())
 def spmm_grad_values(
-    dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], config: str
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    index: list[torch.Tensor],
+    spec: str,
+    out_features: int,
+    in_features: int,
 ) -> torch.Tensor:
+    key = LayoutKey(spec, out_features, in_features)
     backend = backend_for(dy)
-    plan = index_plan(config, backend, index)
+    plan = index_plan(key, backend, index)
     if backend == "cpu":
         return csr_grad_values(plan, dy, x, values)
-    launcher = kernel_launcher(config, values, False, backend)
-    return launcher.grad_values(dy.contiguous(), x.contiguous(), values, plan, nm_positions(config, index))
+    launcher = kernel_launcher(key, values, False, backend)
+    return launcher.run("grad_values", plan, dz=dy.contiguous(), x=x.contiguous(), values=values)
 
 
 @spmm_grad_values.register_fake
-def _(dy, x, values, index, config):
+def _(dy, x, values, index, spec, out_features, in_features):
     return values.new_empty(values.shape)
 
 
 def _setup(ctx, inputs, output):
-    x, values, bias, index, config = inputs
+    x, values, bias, index, *key = inputs
     ctx.save_for_backward(x, values, *index)
-    ctx.config, ctx.has_bias = config, bias is not None
+    ctx.key, ctx.has_bias = LayoutKey(*key), bias is not None
 
 
 def _backward(ctx, dy):
     x, values, *index = ctx.saved_tensors
-    dx = spmm_grad_input(dy, values, index, ctx.config) if ctx.needs_input_grad[0] else None
-    dv = spmm_grad_values(dy, x, values, index, ctx.config) if ctx.needs_input_grad[1] else None
+    dx = spmm_grad_input(dy, values, index, *ctx.key) if ctx.needs_input_grad[0] else None
+    dv = spmm_grad_values(dy, x, values, index, *ctx.key) if ctx.needs_input_grad[1] else None
     db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return dx, dv, db, [None] * len(index), None
+    return dx, dv, db, [None] * len(index), None, None, None
 
 
 spmm.register_autograd(_backward, setup_context=_setup)

@@ -4,11 +4,15 @@ The drop of an update is decided before its backward, so each unit's regrowth co
 known while the gradient is scanned. ``GrowSelector`` takes item scores a chunk of rows at a time and
 keeps only the ``lost[u]`` best eligible positions of each unit (for a layer-wide unit: the best
 ``n_drop`` seen so far), plus the scores of just-dropped positions in the rare units that must regrow
-some of them. ``score_chunked`` feeds it ``|dY^T X|`` in torch, one chunk of output rows at a time,
-within ``config.grow_chunk_bytes`` (the CPU backend's grow step; ``runtime.grow`` runs the kernels).
+some of them. ``grad_row_chunks`` yields ``dY^T X`` one chunk of output rows at a time within
+``config.grow_chunk_bytes`` (the one chunk formula: ``chunk_item_rows``), for the CPU backend's grow step
+(``score_chunked``; ``runtime.grow`` runs the kernels) and for the policies that scan the gradient
+themselves (srigl, snfs).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -126,6 +130,11 @@ class GrowSelector:
         self._flat.append(base + rows * unit + cols_in_unit)
         self._score.append(per_unit[take])
 
+    def set_result(self, flat: torch.Tensor, score: torch.Tensor) -> None:
+        """Take the fresh positions to grow, chosen elsewhere (the grow kernel's exact selection):
+        ascending ``flat`` and their scores; replaces anything ``add_rows`` took."""
+        self._flat, self._score = [flat], [score]
+
     def note_dropped(self, flat: torch.Tensor, score: torch.Tensor) -> None:
         """Grow scores of just-dropped positions (ascending ``flat``); only short units keep them."""
         keep = self.short[flat // self.layout.unit_size] > 0
@@ -177,11 +186,29 @@ class GrowSelector:
 def chunk_item_rows(layout: Layout, score_bytes: int) -> int:
     """Item rows per chunk so that a chunk's working memory fits ``config.grow_chunk_bytes``.
 
-    Per dense score: the score, ``topk``'s value and int64 index when a unit keeps most of a chunk,
-    and the selection masks of ``best_per_row`` (about ``score_bytes + 20`` bytes).
+    The one chunk formula of every ``|dY^T X|`` scan (``grad_row_chunks``) and of SET's random scores.
+    It allows ``score_bytes + 20`` bytes per dense score, which bounds each user's working memory:
+
+    - CPU grow scoring (``score_chunked``) and srigl's regrowth pass (``GrowSelector.add_rows``): the
+      score, ``topk``'s value and int64 index when a unit keeps most of a chunk, and ``best_per_row``'s
+      boolean masks and int32 cumsum;
+    - srigl's saliency pass: the score, ``kthvalue``'s working copy of one long row and the same masks;
+    - snfs's momentum shadow: the product and at most a float32 copy of it (``m``, ``v`` update in place).
     """
     row_bytes = layout.item[0] * layout.in_features * (score_bytes + 20)
     return max(1, config.grow_chunk_bytes // row_bytes)
+
+
+def grad_row_chunks(layout: Layout, dy: torch.Tensor, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(r0, dY^T X)`` for item rows ``r0 ..`` of ``layout``'s grid, one chunk within the budget at a time.
+
+    The dense weight gradient, signed, a chunk of output rows (``item[0]`` per item row) at a time.
+    The generator keeps no reference to a chunk it yielded: a caller that drops its own (``del``)
+    before asking for the next holds one chunk at a time.
+    """
+    step, bh = chunk_item_rows(layout, dy.element_size()), layout.item[0]
+    for r0 in range(0, layout.grid[0], step):
+        yield r0, dy[:, r0 * bh : (r0 + step) * bh].t() @ x
 
 
 def score_chunked(
@@ -189,12 +216,8 @@ def score_chunked(
 ) -> GrowSelector:
     """The CPU path: ``|dY^T X|`` chunk by chunk of output rows in torch, into a completed selector."""
     selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
-    step = chunk_item_rows(layout, dy.element_size())
-    bh = layout.item[0]
     with torch.no_grad():
-        for r0 in range(0, layout.grid[0], step):
-            r1 = min(r0 + step, layout.grid[0])
-            grad_rows = (dy[:, r0 * bh : r1 * bh].t() @ x).abs_()  # [rows, in]: this chunk only
-            selector.add_rows(r0, item_scores(layout, grad_rows))
-            del grad_rows
+        for r0, grad_rows in grad_row_chunks(layout, dy, x):
+            selector.add_rows(r0, item_scores(layout, grad_rows.abs_()))
+            del grad_rows  # before the next chunk is computed
     return selector

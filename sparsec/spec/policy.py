@@ -24,7 +24,6 @@ class Policy:
     """Base of every policy value; calling one returns a copy with new parameters."""
 
     name: ClassVar[str] = "policy"
-    grow: ClassVar[str | None] = None  # "gradient" | "random" | None (never grows)
 
     def __call__(self, **params) -> Policy:
         known = {f.name for f in dataclasses.fields(self)}

@@ -1,30 +1,25 @@
 """``MaskUpdater``: runs every sparse layer's policy on its schedule inside a user's training loop.
 
 Use ``loss.backward(); optimizer.step(); updater.step()``. Step ``t`` counts optimizer steps
-from 1. One step ahead of an update the updater *arms* the layer: it decides the drop from the
-weights the update step's forward will use (RigL's Algorithm 1), and for gradient-driven policies
-installs a capture so that step's backward selects the regrowth chunk by chunk
-(``policies.candidates``). ``step()`` after the optimizer step then applies drop and growth.
+from 1. One step ahead of an update the updater *arms* each layer through its policy
+(``Policy.arm``: gradient-driven policies decide the drop there, from the weights the update step's
+forward will use, and install a capture so that step's backward selects the regrowth chunk by
+chunk). ``step()`` after the optimizer step hands the due layers to their policies
+(``Policy.update``) and applies the changes they return (``policies.relayout.apply_change``).
+The updater knows no policy by name: it schedules, applies, reports and checkpoints.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import torch
 from torch import nn
 
 from sparsec.errors import SparsecError, SparsecWarning
-from sparsec.formats import make_layout
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.base import GMP, SNFS, SRigL
-from sparsec.policies.candidates import GrowCapture, random_selection
-from sparsec.policies.decision import apply_growth, choose_drops, drop_scores, n_drop_for, prune_to
-from sparsec.policies.optim_state import remap_optimizer_state, replace_parameter
-from sparsec.policies.snfs import MomentumShadow, snfs_update
-from sparsec.policies.srigl import ActivationCapture, srigl_update
-from sparsec.runtime.ops import layer_config
+from sparsec.policies.base import Capture, Change, Context
+from sparsec.policies.relayout import apply_change, replace_parameter
 
 STATE_VERSION = 1
 
@@ -50,14 +45,19 @@ class MaskUpdater:
         self.last_changes: dict[str, int] = {}  # layer -> positions grown (pruned, for gmp) at the last update
         self.last_dropped: dict[str, int] = {}  # layer -> positions dropped at the last update
         self._warned: set[str] = set()
-        self._shadows = {
-            n: MomentumShadow(layer, optimizer) for n, layer in self.layers.items() if isinstance(layer.policy, SNFS)
-        }
+        self._states = {}  # layer -> the state its policy keeps across steps (snfs: the momentum shadow)
+        for name, layer in self.layers.items():
+            state = layer.policy.layer_state(layer, optimizer)
+            if state is not None:
+                self._states[name] = state
         self._arm(1)
+
+    def _context(self, t: int) -> Context:
+        return Context(t, self.total_steps, self.optimizer, self.generator, last_layer=next(reversed(self.layers)))
 
     def step(self) -> dict[str, int]:
         """Advance one optimizer step; update the masks whose schedule says so. Returns the changes."""
-        stale = [n for n, layer in self.layers.items() if layer._stale_values is not None]
+        stale = [n for n, layer in self.layers.items() if layer.replaced_values is not None]
         if stale:
             raise SparsecError(
                 f"layers {stale} took another density from a checkpoint after the optimizer was built: call "
@@ -66,43 +66,40 @@ class MaskUpdater:
             )
         self.t += 1
         self.last_changes, self.last_dropped = {}, {}
-        momentum_due = {}
+        due: dict[type, dict[str, SparseLayer]] = {}  # policy class -> its layers due now, in model order
         for name, layer in self.layers.items():
             if not layer.policy.is_update_step(self.t, self.total_steps):
                 continue
-            if isinstance(layer.policy, GMP):
-                self._prune(name, layer)
-            elif isinstance(layer.policy, SNFS):
-                momentum_due[name] = layer
-            elif isinstance(layer.policy, SRigL):
-                capture, layer.grow_capture = layer.grow_capture, None
-                srigl_update(self, name, layer, capture, last=name == next(reversed(self.layers)))
+            armed = self._armed.get(name)  # every update step was armed by the step before it (or __init__)
+            if isinstance(armed, str):
+                self._skip(name, armed)
             else:
-                self._update(name, layer)
-        if momentum_due:  # snfs redistributes across all its layers at once
-            snfs_update(self, momentum_due, self._shadows)
+                due.setdefault(type(layer.policy), {})[name] = layer
+        ctx = self._context(self.t)
+        for policy_class, layers in due.items():  # a class updates its layers together: snfs redistributes
+            for name, change in policy_class.update(layers, {n: self._armed.get(n) for n in layers}, ctx).items():
+                if isinstance(change, str):
+                    self._skip(name, change)
+                else:
+                    self._apply(name, layers[name], change)
         self._arm(self.t + 1)
         return self.last_changes
 
     def _arm(self, t: int) -> None:
-        """Decide the drops of step ``t``'s updates now, from the weights step ``t`` will use."""
-        self._armed: dict[str, torch.Tensor | str] = {}  # layer -> dropped slots, or why it is skipped
+        """Let every layer's policy prepare step ``t``'s update now, from the weights step ``t`` will use."""
+        self._armed: dict[str, Capture | str] = {}  # layer -> what its policy armed, or why it skips
+        ctx = self._context(t)
         for name, layer in self.layers.items():
-            policy = layer.policy
-            layer.grow_capture = self._shadows.get(name)  # snfs: its momentum shadow sees every backward
-            if policy.grow in (None, "momentum") or not policy.is_update_step(t, self.total_steps):
-                continue
-            scores = drop_scores(layer.layout, layer.values)
-            if not bool(torch.isfinite(scores).all()):
-                self._armed[name] = "a NaN or Inf weight"
-                continue
-            kept = layer.positions()
-            dropped = choose_drops(scores, n_drop_for(layer.layout, policy.drop_fraction(t, self.total_steps)))
-            self._armed[name] = dropped
-            if policy.grow == "gradient":
-                layer.grow_capture = GrowCapture(layer.layout, kept, dropped, policy.regrow_dropped)
-            elif policy.grow == "srigl":
-                layer.grow_capture = ActivationCapture(dropped)
+            armed = layer.policy.arm(layer, ctx, self._states.get(name))
+            if armed is not None:
+                self._armed[name] = armed
+            layer.grow_capture = armed if isinstance(armed, Capture) and armed.observes else None
+
+    def _apply(self, name: str, layer: SparseLayer, change: Change) -> None:
+        apply_change(layer, self.optimizer, change)
+        if change.flat is not None:  # the mask moved (not only the recorded spec)
+            self.last_changes[name] = change.changed
+            self.last_dropped[name] = change.dropped
 
     def _skip(self, name: str, why: str) -> None:
         if name not in self._warned:
@@ -110,49 +107,8 @@ class MaskUpdater:
             warnings.warn(
                 f"{name}: mask update at step {self.t} skipped: {why}; mask and values are unchanged",
                 SparsecWarning,
-                stacklevel=3,
+                stacklevel=3,  # the caller of step()
             )
-
-    @torch.no_grad()
-    def _update(self, name: str, layer: SparseLayer) -> None:
-        armed = self._armed[name]  # every update step was armed by the step before it (or __init__)
-        capture, layer.grow_capture = layer.grow_capture, None
-        if isinstance(armed, str):
-            return self._skip(name, armed)
-        layout, kept = layer.layout, layer.positions()
-        if layer.policy.grow == "gradient":
-            selector = capture.selector if capture is not None else None
-            if selector is None or not selector.complete:
-                return self._skip(name, "no backward ran through the layer since the updater armed it")
-        else:
-            selector = random_selection(layout, kept, armed, self.generator, layer.policy.regrow_dropped)
-        if not selector.finite:
-            return self._skip(name, "a NaN or Inf gradient score")
-        new_flat, src = apply_growth(layout, kept, armed, selector.grown())
-        remap_optimizer_state(self.optimizer, layer.values, src)
-        layer.set_positions(new_flat, src)
-        self.last_changes[name] = int((src < 0).sum())
-        self.last_dropped[name] = int(armed.numel())
-
-    @torch.no_grad()
-    def _prune(self, name: str, layer: SparseLayer) -> None:
-        """gmp: prune by magnitude to the schedule's sparsity; storage and optimizer state shrink."""
-        target = layer.target_spec
-        sparsity = layer.policy.sparsity_at(self.t, self.total_steps, target.sparsity)
-        spec = dataclasses.replace(target, sparsity=sparsity)
-        layout = layer.layout
-        new_layout = make_layout(spec, layout.out_features, layout.in_features, name)
-        if new_layout.n_items >= layout.n_items:  # same counts: only the recorded sparsity moves on
-            layer.spec, layer.layout = spec, new_layout
-            layer._op_config = layer_config(spec, layout.out_features, layout.in_features)
-            return
-        scores = drop_scores(layout, layer.values)
-        if not bool(torch.isfinite(scores).all()):
-            return self._skip(name, "a NaN or Inf weight")
-        flat, src = prune_to(layout, new_layout, layer.positions(), scores)
-        old = layer.set_layout(spec, flat, src)
-        replace_parameter(self.optimizer, old, layer.values, src)
-        self.last_changes[name] = self.last_dropped[name] = layout.n_items - new_layout.n_items
 
     # --- checkpoints -----------------------------------------------------------------------------
 
@@ -163,7 +119,7 @@ class MaskUpdater:
             "total_steps": self.total_steps,
             "generator": self.generator.get_state(),
             "masks": {n: {k: v.clone() for k, v in layer.index_buffers().items()} for n, layer in self.layers.items()},
-            "momentum": {n: shadow.state_dict() for n, shadow in self._shadows.items()},
+            "momentum": {n: state.state_dict() for n, state in self._states.items()},  # policy states (snfs)
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -179,16 +135,16 @@ class MaskUpdater:
                 f"checkpoint layers {sorted(state['masks'])} differ from the model's {sorted(self.layers)}"
             )
         for layer in self.layers.values():
-            if layer._stale_values is not None:
-                replace_parameter(self.optimizer, layer._stale_values, layer.values, None)
-                layer._stale_values = None
+            if layer.replaced_values is not None:
+                replace_parameter(self.optimizer, layer.replaced_values, layer.values, None)
+                layer.replaced_values = None
         for name, buffers in state["masks"].items():
             layer = self.layers[name]
             flat = layer.layout.decode(buffers)
             layer.layout.check_positions(flat, what=f"{name} mask in the checkpoint")
             layer.write_positions(flat)
-        for name, shadow_state in state.get("momentum", {}).items():
-            self._shadows[name].load_state_dict(shadow_state)
+        for name, policy_state in state.get("momentum", {}).items():
+            self._states[name].load_state_dict(policy_state)
         self.t = state["step"]
         self.generator.set_state(state["generator"])
         self._arm(self.t + 1)

@@ -79,8 +79,7 @@ def test_grow_kernel_segments_equal_torch_topk_of_the_dense_reference(spec, out,
     outside the positions kept after the drop (ties: lower column first); outputs start poisoned."""
     from sparsec.dtypes import name_of
     from sparsec.runtime.compile import compile_layer
-    from sparsec.runtime.launch import Launcher, positions_of
-    from sparsec.runtime.plan import TritonPlan
+    from sparsec.runtime.launch import Launcher
 
     gen = torch.Generator().manual_seed(3)
     layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=dtype)
@@ -91,14 +90,11 @@ def test_grow_kernel_segments_equal_torch_topk_of_the_dense_reference(spec, out,
     dropped = choose_drops(torch.rand(layout.n_items, generator=gen), layout.n_items // 3)
     flags = torch.zeros(layout.n_items, dtype=torch.uint8)
     flags[dropped] = 1
-    pos = positions_of(layer.spec, layer.index_buffers())
-    if pos is not None:
-        flags = flags.view(pos.shape)
     dy = torch.randint(-2, 3, (9, out), generator=gen).to(dtype)  # exact in every dtype: exact ties
     x = torch.randint(-2, 3, (9, inn), generator=gen).to(dtype)
     kc = 2
-    keys = launcher.grow_scores(dy, x, TritonPlan.build(layout, kept), pos, flags, kc)
-    seg = layer.spec.m if kernels.strategy == "decompress-dot" else launcher._tile("grow_scores")["BLOCK_K"]
+    keys = launcher.run("grow_scores", launcher.plan(layer.index_buffers()), dz=dy, x=x, drop=flags, kc=kc)
+    seg = launcher.grow_segment()
 
     score = (dy.double().t() @ x.double()).abs()
     survivors = torch.zeros(out * inn, dtype=torch.bool)
@@ -124,12 +120,12 @@ def test_grow_kernel_segments_equal_torch_topk_of_the_dense_reference(spec, out,
 def test_block_grow_kernel_scores_every_block_by_its_mean(spec, out, inn):
     from sparsec.runtime.compile import compile_layer
     from sparsec.runtime.launch import Launcher
-    from sparsec.runtime.plan import TritonPlan
 
     layer = sparsec.SparseLinear(inn, out, spec=spec)
     launcher = Launcher(compile_layer(str(layer.spec), inn, out, "fp32", True, None), layer.layout, True, poison=True)
     dy, x = torch.randn(9, out), torch.randn(9, inn)
-    scores = launcher.grow_scores(dy, x, TritonPlan.build(layer.layout, layer.positions()), None, None, 0)
+    assert launcher.grow_segment() is None  # one score per block, no segments
+    scores = launcher.run("grow_scores", launcher.plan(layer.index_buffers()), dz=dy, x=x)
     bh, bw = layer.layout.item
     ref = (dy.double().t() @ x.double()).abs().view(out // bh, bh, inn // bw, bw).mean(dim=(1, 3))
     torch.testing.assert_close(scores.double(), ref, rtol=1e-5, atol=1e-6)

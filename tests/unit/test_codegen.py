@@ -48,7 +48,7 @@ def test_source_structure_per_strategy():
     plain, _ = _sources(bias=False, activation=None)
     assert "BIAS + cols" not in plain["forward"] and "tl.maximum" not in plain["forward"]
     gather, _ = _sources(spec="90%")
-    assert "tl.dot(" not in gather["forward"] and "PERM + entry" in gather["grad_input"]
+    assert "tl.dot(" not in gather["forward"] and "PERM_T + entry" in gather["grad_input"]
     block, _ = _sources(spec="block(16x16, 50%)")
     assert "for i in range(start, end)" in block["forward"] and "tl.trans(blk" in block["forward"]
     assert "tl.trans(blk" not in block["grad_input"]  # W's blocks multiply as stored for dX = dY @ W

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import sparsec
 from sparsec.cli import main
@@ -50,3 +51,9 @@ def test_explain_a_layer():
     layer = sparsec.SparseLinear(96, 48, spec="fanin(k=8)")
     text = explain(layer, source=False)
     assert "weight 48x96, fp32" in text and "format: ell   strategy: gather" in text
+
+
+def test_sparsec_explain_takes_a_layer():
+    layer = sparsec.SparseLinear(64, 32, spec="2:4", dtype=torch.float16)
+    text = sparsec.explain(layer, source=False)
+    assert "spec 2:4, weight 32x64, fp16" in text and "format: nm   strategy: decompress-dot" in text

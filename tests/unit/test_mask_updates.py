@@ -1,6 +1,7 @@
 """The conventions of README 'Mask updates', pinned on small hand-checked cases."""
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 import sparsec
 from sparsec import MaskUpdater, SparsecWarning, SparseLinear, config, rigl_step
 from sparsec.formats import make_layout
-from sparsec.policies.decision import apply_growth, choose_drops
+from sparsec.policies.base import Change, Policy
+from sparsec.policies.decision import choose_drops, remap_positions, survivor_mask
 from sparsec.runtime.selection import GrowSelector
 
 
@@ -256,7 +258,8 @@ def test_invariants_hold_after_1000_random_updates(spec, out, inn):
         n_drop = int(torch.randint(0, layout.n_items + 1, (1,), generator=gen))
         scores = torch.randint(0, 4, layout.grid, generator=gen).float()
         dropped, selector = _random_update(layout, kept, gen, n_drop, scores)
-        kept_new, src = apply_growth(layout, kept, dropped, selector.grown())
+        kept_new, src = remap_positions(kept, survivor_mask(kept, dropped), selector.grown())
+        layout.check_positions(kept_new, what="updated mask")
         # independent checks on the dense item mask
         item_mask = torch.zeros(layout.grid[0] * layout.grid[1], dtype=torch.bool)
         item_mask[kept_new] = True
@@ -323,6 +326,77 @@ def test_update_without_backward_warns_and_keeps_the_mask():
     with pytest.warns(SparsecWarning, match="no backward ran"):
         updater.step()
     assert torch.equal(layer.mask(), mask)
+
+
+class _Armings:
+    """Per-layer state of ``_LowestFresh``: how often the layer was armed (checkpointed by the updater)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+
+@dataclass(frozen=True)
+class _LowestFresh(Policy):
+    """A policy written outside sparsec: at every step but the third, each layer drops its smallest |w|
+    and grows its lowest fresh position; the third step is skipped."""
+
+    def is_update_step(self, t: int, total_steps: int) -> bool:
+        return True
+
+    def layer_state(self, layer, optimizer):
+        return _Armings()
+
+    def arm(self, layer, ctx, state):
+        state.count += 1
+
+    @classmethod
+    def update(cls, due, captures, ctx):
+        changes = {}
+        for name, layer in due.items():
+            if ctx.t == 3:
+                changes[name] = "the third step"
+                continue
+            kept = layer.positions()
+            dropped = choose_drops(layer.values.detach().abs(), 1)
+            fresh = torch.ones(layer.layout.out_features * layer.layout.in_features, dtype=torch.bool)
+            fresh[kept] = False
+            flat, src = remap_positions(kept, survivor_mask(kept, dropped), fresh.nonzero().flatten()[:1])
+            changes[name] = Change(flat, src, dropped=1)
+        return changes
+
+
+def test_a_policy_behind_the_protocol_is_scheduled_applied_reported_and_checkpointed():
+    torch.manual_seed(0)
+    layer = SparseLinear(4, 3, spec="50%", policy=_LowestFresh())
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    updater = MaskUpdater(layer, opt, total_steps=10)
+    for t in range(1, 5):
+        layer(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        kept = layer.positions().clone()
+        smallest = kept[layer.values.detach().abs().argmin()]
+        if t == 3:
+            with pytest.warns(SparsecWarning, match="step 3 skipped: the third step; mask and values are unchanged"):
+                assert updater.step() == {}
+            assert torch.equal(layer.positions(), kept)
+            continue
+        assert updater.step() == {"": 1} and updater.last_dropped == {"": 1}
+        now = layer.positions()
+        grown = now[~torch.isin(now, kept)]
+        assert smallest not in now and grown.tolist() == [int((~torch.isin(torch.arange(12), kept)).nonzero()[0])]
+        slot = int((now == grown).nonzero())
+        assert layer.values[slot] == 0 and opt.state[layer.values]["momentum_buffer"][slot] == 0
+    state = updater.state_dict()
+    assert state["momentum"] == {"": {"count": 5}}  # armed at construction and after each of 4 steps
+    fresh = MaskUpdater(layer, opt, total_steps=10)
+    fresh.load_state_dict(state)
+    assert fresh._states[""].count == 6  # loaded, then armed for the next step
 
 
 def test_updater_setup_errors():

@@ -8,8 +8,10 @@ import sparsec
 from sparsec import SparsecError, SpecError, erk_densities, parse_policy
 from sparsec.dsl.sparsify import plan_specs
 from sparsec.formats import make_layout
-from sparsec.policies.base import SET, RigL, Static
+from sparsec.policies.rigl import RigL
 from sparsec.policies.schedule import cosine_drop_fraction
+from sparsec.policies.set import SET
+from sparsec.policies.static import Static
 
 
 def test_policy_values_and_strings_agree():

@@ -14,14 +14,13 @@ def test_opcheck(spec, out, inn):
     layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=torch.float64)
     index = [getattr(layer, name) for name, _, _ in layer.layout.buffers]
     x = torch.randn(5, inn, dtype=torch.float64, requires_grad=True)
-    args = (x, layer.values, layer.bias, index, layer._op_config)
-    torch.library.opcheck(torch.ops.sparsec.spmm.default, args)
+    op = layer.layout.key
+    assert op == (str(layer.spec), out, inn)  # typed metadata: canonical spec text, out and in features
+    torch.library.opcheck(torch.ops.sparsec.spmm.default, (x, layer.values, layer.bias, index, *op))
     dy = torch.randn(5, out, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.sparsec.spmm_grad_input.default, (dy, layer.values.detach(), index, *op))
     torch.library.opcheck(
-        torch.ops.sparsec.spmm_grad_input.default, (dy, layer.values.detach(), index, layer._op_config)
-    )
-    torch.library.opcheck(
-        torch.ops.sparsec.spmm_grad_values.default, (dy, x.detach(), layer.values.detach(), index, layer._op_config)
+        torch.ops.sparsec.spmm_grad_values.default, (dy, x.detach(), layer.values.detach(), index, *op)
     )
 
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import sparsec
+from sparsec import config
 from sparsec.policies.snfs import _grow_by_momentum, redistribute
 
 
@@ -38,16 +39,18 @@ def _model(optimizer="sgd"):
     return model, opt, sparsec.MaskUpdater(model, opt, total_steps=100)
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # 1: the shadow folds dY^T X one output row at a time
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_update_keeps_the_total_and_grows_by_momentum(optimizer):
+def test_update_keeps_the_total_and_grows_by_momentum(optimizer, chunk_bytes):
     model, opt, updater = _model(optimizer)
     layers = [model[0], model[2]]
     x = torch.randn(32, 12)
     for t in range(1, 6):
-        model(x).square().mean().backward()
+        with config.patch(**({} if chunk_bytes is None else {"grow_chunk_bytes": chunk_bytes})):
+            model(x).square().mean().backward()
         opt.step()
         if t == 5:  # the first update step: the shadow equals the optimizer state so far
-            shadows = [updater._shadows["0"], updater._shadows["2"]]
+            shadows = [updater._states["0"], updater._states["2"]]
             for layer, shadow in zip(layers, shadows, strict=True):
                 state = opt.state[layer.values]
                 real = state["momentum_buffer"] if optimizer == "sgd" else state["exp_avg"]

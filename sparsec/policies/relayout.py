@@ -1,4 +1,4 @@
-"""Keep optimizer state aligned with compressed values when a mask update moves them.
+"""Apply a ``Change`` to a layer and its optimizer state in one call; keep optimizer state aligned.
 
 Every per-element state tensor of a values parameter (SGD ``momentum_buffer``, Adam/AdamW
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ...) is recognised by having the parameter's
@@ -10,7 +10,22 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.nn.layers import remap_items
+from sparsec.nn.layers import SparseLayer, remap_items
+from sparsec.policies.base import Change
+
+
+@torch.no_grad()
+def apply_change(layer: SparseLayer, optimizer: torch.optim.Optimizer | None, change: Change) -> None:
+    """Move ``layer`` (values, index buffers, storage) and its optimizer state to ``change``."""
+    if change.flat is None:  # same counts: only the recorded spec moves on
+        layer.set_spec(change.spec)
+    elif change.spec is None:  # same layout: values move in place, the Parameter stays
+        layer.layout.check_positions(change.flat, what="updated mask")  # exact counts per unit, every time
+        remap_optimizer_state(optimizer, layer.values, change.src)
+        layer.set_positions(change.flat, change.src)
+    else:  # new storage: a new values Parameter, the optimizer pointed at it
+        old = layer.set_layout(change.spec, change.flat, change.src)
+        replace_parameter(optimizer, old, layer.values, change.src)
 
 
 @torch.no_grad()

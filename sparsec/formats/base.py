@@ -1,0 +1,370 @@
+"""What every storage format shares: the ``Layout`` of a layer, the ``Format`` and ``Strategy`` bases.
+
+A ``Format`` owns everything about one storage structure (one spec type): its layout and index
+buffers, encode/decode, its symbolic shapes, units, divisibility rules and index bytes, its example
+kernel cases, and the kernel ``Strategy`` it picks for a spec. A ``Strategy`` owns a family of
+kernels: their templates per program, default tiles, dot precision, index plan, launch grids and
+arguments, and the shape of the grow step's output. Nothing outside ``sparsec.formats`` branches
+on a spec type or a format name; it asks the format.
+
+Every layout is described in the same terms:
+
+- *items* are what is kept or dropped: single weights, or whole ``bh x bw`` blocks for block
+  sparsity. They live on an item grid of ``rows x cols`` (the weight, or its block grid), and an
+  item's *flat index* is ``row * cols + col`` on that grid.
+- *units* are the ranges of flat indices whose kept count is fixed: the whole layer
+  (unstructured, block), one group of M (N:M), one row (constant fan-in). Units are contiguous
+  in flat index, so ``unit = flat // unit_size``.
+- values are stored in ascending flat order, one item after another; each format's module says
+  its values shape and integer buffers.
+
+``encode`` and ``decode`` convert between sorted flat item positions and the buffers; nothing
+here ever builds a dense ``[out, in]`` tensor except ``to_dense`` (tests, plots, export).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
+
+import sympy
+import torch
+
+from sparsec.errors import ShapeError
+from sparsec.spec.specs import Spec
+
+# The symbols every IR shape, rule and cost is written in: batch rows, out features, in features.
+# They live here, below the IR (sparsec.ir.graph re-exports them), because formats write theirs.
+BATCH, OUT, IN = sympy.symbols("B O I", integer=True, positive=True)
+
+PROGRAMS = ("forward", "grad_input", "grad_values", "grow_scores")
+
+
+def kept_count(n: int, sparsity: float) -> int:
+    """Items a layer (or row) of ``n`` keeps at ``sparsity``: ``n - floor(sparsity * n)``, at least 1."""
+    return max(1, n - math.floor(sparsity * n))
+
+
+class kept(sympy.Function):  # noqa: N801 - reads as a formula: kept(n, s)
+    """``kept_count`` as a sympy function: evaluated with Python floats exactly as layouts count."""
+
+    @classmethod
+    def eval(cls, n, s):
+        if n.is_Integer and s.is_Number:
+            return sympy.Integer(kept_count(int(n), float(s)))
+        return None
+
+
+def kept_expr(n: sympy.Expr, sparsity: float) -> sympy.Expr:
+    """The symbolic kept count of ``n`` items at ``sparsity`` (``n`` itself when nothing is dropped)."""
+    return kept(n, sympy.Float(sparsity)) if sparsity else n
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2_at_least(n: int, floor: int = 16) -> int:
+    """The smallest power of two that is at least ``n`` and ``floor`` (a ``tl.dot`` side)."""
+    p = floor
+    while p < n:
+        p *= 2
+    return p
+
+
+# --- layouts -------------------------------------------------------------------------------------
+
+
+class LayoutKey(NamedTuple):
+    """What identifies a layout, as the custom ops take it (typed: ``str``, ``int``, ``int``);
+    ``formats.layout_of(*key)`` gives the layout back, parsed once per distinct key."""
+
+    spec: str  # canonical: str(spec)
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One spec on one weight shape: the item grid, the units, the values shape and the buffers."""
+
+    format: Format = field(repr=False, compare=False)  # follows from spec
+    spec: Spec
+    out_features: int
+    in_features: int
+    grid: tuple[int, int]  # item grid (rows, cols)
+    item: tuple[int, int]  # item shape: (1, 1) for weights, (bh, bw) for blocks
+    unit_size: int  # flat items per unit
+    kept_per_unit: int
+    values_shape: tuple[int, ...]
+    buffers: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]  # (name, dtype, shape)
+    key: LayoutKey = field(init=False, repr=False, compare=False)  # the custom ops' layout arguments
+
+    def __post_init__(self) -> None:
+        # a plain attribute, not a property: torch.compile reads it as constants
+        object.__setattr__(self, "key", LayoutKey(str(self.spec), self.out_features, self.in_features))
+
+    @property
+    def n_units(self) -> int:
+        return self.grid[0] * self.grid[1] // self.unit_size
+
+    @property
+    def n_items(self) -> int:
+        return self.n_units * self.kept_per_unit
+
+    @property
+    def nnz(self) -> int:
+        return self.n_items * self.item[0] * self.item[1]
+
+    # --- buffers <-> sorted flat item positions --------------------------------------------------
+
+    def encode(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Index buffers for sorted flat item positions ``flat`` (int64 ``[n_items]``)."""
+        return self.format.encode(self, flat)
+
+    def decode(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sorted flat item positions (int64) from the index buffers."""
+        return self.format.decode(self, buffers)
+
+    # --- invariants ------------------------------------------------------------------------------
+
+    def check_positions(self, flat: torch.Tensor, what: str = "mask") -> None:
+        """Raise ``ShapeError`` unless ``flat`` is a sorted, unique set with exact per-unit counts."""
+        total = self.grid[0] * self.grid[1]
+        if flat.numel() != self.n_items:
+            raise ShapeError(
+                f"{what} keeps {flat.numel()} items; spec {self.spec} on {self.shape_text} keeps {self.n_items}"
+            )
+        if flat.numel() and (flat.min() < 0 or flat.max() >= total):
+            raise ShapeError(f"{what} has positions outside the {self.grid[0]}x{self.grid[1]} item grid")
+        if flat.numel() > 1 and not bool((flat.diff() > 0).all()):
+            raise ShapeError(f"{what} positions are not strictly increasing (duplicates or unsorted)")
+        counts = torch.bincount(flat // self.unit_size, minlength=self.n_units)
+        bad = (counts != self.kept_per_unit).nonzero().flatten()
+        if bad.numel():
+            u = int(bad[0])
+            raise ShapeError(
+                f"{what} breaks spec {self.spec}: unit {u} ({self.unit_name}) keeps {int(counts[u])} "
+                f"instead of {self.kept_per_unit} ({bad.numel()} units wrong)"
+            )
+
+    @property
+    def unit_name(self) -> str:
+        return self.format.unit_name
+
+    @property
+    def shape_text(self) -> str:
+        return f"weight {self.out_features}x{self.in_features}"
+
+    # --- construction helpers --------------------------------------------------------------------
+
+    def random_positions(self, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Uniformly random sorted flat positions satisfying the spec (the RigL initial topology)."""
+        if self.n_units == 1:
+            flat = torch.randperm(self.unit_size, generator=generator)[: self.kept_per_unit]
+        else:
+            scores = torch.rand(self.n_units, self.unit_size, generator=generator)
+            local = scores.argsort(dim=1)[:, : self.kept_per_unit]
+            flat = (torch.arange(self.n_units)[:, None] * self.unit_size + local).reshape(-1)
+        return flat.sort().values.to(device)
+
+    def element_positions(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat weight positions (``row * in + col``) of every stored value, in value order."""
+        if self.item == (1, 1):
+            return flat
+        bh, bw = self.item
+        br, bc = flat // self.grid[1], flat % self.grid[1]
+        r = (br * bh)[:, None, None] + torch.arange(bh, device=flat.device)[None, :, None]
+        c = (bc * bw)[:, None, None] + torch.arange(bw, device=flat.device)[None, None, :]
+        return (r * self.in_features + c).reshape(-1)
+
+    def item_positions_from_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Sorted flat item positions of a dense boolean ``[out, in]`` mask (checked)."""
+        mask = mask.reshape(self.out_features, self.in_features).bool()
+        if self.item != (1, 1):
+            bh, bw = self.item
+            blocks = mask.view(self.grid[0], bh, self.grid[1], bw)
+            kept = blocks.any(dim=(1, 3))
+            if not bool((blocks.all(dim=(1, 3)) == kept).all()):
+                raise ShapeError(f"mask has partly kept {bh}x{bw} blocks; spec {self.spec} keeps whole blocks")
+            mask = kept
+        flat = mask.reshape(-1).nonzero().flatten()
+        self.check_positions(flat)
+        return flat
+
+    def to_dense(self, values: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        dense = torch.zeros(self.out_features * self.in_features, dtype=values.dtype, device=values.device)
+        dense[self.element_positions(flat)] = values.reshape(-1)
+        return dense.view(self.out_features, self.in_features)
+
+    def values_from_dense(self, dense: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        return dense.reshape(-1)[self.element_positions(flat)].view(self.values_shape)
+
+
+def item_scores(layout: Layout, dense_scores: torch.Tensor) -> torch.Tensor:
+    """Per-item scores on the item grid: the scores themselves, or their block means."""
+    if layout.item == (1, 1):
+        return dense_scores
+    bh, bw = layout.item
+    return dense_scores.reshape(-1, bh, layout.grid[1], bw).mean(dim=(1, 3))
+
+
+def _offsets(index: torch.Tensor, n: int) -> torch.Tensor:
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=index.device)
+    ptr[1:] = torch.bincount(index, minlength=n).cumsum(0)
+    return ptr
+
+
+def encode_rows(layout: Layout, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compressed rows of the item grid: int32 row offsets ``[rows + 1]`` and columns ``[n_items]``."""
+    rows, cols = flat // layout.grid[1], flat % layout.grid[1]
+    return _offsets(rows, layout.grid[0]).to(torch.int32), cols.to(torch.int32)
+
+
+def decode_rows(layout: Layout, offsets: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Sorted flat item positions from compressed rows of the item grid."""
+    offsets, cols = offsets.to(torch.int64), cols.to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(layout.grid[0], device=cols.device), offsets.diff())
+    return rows * layout.grid[1] + cols
+
+
+def row_plan(layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The index plan of the row-walking kernels, O(kept items), named by kernel parameter.
+
+    ``PTR``/``IDX``: row offsets and column of every item (stored order); ``ROWS``: row of every
+    item; ``PTR_T``/``IDX_T``/``PERM_T``: the compressed rows of ``W^T`` (W's columns), the W row
+    of each of its items and the stored slot it reads, so ``dX = dY @ W`` gathers instead of
+    scattering with atomics. Items are weights, or blocks of the block grid.
+    """
+    rows_n, cols_n = layout.grid
+    rows, cols = flat // cols_n, flat % cols_n
+    perm_t = (cols * rows_n + rows).argsort()
+    i32 = torch.int32
+    return {
+        "PTR": _offsets(rows, rows_n).to(i32),
+        "IDX": cols.to(i32),
+        "ROWS": rows.to(i32),
+        "PTR_T": _offsets(cols, cols_n).to(i32),
+        "IDX_T": rows[perm_t].to(i32),
+        "PERM_T": perm_t.to(i32),
+    }
+
+
+# --- kernel strategies ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """What a strategy adds to one kernel launch: the grid, and the sizes and constexprs it binds by name."""
+
+    grid: tuple[int, ...]
+    args: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Strategy(ABC):
+    """A family of kernels for the four programs, parameterised by one spec's numbers.
+
+    Kernel parameters are bound by name. The launcher supplies ``X``, ``DZ``, ``VALUES``, ``BIAS``,
+    ``DROP``, ``OUT``, ``KC`` and the sizes ``B``, ``O``, ``KIN``; ``plan`` supplies index tensors,
+    the tile its constexprs, and ``call`` the rest (overriding a tile entry of the same name).
+    """
+
+    name: ClassVar[str]  # the IR's "strategy" attribute
+    templates: ClassVar[dict[str, tuple[str, dict]]]  # program -> (template, fixed template parameters)
+    dense_product: ClassVar[bool] = False  # products execute the dense FLOPs (decompressed before tl.dot)
+    tensor_cores: ClassVar[bool] = True  # products use tl.dot (every grow step does: it scores a dense tile)
+    why: str  # the reason the format picked this strategy (sparsec explain)
+
+    def template(self, program: str) -> tuple[str, dict]:
+        return self.templates[program]
+
+    def precision(self, program: str, dtype: str) -> str:
+        """How a product's tl.dot multiplies: "tensor" cores (fp16, bf16, TF32) or "ieee" fp32 on FMA units.
+
+        fp32 is IEEE (torch's "highest" matmul precision).
+        """
+        return "ieee" if dtype in ("fp32", "fp64") else "tensor"
+
+    @abstractmethod
+    def tiles(self, program: str, dtype: str) -> dict[str, int]:
+        """Default tile sizes (kernel constexprs) of one program's product."""
+
+    def plan(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The device-side index tensors the kernels read, by parameter name, built once per mask."""
+        return row_plan(layout, layout.decode(buffers))
+
+    @abstractmethod
+    def call(
+        self, program: str, layout: Layout, tile: dict[str, int], plan: dict[str, torch.Tensor], batch: int
+    ) -> KernelCall:
+        """The grid and the format's named sizes and constexprs of one program's launch."""
+
+    @property
+    def grows_on_kernel(self) -> bool:
+        """Whether the grow step runs the generated grow_scores kernel (else the chunked CPU path)."""
+        return True
+
+    def grow_segment(self, tile: dict[str, int]) -> int | None:
+        """Width of the segments grow_scores keeps its best candidates of; None: it scores whole items."""
+        return tile["BLOCK_K"]
+
+    def grow_output(self, layout: Layout, tile: dict[str, int], kc: int) -> tuple[tuple[int, ...], torch.dtype, float]:
+        """(shape, dtype, poison) of grow_scores' output: int64 keys ``[O, segments, kc]``; -2 is neither a
+        key (>= 0) nor the kernel's empty place (-1)."""
+        segments = cdiv(layout.in_features, self.grow_segment(tile))
+        return (layout.out_features, segments, kc), torch.int64, -2
+
+
+# --- formats -------------------------------------------------------------------------------------
+
+
+class Format(ABC):
+    """Everything about one storage structure; one instance per spec type (``formats.format_of``)."""
+
+    name: ClassVar[str]  # the IR's "format" attribute: "csr", "nm", "bsr", "ell"
+    spec_type: ClassVar[type]
+    unit_name: ClassVar[str] = "the layer"  # what a unit is, in error messages
+    # Example (spec, out, in) kernel cases on shapes that are not multiples of any tile: the
+    # interpreter tests, the AOT tests and bench/aot_kernels.py run their concatenation.
+    cases: ClassVar[tuple[tuple[str, int, int], ...]]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    # storage
+    @abstractmethod
+    def layout(self, spec, out_features: int, in_features: int) -> Layout:
+        """The layout of ``spec`` on an ``out x in`` weight (``check_layer`` has passed)."""
+
+    @abstractmethod
+    def encode(self, layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Index buffers of sorted flat item positions."""
+
+    @abstractmethod
+    def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sorted flat item positions of the index buffers."""
+
+    # symbolic, in OUT and IN
+    @abstractmethod
+    def values_shape(self, spec) -> tuple[sympy.Expr, ...]:
+        """Symbolic shape of the stored values."""
+
+    def units(self, spec) -> sympy.Expr:
+        """Number of units whose kept count is fixed."""
+        return sympy.Integer(1)
+
+    def constraints(self, spec) -> list[tuple[str, sympy.Expr]]:
+        """(rule, expression that must be zero or true) in terms of OUT and IN."""
+        return []
+
+    @abstractmethod
+    def index_bytes(self, spec, nnz: sympy.Expr) -> sympy.Expr:
+        """Bytes of the index buffers the kernels read, for ``nnz`` stored values."""
+
+    # kernels
+    @abstractmethod
+    def strategy(self, spec) -> Strategy:
+        """The kernel strategy for ``spec``, with the reason."""

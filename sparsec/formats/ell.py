@@ -1,0 +1,59 @@
+"""Constant fan-in in ELL: ``values [out, k]`` and ``fanin_indices [out, k]`` (int32, sorted in a row).
+
+Every output row keeps the same ``k`` inputs; the kernels are the CSR gather kernels over the
+row plan (``csr.Gather``): rows of equal length waste no work.
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+
+from sparsec.formats.base import IN, OUT, Format, Layout, Strategy, kept_count, kept_expr
+from sparsec.formats.csr import Gather
+from sparsec.spec.specs import FanIn
+
+
+class ELLFormat(Format):
+    name = "ell"
+    spec_type = FanIn
+    unit_name = "an output row"
+    cases = (("fanin(k=7)", 37, 53),)
+
+    def layout(self, spec: FanIn, out_features: int, in_features: int) -> Layout:
+        k = spec.k if spec.k is not None else kept_count(in_features, spec.sparsity)
+        return Layout(
+            format=self,
+            spec=spec,
+            out_features=out_features,
+            in_features=in_features,
+            grid=(out_features, in_features),
+            item=(1, 1),
+            unit_size=in_features,
+            kept_per_unit=k,
+            values_shape=(out_features, k),
+            buffers=(("fanin_indices", torch.int32, (out_features, k)),),
+        )
+
+    def encode(self, layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"fanin_indices": (flat % layout.grid[1]).view(layout.out_features, -1).to(torch.int32)}
+
+    def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        idx = buffers["fanin_indices"].to(torch.int64)
+        row = torch.arange(idx.shape[0], device=idx.device)[:, None]
+        return (row * layout.in_features + idx).reshape(-1)
+
+    def values_shape(self, spec: FanIn) -> tuple[sympy.Expr, ...]:
+        return (OUT, sympy.Integer(spec.k) if spec.k is not None else kept_expr(IN, spec.sparsity))
+
+    def units(self, spec: FanIn) -> sympy.Expr:
+        return OUT
+
+    def constraints(self, spec: FanIn) -> list[tuple[str, sympy.Expr]]:
+        return [(f"{spec.k} <= I", sympy.Le(spec.k, IN))] if spec.k is not None else []
+
+    def index_bytes(self, spec: FanIn, nnz: sympy.Expr) -> sympy.Expr:
+        return 4 * nnz  # one int32 column per stored value
+
+    def strategy(self, spec: FanIn) -> Strategy:
+        return Gather(why="constant fan-in rows gather their k inputs: no wasted work, CUDA cores")

@@ -1,0 +1,62 @@
+"""rigl: the Rigged Lottery (Evci et al. 2020), drop by magnitude, grow where |dense gradient| is largest.
+
+The armed update step's backward hands ``dY`` and ``X`` to ``GrowCapture``, which selects the
+regrowth there on the backend's grow path (``runtime.grow.select_growth``: generated kernels on triton
+and interpret, chunked torch on cpu); the dense gradient is never built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from sparsec.formats import Layout
+from sparsec.nn.layers import SparseLayer
+from sparsec.policies.base import Capture, Change, Context
+from sparsec.policies.decision import growth_change
+from sparsec.policies.schedule import Scheduled
+from sparsec.runtime.grow import select_growth
+from sparsec.runtime.selection import GrowSelector
+
+
+class GrowCapture(Capture):
+    """Armed on a layer for one backward: selects grow positions from ``|dY^T X|`` chunk by chunk."""
+
+    def __init__(self, layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, regrow_dropped: bool = False):
+        self.layout, self.kept, self.dropped = layout, kept, dropped
+        self.regrow_dropped = regrow_dropped
+        self.selector: GrowSelector | None = None
+
+    def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        # Each backward replaces the last: the grow step uses the latest gradient.
+        self.selector = select_growth(self.layout, self.kept, self.dropped, dy, x, self.regrow_dropped)
+
+
+@dataclass(frozen=True)
+class RigL(Scheduled):
+    """Rigged Lottery: drop by magnitude, grow where |dense gradient| is largest."""
+
+    name: ClassVar[str] = "rigl"
+
+    def capture(self, layer: SparseLayer, kept: torch.Tensor, dropped: torch.Tensor) -> Capture:
+        return GrowCapture(layer.layout, kept, dropped, self.regrow_dropped)
+
+    @classmethod
+    @torch.no_grad()
+    def update(
+        cls, due: Mapping[str, SparseLayer], captures: Mapping[str, Capture | None], ctx: Context
+    ) -> dict[str, Change | str]:
+        changes = {}
+        for name in due:
+            capture = captures[name]
+            if capture.selector is None or not capture.selector.complete:
+                changes[name] = "no backward ran through the layer since the updater armed it"
+            else:
+                changes[name] = growth_change(capture.kept, capture.dropped, capture.selector)
+        return changes
+
+
+rigl = RigL()
