@@ -16,7 +16,7 @@ from sparsec.formats.bsr import BSRFormat
 from sparsec.formats.csr import CSRFormat
 from sparsec.formats.ell import ELLFormat
 from sparsec.formats.nm import NMFormat
-from sparsec.spec.specs import Spec, check_layer, parse_spec
+from sparsec.spec.specs import Dense, Spec, parse_spec
 
 FORMATS: dict[type, Format] = {f.spec_type: f for f in (CSRFormat(), NMFormat(), BSRFormat(), ELLFormat())}
 
@@ -30,6 +30,14 @@ def format_of(spec: Spec) -> Format:
     if found is None:
         raise SparsecError(f"spec {spec} has no sparse storage format; a dense spec keeps the layer dense")
     return found
+
+
+def check_layer(spec: Spec, out_features: int, in_features: int, layer: str = "layer") -> None:
+    """Raise ``ShapeError`` naming the layer, the rule and the fix when ``spec`` cannot fit its weight."""
+    if not isinstance(spec, Dense):
+        format_of(spec).check(
+            spec, out_features, in_features, f"{layer} (weight {out_features}x{in_features}, spec {spec})"
+        )
 
 
 def make_layout(spec: Spec, out_features: int, in_features: int, layer: str = "layer") -> Layout:
@@ -51,6 +59,7 @@ __all__ = [
     "Layout",
     "LayoutKey",
     "Strategy",
+    "check_layer",
     "format_of",
     "item_scores",
     "layout_of",

@@ -62,6 +62,11 @@ def kept_expr(n: sympy.Expr, sparsity: float) -> sympy.Expr:
     return kept(n, sympy.Float(sparsity)) if sparsity else n
 
 
+def divisors(n: int, limit: int = 64) -> list[int]:
+    """Divisors of ``n`` from 2 to ``limit``: the choices an error message suggests."""
+    return [d for d in range(2, min(n, limit) + 1) if n % d == 0]
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -359,6 +364,11 @@ class Format(ABC):
     def constraints(self, spec) -> list[tuple[str, sympy.Expr]]:
         """(rule, expression that must be zero or true) in terms of OUT and IN."""
         return []
+
+    def check(self, spec, out_features: int, in_features: int, where: str) -> None:
+        """Raise ``ShapeError`` naming ``where`` (layer, weight, spec), the rule and the fix when ``spec``
+        cannot fit the weight: ``constraints`` in the user's terms. Unstructured specs fit every weight."""
+        return None
 
     @abstractmethod
     def index_bytes(self, spec, nnz: sympy.Expr) -> sympy.Expr:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
+from sparsec.errors import ShapeError
 from sparsec.formats.base import (
     IN,
     OUT,
@@ -20,6 +21,7 @@ from sparsec.formats.base import (
     Strategy,
     cdiv,
     decode_rows,
+    divisors,
     encode_rows,
     kept_count,
     kept_expr,
@@ -104,6 +106,16 @@ class BSRFormat(Format):
     def values_shape(self, spec: Block) -> tuple[sympy.Expr, ...]:
         blocks = OUT * IN / (spec.rows * spec.cols)
         return (kept_expr(blocks, spec.sparsity), sympy.Integer(spec.rows), sympy.Integer(spec.cols))
+
+    def check(self, spec: Block, out_features: int, in_features: int, where: str) -> None:
+        if out_features % spec.rows or in_features % spec.cols:
+            rows = ", ".join(map(str, divisors(out_features)[:8])) or "1"
+            cols = ", ".join(map(str, divisors(in_features)[:8])) or "1"
+            raise ShapeError(
+                f"{where}: block {spec.rows}x{spec.cols} does not tile the weight; the block height must divide "
+                f"out_features={out_features} (e.g. {rows}) and the width must divide in_features={in_features} "
+                f"(e.g. {cols})"
+            )
 
     def constraints(self, spec: Block) -> list[tuple[str, sympy.Expr]]:
         return [

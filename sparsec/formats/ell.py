@@ -9,6 +9,7 @@ from __future__ import annotations
 import sympy
 import torch
 
+from sparsec.errors import ShapeError
 from sparsec.formats.base import IN, OUT, Format, Layout, Strategy, kept_count, kept_expr
 from sparsec.formats.csr import Gather
 from sparsec.spec.specs import FanIn
@@ -48,6 +49,12 @@ class ELLFormat(Format):
 
     def units(self, spec: FanIn) -> sympy.Expr:
         return OUT
+
+    def check(self, spec: FanIn, out_features: int, in_features: int, where: str) -> None:
+        if spec.k is not None and spec.k > in_features:
+            raise ShapeError(
+                f"{where}: fan-in k={spec.k} is larger than in_features={in_features}; choose k <= {in_features}"
+            )
 
     def constraints(self, spec: FanIn) -> list[tuple[str, sympy.Expr]]:
         return [(f"{spec.k} <= I", sympy.Le(spec.k, IN))] if spec.k is not None else []

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from sparsec.formats.base import IN, OUT, Format, KernelCall, Layout, Strategy, cdiv
+from sparsec.errors import ShapeError
+from sparsec.formats.base import IN, OUT, Format, KernelCall, Layout, Strategy, cdiv, divisors
 from sparsec.formats.csr import Gather
 from sparsec.spec.specs import NM
 
@@ -114,6 +115,15 @@ class NMFormat(Format):
 
     def units(self, spec: NM) -> sympy.Expr:
         return OUT * IN / spec.m
+
+    def check(self, spec: NM, out_features: int, in_features: int, where: str) -> None:
+        if in_features % spec.m != 0:
+            choices = ", ".join(str(d) for d in divisors(in_features)[:8]) or "none below 64"
+            raise ShapeError(
+                f"{where}: in_features={in_features} is not divisible by M={spec.m}; "
+                f"pad the layer's inputs to a multiple of {spec.m}, choose M in {{{choices}}}, "
+                f"or keep the layer dense (dense=[...])"
+            )
 
     def constraints(self, spec: NM) -> list[tuple[str, sympy.Expr]]:
         return [(f"I % {spec.m} == 0", sympy.Mod(IN, spec.m))]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sympy
 
-from sparsec.formats import format_of
+from sparsec.formats import check_layer, format_of
 from sparsec.ir.graph import IN, OUT, Program
 from sparsec.ir.ops import Op
-from sparsec.spec import check_layer
 
 
 def check_constraints(program: Program) -> Program:

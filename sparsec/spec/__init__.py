@@ -9,7 +9,6 @@ from sparsec.spec.specs import (
     FanIn,
     Spec,
     Unstructured,
-    check_layer,
     parse_spec,
     unstructured_with,
 )
@@ -24,7 +23,6 @@ __all__ = [
     "Policy",
     "Spec",
     "Unstructured",
-    "check_layer",
     "parse_policy",
     "parse_spec",
     "unstructured_with",

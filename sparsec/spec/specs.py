@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-from sparsec.errors import ShapeError, SpecError
+from sparsec.errors import SpecError
 
 # --- spec values --------------------------------------------------------------------------------
 
@@ -304,34 +304,3 @@ def parse_spec(spec: str | Spec) -> Spec:
     if not isinstance(spec, str):
         raise SpecError(f"a spec is a string such as '2:4' or a spec value such as NM(2, 4), not {spec!r}")
     return _Parser(spec).parse()
-
-
-# --- checking a spec against a layer ------------------------------------------------------------
-
-
-def _divisors(n: int, limit: int = 64) -> list[int]:
-    return [d for d in range(2, min(n, limit) + 1) if n % d == 0]
-
-
-def check_layer(spec: Spec, out_features: int, in_features: int, layer: str = "layer") -> None:
-    """Raise ``ShapeError`` naming the layer, the rule and the fix when ``spec`` cannot fit."""
-    where = f"{layer} (weight {out_features}x{in_features}, spec {spec})"
-    if isinstance(spec, NM) and in_features % spec.m != 0:
-        choices = ", ".join(str(d) for d in _divisors(in_features)[:8]) or "none below 64"
-        raise ShapeError(
-            f"{where}: in_features={in_features} is not divisible by M={spec.m}; "
-            f"pad the layer's inputs to a multiple of {spec.m}, choose M in {{{choices}}}, "
-            f"or keep the layer dense (dense=[...])"
-        )
-    if isinstance(spec, Block) and (out_features % spec.rows or in_features % spec.cols):
-        rows = ", ".join(map(str, _divisors(out_features)[:8])) or "1"
-        cols = ", ".join(map(str, _divisors(in_features)[:8])) or "1"
-        raise ShapeError(
-            f"{where}: block {spec.rows}x{spec.cols} does not tile the weight; the block height must divide "
-            f"out_features={out_features} (e.g. {rows}) and the width must divide in_features={in_features} "
-            f"(e.g. {cols})"
-        )
-    if isinstance(spec, FanIn) and spec.k is not None and spec.k > in_features:
-        raise ShapeError(
-            f"{where}: fan-in k={spec.k} is larger than in_features={in_features}; choose k <= {in_features}"
-        )

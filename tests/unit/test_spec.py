@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 import sparsec
 from sparsec import NM, Block, Dense, FanIn, ShapeError, SpecError, Unstructured, parse_spec
-from sparsec.spec import check_layer
+from sparsec.formats import check_layer
 
 VALID = {
     "dense": Dense(),
