@@ -4,8 +4,9 @@ A ``Format`` owns everything about one storage structure (one spec type): its la
 buffers, encode/decode, its symbolic shapes, units, divisibility rules and index bytes, its example
 kernel cases, and the kernel ``Strategy`` it picks for a spec. A ``Strategy`` owns a family of
 kernels: their templates per program, default tiles, dot precision, index plan, launch grids and
-arguments, and the shape of the grow step's output. Nothing outside ``sparsec.formats`` branches
-on a spec type or a format name; it asks the format.
+arguments, and the shape of the grow step's output. The IR, the passes, codegen and the runtime never
+branch on a spec type or a format name (``tests/unit/test_formats.py``); they ask the format. (Policies
+defined for one structure, such as srigl on fan-in, check their spec type themselves.)
 
 Every layout is described in the same terms:
 
@@ -216,7 +217,8 @@ def item_scores(layout: Layout, dense_scores: torch.Tensor) -> torch.Tensor:
     return dense_scores.reshape(-1, bh, layout.grid[1], bw).mean(dim=(1, 3))
 
 
-def _offsets(index: torch.Tensor, n: int) -> torch.Tensor:
+def offsets(index: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 offsets ``[n + 1]`` of ``n`` rows from the row of every item (compressed-row starts)."""
     ptr = torch.zeros(n + 1, dtype=torch.int64, device=index.device)
     ptr[1:] = torch.bincount(index, minlength=n).cumsum(0)
     return ptr
@@ -225,7 +227,7 @@ def _offsets(index: torch.Tensor, n: int) -> torch.Tensor:
 def encode_rows(layout: Layout, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Compressed rows of the item grid: int32 row offsets ``[rows + 1]`` and columns ``[n_items]``."""
     rows, cols = flat // layout.grid[1], flat % layout.grid[1]
-    return _offsets(rows, layout.grid[0]).to(torch.int32), cols.to(torch.int32)
+    return offsets(rows, layout.grid[0]).to(torch.int32), cols.to(torch.int32)
 
 
 def decode_rows(layout: Layout, offsets: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -248,10 +250,10 @@ def row_plan(layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     perm_t = (cols * rows_n + rows).argsort()
     i32 = torch.int32
     return {
-        "PTR": _offsets(rows, rows_n).to(i32),
+        "PTR": offsets(rows, rows_n).to(i32),
         "IDX": cols.to(i32),
         "ROWS": rows.to(i32),
-        "PTR_T": _offsets(cols, cols_n).to(i32),
+        "PTR_T": offsets(cols, cols_n).to(i32),
         "IDX_T": rows[perm_t].to(i32),
         "PERM_T": perm_t.to(i32),
     }

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from sparsec.ir.graph import Program
+from sparsec.spec import SPEC_TYPES
 
 
 def _value(v) -> str:
     if isinstance(v, tuple):
         return "(" + ", ".join(_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    if isinstance(v, SPEC_TYPES):
+        return repr(str(v))  # quoted: a spec's own commas would read as attribute separators
     return repr(v) if isinstance(v, str) else str(v)
 
 

@@ -178,11 +178,15 @@ class SparseLayer(nn.Module):
         y = torch.ops.sparsec.spmm(x2d, self.values, self.bias, index, *self.layout.key)
         capture = self.grow_capture
         if capture is not None and y.requires_grad:
-            x_seen = x2d.detach()
+            # one slot, emptied when the hook fires: X is held until this backward, not as long as y lives
+            x_seen = [x2d.detach()]
 
             def hand_to_capture(dy: torch.Tensor) -> None:
+                if not x_seen:  # a second backward through a retained graph: the capture saw this call
+                    return
+                x = x_seen.pop()
                 dt = compute_dtype(dy)  # half types score in float32 on the CPU, as the cpu backend computes
-                capture.observe(dy.detach().to(dt), x_seen.to(dt))
+                capture.observe(dy.detach().to(dt), x.to(dt))
 
             y.register_hook(hand_to_capture)
         return y

@@ -52,7 +52,7 @@ class RigL(Scheduled):
         changes = {}
         for name in due:
             capture = captures[name]
-            if capture.selector is None or not capture.selector.complete:
+            if capture is None or capture.selector is None or not capture.selector.complete:
                 changes[name] = "no backward ran through the layer since the updater armed it"
             else:
                 changes[name] = growth_change(capture.kept, capture.dropped, capture.selector)

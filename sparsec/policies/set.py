@@ -42,6 +42,9 @@ class SET(Scheduled):
         changes = {}
         for name, layer in due.items():  # in model order: each layer's draws follow the last one's
             plan, regrow = captures[name], layer.policy.regrow_dropped
+            if plan is None:  # not armed by this policy (the layer's policy changed since the updater armed it)
+                changes[name] = "no backward ran through the layer since the updater armed it"
+                continue
             selector = random_selection(plan.layout, plan.kept, plan.dropped, ctx.generator, regrow)
             changes[name] = growth_change(plan.kept, plan.dropped, selector)
         return changes

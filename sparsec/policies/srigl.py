@@ -94,8 +94,8 @@ def _layerwide_top(layout: Layout, dy, x, active: torch.Tensor, d: int) -> torch
 
 
 @torch.no_grad()
-def _update(layer: SparseLayer, capture: ActivationCapture, last: bool) -> Change | str:
-    if capture.dy is None:
+def _update(layer: SparseLayer, capture: ActivationCapture | None, last: bool) -> Change | str:
+    if capture is None or capture.dy is None:
         return "no backward ran through the layer since the updater armed it"
     dy, x = capture.dy, capture.x
     if not (bool(torch.isfinite(dy).all()) and bool(torch.isfinite(x).all())):

@@ -59,10 +59,10 @@ def compile_layer(
             f"dtype {dtype} has no generated kernels (they take {', '.join(KERNEL_DTYPES)}); "
             f"run float64 on the cpu backend (SPARSEC_BACKEND=cpu)"
         )
-    value = parse_spec(spec)
+    value = parse_spec(spec)  # compile_layer is memoised on the canonical text; the programs get the value
     spec = str(value)
     strategy = format_of(value).strategy(value)
-    programs = build_programs(spec, in_features, out_features, dtype, bias, activation)
+    programs = build_programs(value, in_features, out_features, dtype, bias, activation)
     kernels, applied = {}, ()
     for name in PROGRAMS:
         lowered, applied = lower(programs[name])

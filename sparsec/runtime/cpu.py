@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsec.formats import Layout
+from sparsec.formats.base import offsets
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -41,10 +42,10 @@ class CSRPlan:
         order = None if layout.item == (1, 1) else elem.argsort()
         sorted_elem = elem if order is None else elem[order]
         rows, cols = sorted_elem // inn, sorted_elem % inn
-        crow = _offsets(rows, out)
+        crow = offsets(rows, out)
         order_t = (elem % inn * out + elem // inn).argsort()
         rows_t, cols_t = elem[order_t] % inn, elem[order_t] // inn
-        return CSRPlan((out, inn), crow, cols, order, _offsets(rows_t, inn), cols_t, order_t)
+        return CSRPlan((out, inn), crow, cols, order, offsets(rows_t, inn), cols_t, order_t)
 
     def weight(self, values: torch.Tensor) -> torch.Tensor:
         v = values.reshape(-1)
@@ -62,12 +63,6 @@ class CSRPlan:
         out = torch.empty_like(sampled)
         out[self.order] = sampled
         return out.view(values_shape)
-
-
-def _offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
-    return crow
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

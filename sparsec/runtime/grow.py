@@ -18,12 +18,9 @@ import torch
 from sparsec import config
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
 from sparsec.formats import Layout
+from sparsec.formats.base import pow2_at_least
 from sparsec.runtime.ops import backend_for, index_plan, kernel_launcher
 from sparsec.runtime.selection import GrowSelector, rank_in_unit, score_chunked
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def initial_kc(max_lost: int, seg_width: int, unit_size: int) -> int:
@@ -34,7 +31,7 @@ def initial_kc(max_lost: int, seg_width: int, unit_size: int) -> int:
         need = max_lost
     else:
         need = 2 * -(-max_lost * seg_width // unit_size)
-    return min(seg_width, _pow2_at_least(max(1, need)))
+    return min(seg_width, pow2_at_least(max(1, need), floor=1))
 
 
 def grow_on_kernels(

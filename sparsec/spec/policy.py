@@ -47,6 +47,11 @@ class Policy:
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__ and not cls.__name__.startswith("_"):
+            if cls.name in REGISTRY:
+                raise SpecError(
+                    f"a policy named {cls.name!r} exists already ({REGISTRY[cls.name].__qualname__}); give "
+                    f"{cls.__qualname__} another name"
+                )
             REGISTRY[cls.name] = cls  # the policy modules fill the registry the parser reads
 
     def __str__(self) -> str:

@@ -1,6 +1,7 @@
 """torch.compile through RigL update steps: the armed step runs the same custom op (a hook on its output
 hands dY and X to the capture), so compiled training chooses exactly the masks eager training chooses."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -34,3 +35,12 @@ def test_compiled_training_through_update_steps_chooses_the_eager_masks():
         assert torch.equal(a, b)
     for a, b in zip(params, eager_params, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_fullgraph_compile_refuses_an_armed_step():
+    """The capture hook is a graph break: fullgraph=True raises on an armed step (README, Backends)."""
+    torch.manual_seed(0)
+    model = sparsec.sparsify(nn.Sequential(nn.Linear(8, 4)), spec="50%", policy=sparsec.rigl(delta_t=1))
+    sparsec.MaskUpdater(model, None, total_steps=10)  # arms step 1 at once
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="side effect"):  # the hook mutates the capture
+        torch.compile(model, fullgraph=True)(torch.randn(2, 8, requires_grad=True))

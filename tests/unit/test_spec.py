@@ -125,3 +125,15 @@ def test_layer_checks_name_layer_rule_and_fix(spec, out, inn, match):
 def test_layer_check_error_from_the_public_api():
     with pytest.raises(ShapeError, match="fc"):
         sparsec.SparseLinear(30, 8, spec="2:4", name="fc")
+
+
+def test_a_second_policy_with_a_taken_name_is_an_error():
+    from dataclasses import dataclass
+
+    from sparsec.spec import Policy
+
+    with pytest.raises(SpecError, match="a policy named 'rigl' exists already"):
+
+        @dataclass(frozen=True)
+        class MyRigL(Policy):
+            name = "rigl"
