@@ -193,9 +193,10 @@ class SparseLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         extra = state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # dense checkpoints have none
-        if extra is not None and parse_spec(extra["spec"]) != self.spec:
+        saved = parse_spec(extra["spec"]) if extra is not None else self.spec
+        if saved != self.spec:
             # a checkpoint taken at another density (gmp): take its layout before loading the tensors
-            layout = make_layout(parse_spec(extra["spec"]), self.layout.out_features, self.layout.in_features)
+            layout = make_layout(saved, self.layout.out_features, self.layout.in_features)
             flat = layout.random_positions(device=self.values.device)[: layout.n_items]
             src = torch.zeros(layout.n_items, dtype=torch.int64, device=self.values.device)
             # an optimizer built before this load still holds the replaced Parameter:
