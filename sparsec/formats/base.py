@@ -342,6 +342,30 @@ class Format(ABC):
         return f"{type(self).__name__}()"
 
     # storage
+    def weight_layout(
+        self,
+        spec,
+        out_features: int,
+        in_features: int,
+        unit_size: int,
+        kept_per_unit: int,
+        values_shape: tuple[int, ...],
+        buffers,
+    ) -> Layout:
+        """A layout whose items are single weights (every format but block's): the grid is the weight."""
+        return Layout(
+            format=self,
+            spec=spec,
+            out_features=out_features,
+            in_features=in_features,
+            grid=(out_features, in_features),
+            item=(1, 1),
+            unit_size=unit_size,
+            kept_per_unit=kept_per_unit,
+            values_shape=values_shape,
+            buffers=buffers,
+        )
+
     @abstractmethod
     def layout(self, spec, out_features: int, in_features: int) -> Layout:
         """The layout of ``spec`` on an ``out x in`` weight (``check_layer`` has passed)."""

@@ -80,13 +80,10 @@ class CSRFormat(Format):
 
     def layout(self, spec: Unstructured, out_features: int, in_features: int) -> Layout:
         kept = kept_count(out_features * in_features, spec.sparsity)
-        return Layout(
-            format=self,
-            spec=spec,
-            out_features=out_features,
-            in_features=in_features,
-            grid=(out_features, in_features),
-            item=(1, 1),
+        return self.weight_layout(
+            spec,
+            out_features,
+            in_features,
             unit_size=out_features * in_features,
             kept_per_unit=kept,
             values_shape=(kept,),

@@ -23,13 +23,10 @@ class ELLFormat(Format):
 
     def layout(self, spec: FanIn, out_features: int, in_features: int) -> Layout:
         k = spec.k if spec.k is not None else kept_count(in_features, spec.sparsity)
-        return Layout(
-            format=self,
-            spec=spec,
-            out_features=out_features,
-            in_features=in_features,
-            grid=(out_features, in_features),
-            item=(1, 1),
+        return self.weight_layout(
+            spec,
+            out_features,
+            in_features,
             unit_size=in_features,
             kept_per_unit=k,
             values_shape=(out_features, k),

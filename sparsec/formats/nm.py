@@ -86,13 +86,10 @@ class NMFormat(Format):
     def layout(self, spec: NM, out_features: int, in_features: int) -> Layout:
         per_row = in_features // spec.m * spec.n
         pos_dtype = torch.uint8 if spec.m <= 256 else torch.int32
-        return Layout(
-            format=self,
-            spec=spec,
-            out_features=out_features,
-            in_features=in_features,
-            grid=(out_features, in_features),
-            item=(1, 1),
+        return self.weight_layout(
+            spec,
+            out_features,
+            in_features,
             unit_size=spec.m,
             kept_per_unit=spec.n,
             values_shape=(out_features, per_row),
