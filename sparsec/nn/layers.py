@@ -166,16 +166,25 @@ class SparseLayer(nn.Module):
         On a step armed for a grow update, a hook on the op's output hands ``dY`` (the gradient at
         ``x2d @ W^T + bias``) and ``X`` to the armed capture during the backward; the forward and both
         gradients still run the op (generated kernels on a GPU).
+
+        Under ``torch.autocast`` the layer follows ``nn.Linear``'s rule: input, values and bias compute in
+        the autocast dtype (fp16 or bf16) and the gradient reaches the fp32 values through the cast.
         """
-        if x2d.dtype != self.values.dtype:
-            raise SparsecError(
-                f"input dtype {x2d.dtype} does not match the layer's {self.values.dtype}; "
-                f"cast the input or call layer.to({x2d.dtype})"
-            )
         if x2d.device != self.values.device:
             raise SparsecError(f"input on {x2d.device} but the layer on {self.values.device}; move one of them")
+        values, bias = self.values, self.bias
+        device = x2d.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.float16, torch.bfloat16):
+            dt = torch.get_autocast_dtype(device)
+            x2d, values = x2d.to(dt), values.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        if x2d.dtype != values.dtype:
+            raise SparsecError(
+                f"input dtype {x2d.dtype} does not match the layer's {values.dtype}; "
+                f"cast the input, call layer.to({x2d.dtype}), or run under torch.autocast"
+            )
         index = list(self.index_buffers().values())
-        y = torch.ops.sparsec.spmm(x2d, self.values, self.bias, index, *self.layout.key)
+        y = torch.ops.sparsec.spmm(x2d, values, bias, index, *self.layout.key)
         capture = self.grow_capture
         if capture is not None and y.requires_grad:
             # one slot, emptied when the hook fires: X is held until this backward, not as long as y lives

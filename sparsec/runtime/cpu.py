@@ -74,18 +74,21 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def csr_forward(plan: CSRPlan, x2d: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``x2d @ W^T`` (no bias)."""
-    dt = compute_dtype(x2d)
-    # row-major result, like the dense op and the fake kernel of sparsec::spmm
-    return torch.sparse.mm(plan.weight(values.to(dt)), x2d.to(dt).t()).t().to(x2d.dtype).contiguous()
+    with torch.autocast(x2d.device.type, enabled=False):  # the op computes in its inputs' dtypes
+        dt = compute_dtype(x2d)
+        # row-major result, like the dense op and the fake kernel of sparsec::spmm
+        return torch.sparse.mm(plan.weight(values.to(dt)), x2d.to(dt).t()).t().to(x2d.dtype).contiguous()
 
 
 def csr_grad_input(plan: CSRPlan, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``dy @ W`` through the CSR of ``W^T``."""
-    dt = compute_dtype(dy)
-    return torch.sparse.mm(plan.weight_t(values.to(dt)), dy.to(dt).t()).t().to(dy.dtype).contiguous()
+    with torch.autocast(dy.device.type, enabled=False):  # the op computes in its inputs' dtypes
+        dt = compute_dtype(dy)
+        return torch.sparse.mm(plan.weight_t(values.to(dt)), dy.to(dt).t()).t().to(dy.dtype).contiguous()
 
 
 def csr_grad_values(plan: CSRPlan, dy: torch.Tensor, x2d: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``(dy^T @ x2d)`` at the kept positions, in stored order (SDDMM)."""
-    dt = compute_dtype(dy)
-    return plan.sampled_grad(dy.to(dt), x2d.to(dt), values.shape).to(values.dtype)
+    with torch.autocast(dy.device.type, enabled=False):  # the op computes in its inputs' dtypes
+        dt = compute_dtype(dy)
+        return plan.sampled_grad(dy.to(dt), x2d.to(dt), values.shape).to(values.dtype)
