@@ -42,6 +42,32 @@ def kernel_parameters(kernel) -> tuple[tuple[str, bool], ...]:
     return tuple((p.name, p.annotation is tl.constexpr) for p in params)
 
 
+MAX_GRID_X, MAX_GRID_Y = 2**31 - 1, 65535  # CUDA's limits on grid axes x and y (z: as y)
+
+
+def launch_grid(grid: tuple[int, ...]) -> tuple[tuple[int, ...], dict[str, bool]]:
+    """The grid a kernel launches with, and its ``SWAP`` constexpr.
+
+    A strategy's grid may have two axes (batch tiles x output tiles, ...), and the second can pass CUDA's
+    65,535 limit on axis y (a 128k-vocabulary head in 1x32 blocks, a million outputs in 16-row tiles):
+    then the axes are swapped, and the kernel, compiled with ``SWAP=True``, reads them swapped (a
+    constexpr: no instruction is added to the usual variant).
+    """
+    if len(grid) == 1:
+        if grid[0] > MAX_GRID_X:
+            raise SparsecError(f"a launch of {grid[0]} programs passes CUDA's {MAX_GRID_X} on grid axis x")
+        return grid, {}
+    first, second = grid
+    swap = second > MAX_GRID_Y
+    x, y = (second, first) if swap else (first, second)
+    if x > MAX_GRID_X or y > MAX_GRID_Y:
+        raise SparsecError(
+            f"a launch of {first} x {second} programs does not fit CUDA's grid ({MAX_GRID_X} x {MAX_GRID_Y}); "
+            f"split the batch into smaller calls"
+        )
+    return (x, y), {"SWAP": swap}
+
+
 class Launcher:
     """Launches one layer's kernels; ``interpret`` runs them in Triton's interpreter (CPU)."""
 
@@ -95,7 +121,8 @@ class Launcher:
         # call.args after the tile: a strategy may bind a tile's name to another value (block sides)
         named = {**plan, **tile, **call.args}
         assert not named.keys() & own.keys(), f"{program}: the format rebinds {sorted(named.keys() & own.keys())}"
-        self._bind(program, call.grid, {**named, **own})
+        grid, flat = launch_grid(call.grid)
+        self._bind(program, grid, {**named, **own, **flat})
         return out
 
     def _bind(self, program: str, grid: tuple[int, ...], named: dict[str, object]) -> None:
@@ -117,4 +144,4 @@ class Launcher:
         self._kernel(program)[grid](**args, **constexprs)
 
 
-__all__ = ["Launcher", "kernel_parameters"]
+__all__ = ["MAX_GRID_X", "MAX_GRID_Y", "Launcher", "kernel_parameters", "launch_grid"]
