@@ -224,10 +224,20 @@ def offsets(index: torch.Tensor, n: int) -> torch.Tensor:
     return ptr
 
 
+def int32_index(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` as int32 (what kernels and index buffers hold), refused with a clear error where it would wrap."""
+    if t.numel() and int(t.max()) > 2**31 - 1:
+        raise ShapeError(
+            f"{what} reach {int(t.max())}, past int32 (2^31 - 1): split the layer (more layers, or fewer kept "
+            f"weights per layer)"
+        )
+    return t.to(torch.int32)
+
+
 def encode_rows(layout: Layout, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Compressed rows of the item grid: int32 row offsets ``[rows + 1]`` and columns ``[n_items]``."""
     rows, cols = flat // layout.grid[1], flat % layout.grid[1]
-    return offsets(rows, layout.grid[0]).to(torch.int32), cols.to(torch.int32)
+    return int32_index(offsets(rows, layout.grid[0]), "row offsets"), cols.to(torch.int32)
 
 
 def decode_rows(layout: Layout, offsets: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -250,12 +260,12 @@ def row_plan(layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     perm_t = (cols * rows_n + rows).argsort()
     i32 = torch.int32
     return {
-        "PTR": offsets(rows, rows_n).to(i32),
+        "PTR": int32_index(offsets(rows, rows_n), "row offsets"),
         "IDX": cols.to(i32),
         "ROWS": rows.to(i32),
-        "PTR_T": offsets(cols, cols_n).to(i32),
+        "PTR_T": int32_index(offsets(cols, cols_n), "column offsets"),
         "IDX_T": rows[perm_t].to(i32),
-        "PERM_T": perm_t.to(i32),
+        "PERM_T": int32_index(perm_t, "stored slots"),
     }
 
 

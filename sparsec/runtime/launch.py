@@ -13,6 +13,7 @@ an element a kernel forgets to write cannot pass a test by luck.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping
 
@@ -66,6 +67,13 @@ def launch_grid(grid: tuple[int, ...]) -> tuple[tuple[int, ...], dict[str, bool]
             f"split the batch into smaller calls"
         )
     return (x, y), {"SWAP": swap}
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current while a kernel launches: Triton launches on the current CUDA device, so a
+    layer on ``cuda:1`` (model parallel, ``device_map``) would otherwise run on device 0 with device-1
+    pointers. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class Launcher:
@@ -140,8 +148,10 @@ class Launcher:
 
     def _launch(self, program: str, grid: tuple[int, ...], args: dict[str, object], constexprs: dict) -> None:
         """The one place a kernel runs, every argument by name: ``args`` (tensors and sizes, in signature
-        order) and ``constexprs``. The AOT recorder overrides this to record the call instead."""
-        self._kernel(program)[grid](**args, **constexprs)
+        order) and ``constexprs``, on the device of its output. The AOT recorder overrides this to record the
+        call instead."""
+        with device_guard(args["OUT"].device):
+            self._kernel(program)[grid](**args, **constexprs)
 
 
 __all__ = ["MAX_GRID_X", "MAX_GRID_Y", "Launcher", "kernel_parameters", "launch_grid"]
