@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +83,14 @@ class SparseLayer(nn.Module):
 
     def positions(self) -> torch.Tensor:
         """Sorted flat item positions (weights, or blocks for block specs) of the kept items."""
-        bufs = self.index_buffers()
-        # In-place writes (load_state_dict, updates) bump _version; .to() changes data_ptr.
-        key = tuple((b._version, b.data_ptr(), b.device) for b in bufs.values())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.layout.decode(bufs))
-        return self._cache[1]
+        bufs = list(self.index_buffers().values())
+        # In-place writes (load_state_dict, updates) bump _version; .to() makes new buffer objects. The cache
+        # names its buffers by identity (weakly), not by address: a freed address reused is a miss.
+        versions = tuple(b._version for b in bufs)
+        hit = self._cache is not None and self._cache[1] == versions and len(self._cache[0]) == len(bufs)
+        if not (hit and all(r() is b for r, b in zip(self._cache[0], bufs, strict=True))):
+            self._cache = ([weakref.ref(b) for b in bufs], versions, self.layout.decode(self.index_buffers()))
+        return self._cache[2]
 
     def write_positions(self, flat: torch.Tensor) -> None:
         """Store sorted flat item positions ``flat`` (already satisfying the spec) in the index buffers."""

@@ -14,8 +14,9 @@ CUDA tensors and cpu otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections import OrderedDict
+import weakref
 
 import torch
 
@@ -27,9 +28,6 @@ from sparsec.formats import LayoutKey, layout_of
 from sparsec.runtime.compile import compile_layer
 from sparsec.runtime.cpu import CSRPlan, csr_forward, csr_grad_input, csr_grad_values
 from sparsec.runtime.launch import Launcher
-
-_PLANS: OrderedDict = OrderedDict()  # (layout key, backend, index ptrs and versions) -> (index refs, plan)
-_MAX_PLANS = 256
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -44,24 +42,72 @@ def backend_for(t: torch.Tensor) -> str:
 
 
 def index_plan(key: LayoutKey, backend: str, index: list[torch.Tensor]):
-    """The index plan for these buffers, built once per mask: the CSR structures of the cpu backend, or
-    the tensors the format's kernels read. Entries hold their tensors alive, so a data pointer cannot
-    be reused by another tensor while its entry exists."""
-    entry = (key, backend, tuple((t.data_ptr(), t._version, t.device) for t in index))
-    hit = _PLANS.get(entry)
-    if hit is not None:
-        _PLANS.move_to_end(entry)
-        return hit[1]
+    """The index plan for these buffers: the CSR structures of the cpu backend, or the tensors the format's
+    kernels read.
+
+    The plan is kept on the first index buffer, so it belongs to the layer: freed with its buffers, never
+    confused with another tensor that reuses an address. An in-place mask change (a new ``_version``)
+    rebuilds it into the same plan tensors where the shapes allow (they do for one layout), so a CUDA
+    graph captured before an update reads the new mask when it replays.
+    """
+    anchor = index[0]
+    versions = tuple(t._version for t in index)
+    held: _HeldPlan | None = getattr(anchor, _PLAN_ATTR, None)
+    if held is not None and held.serves(key, backend, index):
+        if held.versions != versions:
+            held.plan, held.versions = _refill(held.plan, _build_plan(key, backend, index)), versions
+        return held.plan
+    held = _HeldPlan(key, backend, [weakref.ref(t) for t in index], versions, _build_plan(key, backend, index))
+    setattr(anchor, _PLAN_ATTR, held)
+    return held.plan
+
+
+_PLAN_ATTR = "_sparsec_plan"
+
+
+@dataclasses.dataclass
+class _HeldPlan:
+    key: LayoutKey
+    backend: str
+    index: list[weakref.ref]  # weak: the plan hangs on index[0] and must not keep the others alive
+    versions: tuple[int, ...]
+    plan: object
+
+    def serves(self, key: LayoutKey, backend: str, index: list[torch.Tensor]) -> bool:
+        same = len(self.index) == len(index) and all(r() is t for r, t in zip(self.index, index, strict=False))
+        return same and (self.key, self.backend) == (key, backend)
+
+
+def _build_plan(key: LayoutKey, backend: str, index: list[torch.Tensor]):
     layout = layout_of(*key)
     buffers = {name: t for (name, _, _), t in zip(layout.buffers, index, strict=True)}
     if backend == "cpu":
-        plan = CSRPlan.build(layout, layout.decode(buffers))
-    else:
-        plan = layout.format.strategy(layout.spec).plan(layout, buffers)
-    _PLANS[entry] = (list(index), plan)
-    if len(_PLANS) > _MAX_PLANS:
-        _PLANS.popitem(last=False)
-    return plan
+        return CSRPlan.build(layout, layout.decode(buffers))
+    return layout.format.strategy(layout.spec).plan(layout, buffers)
+
+
+def _plan_tensors(plan) -> dict[str, torch.Tensor | None]:
+    if isinstance(plan, dict):
+        return plan
+    return {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+
+
+def _refill(old, new):
+    """``old`` with ``new``'s contents copied into its tensors when every tensor matches in shape and dtype
+    (the plan's storage stays where a captured graph reads it); else ``new``."""
+    a, b = _plan_tensors(old), _plan_tensors(new)
+    matches = a.keys() == b.keys() and all(
+        (x is None and y is None)
+        or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and x.dtype == y.dtype)
+        or (not isinstance(x, torch.Tensor) and x == y)
+        for x, y in ((a[k], b[k]) for k in a)
+    )
+    if not matches:
+        return new
+    for k, x in a.items():
+        if isinstance(x, torch.Tensor):
+            x.copy_(b[k])
+    return old
 
 
 def kernel_launcher(key: LayoutKey, values: torch.Tensor, bias: bool, backend: str) -> Launcher:
