@@ -1,0 +1,114 @@
+"""What only a GPU can prove, run by tests/gpu/test_gpu.py in a process without TRITON_INTERPRET
+(tests/conftest.py sets it for the test process itself): ``python tests/gpu/checks.py CHECK [ARG]``.
+
+- ``kernels DTYPE``: every kernel case through the custom op on the triton backend (generated kernels,
+  Triton's JIT) against a float64 dense reference: forward, dX, dV and the bias gradient, at fp32, tf32,
+  fp16 and bf16 (the bf16 tl.dot cases the interpreter computes wrongly included).
+- ``rigl DTYPE``: a RigL training run in fp16 or bf16 on every structure, with updates, checking the mask
+  invariants after every step.
+- ``autocast``: a dense layer's fp16 activation into a sparse layer under CUDA autocast.
+- ``second_device``: a layer on cuda:1 while cuda:0 is current (skipped with one GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/helpers.py
+
+from helpers import assert_kernel_close  # noqa: E402
+
+import sparsec  # noqa: E402
+from sparsec import config  # noqa: E402
+from sparsec.formats import KERNEL_CASES  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STRUCTURES = ["90%", "2:4", "1:8", "block(16x16, 75%)", "fanin(90%)"]
+
+
+def kernels(name: str) -> None:
+    dtype = DTYPES[name]
+    torch.set_float32_matmul_precision("high" if name == "tf32" else "highest")
+    rtol_dtype = torch.bfloat16 if name == "tf32" else dtype  # TF32 keeps 10 mantissa bits, as fp16
+    for spec, out, inn in KERNEL_CASES:
+        torch.manual_seed(0)
+        layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=dtype, device="cuda")
+        x = torch.randn(37, inn, dtype=dtype, device="cuda", requires_grad=True)
+        with config.patch(backend="triton"):
+            y = layer(x)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+        w = layer.dense_weight().double()
+        assert_kernel_close(y, x.double() @ w.t() + layer.bias.double(), rtol_dtype, f"{spec} forward")
+        assert_kernel_close(x.grad, dy.double() @ w, rtol_dtype, f"{spec} dX")
+        dv = layer.layout.values_from_dense(dy.double().t() @ x.detach().double(), layer.positions())
+        assert_kernel_close(layer.values.grad, dv, rtol_dtype, f"{spec} dV")
+        assert_kernel_close(layer.bias.grad, dy.double().sum(0), rtol_dtype, f"{spec} dbias")
+        print("ok", name, spec)
+
+
+def rigl(name: str) -> None:
+    dtype = DTYPES[name]
+    for spec in STRUCTURES:
+        torch.manual_seed(0)
+        model = sparsec.sparsify(
+            nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16)), spec=spec, policy=sparsec.rigl(delta_t=2)
+        ).to(device="cuda", dtype=dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        updater = sparsec.MaskUpdater(model, opt, total_steps=40)
+        x, target = torch.randn(256, 64, device="cuda", dtype=dtype), torch.randint(0, 16, (256,), device="cuda")
+        grown = 0
+        for _ in range(10):
+            loss = nn.functional.cross_entropy(model(x).float(), target)
+            assert torch.isfinite(loss), (spec, name)
+            loss.backward()
+            opt.step()
+            grown += sum(updater.step().values())
+            opt.zero_grad()
+            for layer in updater.layers.values():
+                layer.layout.check_positions(layer.positions(), what=f"{spec} mask")
+        assert grown > 0, (spec, name)
+        print("ok rigl", name, spec, "grown", grown)
+
+
+def autocast() -> None:
+    torch.manual_seed(0)
+    dense_in = nn.Linear(48, 64).cuda()
+    layer = sparsec.SparseLinear(64, 32, spec="2:4", device="cuda")
+    x = torch.randn(33, 48, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        h = torch.relu(dense_in(x))
+        y = layer(h)
+    assert y.dtype == torch.float16
+    y.float().square().sum().backward()
+    assert layer.values.grad.dtype == torch.float32
+    ref = h.detach().double() @ layer.dense_weight().half().double().t() + layer.bias.half().double()
+    assert_kernel_close(y, ref, torch.float16, "autocast forward")
+    print("ok autocast")
+
+
+def second_device() -> None:
+    if torch.cuda.device_count() < 2:
+        print("skip: one GPU")
+        return
+    torch.cuda.set_device(0)
+    torch.manual_seed(0)
+    layer = sparsec.SparseLinear(64, 32, spec="90%", device="cuda:1")
+    x = torch.randn(9, 64, device="cuda:1")
+    with config.patch(backend="triton"):
+        y = layer(x)
+    ref = x.double() @ layer.dense_weight().double().t() + layer.bias.double()
+    assert y.device == torch.device("cuda:1")
+    assert_kernel_close(y, ref, torch.float32, "cuda:1 forward")
+    print("ok second_device")
+
+
+CHECKS = {"kernels": kernels, "rigl": rigl, "autocast": autocast, "second_device": second_device}
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") in (None, "", "0"), "run without TRITON_INTERPRET: a GPU check"
+    CHECKS[sys.argv[1]](*sys.argv[2:])
