@@ -6,7 +6,10 @@ wide: a group, or a row's column tile) keeps its ``kc`` best eligible positions.
 takes each unit's ``lost[u]`` best. That is exact when no *full* segment (one that kept ``kc``
 positions) had its last kept position chosen: then every position it left out ranks below the
 unit's cut. Otherwise ``kc`` doubles and the kernel runs again; at ``kc`` = segment width nothing
-is left out, so the loop ends. The argument needs every segment inside one unit (a segment that is
+is left out, so the loop ends. Where a segment is a whole unit (N:M groups) the first run keeps
+``kc >= lost[u]`` of each unit and is exact: one pass. Worst case elsewhere (rows or the layer made of
+many segments, every segment's last candidate chosen): ``log2(segment width / initial kc) + 1`` runs of
+the ``|dY^T X|`` product. The argument needs every segment inside one unit (a segment that is
 a unit, or units of whole segments); a strategy where segments straddle units
 (``Strategy.grows_on_kernel`` false) grows on the CPU path.
 """
@@ -67,6 +70,8 @@ def grow_on_kernels(
     if regrow_dropped:
         drop_flags[dropped] = 1
     kc = initial_kc(int(lost.max()), seg_width, layout.unit_size)
+    # A segment that is a whole unit (an N:M group) kept its kc >= lost[u] best: the first answer is exact.
+    one_pass = seg_width >= layout.unit_size
     while True:
         keys = launcher.run("grow_scores", plan, dz=dy, x=x, drop=drop_flags, kc=kc)
         n_out, nseg, _ = keys.shape
@@ -85,7 +90,7 @@ def grow_on_kernels(
         full = valid[..., -1]  # segments that kept kc positions
         last_chosen = torch.zeros_like(valid)
         last_chosen[rows[chosen], segs[chosen], slot[chosen]] = True
-        if kc >= seg_width or not bool((full & last_chosen[..., -1]).any()):
+        if one_pass or kc >= seg_width or not bool((full & last_chosen[..., -1]).any()):
             order = flat[chosen].argsort()
             selector.set_result(flat[chosen][order], score[chosen][order])
             return selector

@@ -139,3 +139,23 @@ def test_initial_candidates_per_segment():
     assert initial_kc(10, 64, 4096) == 2  # a fan-in row of 64 segments: twice its share
     assert initial_kc(500_000, 32, 4096 * 4096) == 2  # a layer-wide unit
     assert initial_kc(5000, 32, 64 * 64) == 32  # never more than the segment
+
+
+@pytest.mark.parametrize("spec,out,inn", [("2:4", 37, 52), ("1:8", 21, 56)])
+def test_nm_grows_in_one_kernel_pass(spec, out, inn, monkeypatch):
+    """An N:M group is its own segment: the first grow_scores run is exact, even when a group must regrow
+    every position it lost (which used to trigger a doubling re-run of the whole |dY^T X| product)."""
+    import sparsec.runtime.launch as launch
+
+    runs = []
+    original = launch.Launcher.run
+    monkeypatch.setattr(launch.Launcher, "run", lambda self, p, *a, **k: runs.append(p) or original(self, p, *a, **k))
+    gen = torch.Generator().manual_seed(3)
+    layout = make_layout(sparsec.parse_spec(spec), out, inn)
+    kept = layout.random_positions(gen)
+    dropped = torch.arange(layout.n_items)  # every group loses all it keeps: its full candidate list is chosen
+    dy, x = torch.randn(13, out, generator=gen), torch.randn(13, inn, generator=gen)
+    with config.patch(backend="interpret"):
+        got = kernel_selection(layout, kept, dropped, dy, x, False)
+    assert runs.count("grow_scores") == 1
+    assert torch.equal(got.grown(), score_chunked(layout, kept, dropped, dy, x, False).grown())
