@@ -17,7 +17,8 @@ from sparsec.spec import Spec, parse_spec
 
 def _table(kernels, dtype: str, batch: int, out: int, inn: int) -> list[str]:
     lines = [
-        f"cost model at batch {batch} ({dtype}; roofline on datasheet peaks, dense = cuBLAS-like dense GEMM):",
+        f"cost model at batch {batch} ({dtype}; roofline on datasheet peaks, dense = cuBLAS-like dense GEMM; "
+        "model output, not measurements: no kernel has been timed on a GPU):",
         "  program      gpu   GFLOP sparse/dense   MB sparse/dense   bound    predicted speed-up",
     ]
     for name, k in kernels.kernels.items():

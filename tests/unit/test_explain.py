@@ -20,6 +20,7 @@ def test_explain_cli_shows_every_stage(capsys):
         "== forward: IR after the passes",
         "activation='gelu', bias=True",
         "cost model at batch 4096 (bf16",
+        "model output, not measurements",
         "grad_values  H100",
         "== grad_input: generated Triton source (bsr_spmm.py.jinja)",
         "== grow_scores: generated Triton source (bsr_grow.py.jinja)",
