@@ -12,6 +12,8 @@ from sparsec.formats import format_of
 from sparsec.runtime.aot import ARCHS, KERNEL_DTYPES, MATRIX
 from sparsec.spec import parse_spec
 
+pytestmark = pytest.mark.slow  # compiles every kernel for two architectures (~30 s on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):

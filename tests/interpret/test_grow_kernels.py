@@ -13,11 +13,11 @@ from sparsec.runtime.selection import score_chunked
 
 CASES = [
     ("90%", 37, 53),
-    ("70%", 21, 130),  # rows span several 64-wide column tiles
+    pytest.param("70%", 21, 130, marks=pytest.mark.slow),  # rows span several 64-wide column tiles
     ("2:4", 37, 52),
     ("1:8", 21, 56),
     ("fanin(k=7)", 37, 53),
-    ("fanin(k=40)", 9, 150),
+    pytest.param("fanin(k=40)", 9, 150, marks=pytest.mark.slow),
     ("block(16x16, 50%)", 48, 80),
     ("block(4x8, 50%)", 20, 40),
     # nearly dense: units short of fresh positions regrow some of their just-dropped ones

@@ -16,6 +16,7 @@ def _run(*args):
     subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], check=True, timeout=300)
 
 
+@pytest.mark.slow  # three training processes
 def test_resumed_training_is_bit_identical_to_straight_training(tmp_path):
     _run("straight", tmp_path / "straight.pt")
     _run("first", tmp_path / "ckpt.pt")
