@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from sparsec import config
+
 # One table of tolerances per dtype, for results compared with a float64 reference.
 # Half types compute in float32 on the CPU path: the error is the final rounding (2^-8, 2^-11).
 TOLERANCES = {
@@ -68,3 +70,18 @@ def assert_kernel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: tor
             f"{what}: {int(bad.sum())}/{bad.numel()} elements beyond rtol {rtol} of scale {scale:.3g} "
             f"(NaN = never written); first at {idx}; got {actual[bad][:3].tolist()} want {expected[bad][:3].tolist()}"
         )
+
+
+def assert_interpret_matches_cpu(layer, x: torch.Tensor) -> None:
+    """Forward and every gradient of ``layer`` on the interpret backend (generated kernels) equal the cpu
+    backend's, within the fp32 kernel tolerance."""
+    results = {}
+    for backend in ("cpu", "interpret"):
+        layer.zero_grad()
+        x.grad = None
+        with config.patch(backend=backend):
+            y = layer(x)
+            y.square().sum().backward()
+        results[backend] = (y.detach(), x.grad.clone(), layer.values.grad.clone(), layer.bias.grad.clone())
+    for what, a, b in zip(("y", "dx", "dvalues", "dbias"), results["interpret"], results["cpu"], strict=True):
+        assert_kernel_close(a, b, torch.float32, what)

@@ -3,7 +3,7 @@ cpu backend, and MaskUpdater works unchanged on it."""
 
 import pytest
 import torch
-from helpers import assert_kernel_close
+from helpers import assert_interpret_matches_cpu, assert_kernel_close
 
 import sparsec
 from sparsec import config
@@ -15,17 +15,7 @@ CASES = [("90%", 37, 53), ("2:4", 37, 52), ("block(16x16, 50%)", 48, 80), ("fani
 def test_layer_on_interpret_backend_matches_cpu_backend(spec, out, inn):
     torch.manual_seed(0)
     layer = sparsec.SparseLinear(inn, out, spec=spec)
-    x = torch.randn(11, inn, requires_grad=True)
-    results = {}
-    for backend in ("cpu", "interpret"):
-        layer.zero_grad()
-        x.grad = None
-        with config.patch(backend=backend):
-            y = layer(x)
-            y.square().sum().backward()
-        results[backend] = (y.detach(), x.grad.clone(), layer.values.grad.clone(), layer.bias.grad.clone())
-    for what, a, b in zip(("y", "dx", "dvalues", "dbias"), results["interpret"], results["cpu"], strict=True):
-        assert_kernel_close(a, b, torch.float32, what)
+    assert_interpret_matches_cpu(layer, torch.randn(11, inn, requires_grad=True))
 
 
 def test_mask_updater_trains_on_the_interpret_backend(monkeypatch):
