@@ -83,13 +83,14 @@ class SparseLayer(nn.Module):
 
     def positions(self) -> torch.Tensor:
         """Sorted flat item positions (weights, or blocks for block specs) of the kept items."""
-        bufs = list(self.index_buffers().values())
+        named = self.index_buffers()
+        bufs = list(named.values())
         # In-place writes (load_state_dict, updates) bump _version; .to() makes new buffer objects. The cache
         # names its buffers by identity (weakly), not by address: a freed address reused is a miss.
         versions = tuple(b._version for b in bufs)
         hit = self._cache is not None and self._cache[1] == versions and len(self._cache[0]) == len(bufs)
         if not (hit and all(r() is b for r, b in zip(self._cache[0], bufs, strict=True))):
-            self._cache = ([weakref.ref(b) for b in bufs], versions, self.layout.decode(self.index_buffers()))
+            self._cache = ([weakref.ref(b) for b in bufs], versions, self.layout.decode(named))
         return self._cache[2]
 
     def write_positions(self, flat: torch.Tensor) -> None:
@@ -177,8 +178,8 @@ class SparseLayer(nn.Module):
             raise SparsecError(f"input on {x2d.device} but the layer on {self.values.device}; move one of them")
         values, bias = self.values, self.bias
         device = x2d.device.type
-        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.float16, torch.bfloat16):
-            dt = torch.get_autocast_dtype(device)
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if dt in (torch.float16, torch.bfloat16):
             x2d, values = x2d.to(dt), values.to(dt)
             bias = bias.to(dt) if bias is not None else None
         if x2d.dtype != values.dtype:
