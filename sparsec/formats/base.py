@@ -315,9 +315,16 @@ class Strategy(ABC):
 
     @abstractmethod
     def call(
-        self, program: str, layout: Layout, tile: dict[str, int], plan: dict[str, torch.Tensor], batch: int
+        self,
+        program: str,
+        layout: Layout,
+        tile: dict[str, int],
+        plan: dict[str, torch.Tensor],
+        batch: int,
+        rows: int | None = None,
     ) -> KernelCall:
-        """The grid and the format's named sizes and constexprs of one program's launch."""
+        """The grid and the format's named sizes and constexprs of one program's launch; ``rows`` is the
+        number of item-grid rows a grow_scores launch covers (one chunk of the grow step), None all."""
 
     @property
     def grows_on_kernel(self) -> bool:
@@ -328,11 +335,16 @@ class Strategy(ABC):
         """Width of the segments grow_scores keeps its best candidates of; None: it scores whole items."""
         return tile["BLOCK_K"]
 
-    def grow_output(self, layout: Layout, tile: dict[str, int], kc: int) -> tuple[tuple[int, ...], torch.dtype, float]:
-        """(shape, dtype, poison) of grow_scores' output: int64 keys ``[O, segments, kc]``; -2 is neither a
-        key (>= 0) nor the kernel's empty place (-1)."""
-        segments = cdiv(layout.in_features, self.grow_segment(tile))
-        return (layout.out_features, segments, kc), torch.int64, -2
+    def grow_output(
+        self, layout: Layout, tile: dict[str, int], kc: int, rows: int, listed: int | None = None
+    ) -> tuple[tuple[int, ...], torch.dtype, float]:
+        """(shape, dtype, poison) of a grow_scores launch over ``rows`` output rows: int64 keys
+        ``[rows, segments, kc]``, or ``[listed, BLOCK_O, BLOCK_K // segment, kc]`` for a launch over
+        ``listed`` tiles; -2 is neither a key (>= 0) nor the kernel's empty place (-1)."""
+        seg = self.grow_segment(tile)
+        if listed is not None:
+            return (listed, tile["BLOCK_O"], tile["BLOCK_K"] // seg, kc), torch.int64, -2
+        return (rows, cdiv(layout.in_features, seg), kc), torch.int64, -2
 
 
 # --- formats -------------------------------------------------------------------------------------

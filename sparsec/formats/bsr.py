@@ -51,7 +51,13 @@ class BlockDot(Strategy):
         return {"BLOCK_B": 64 if half else 32, "BH": pow2_at_least(self.rows), "BW": pow2_at_least(self.cols)}
 
     def call(
-        self, program: str, layout: Layout, tile: dict[str, int], plan: dict[str, torch.Tensor], batch: int
+        self,
+        program: str,
+        layout: Layout,
+        tile: dict[str, int],
+        plan: dict[str, torch.Tensor],
+        batch: int,
+        rows: int | None = None,
     ) -> KernelCall:
         # the tile's BH/BW are the padded sides (BH_P/BW_P in the kernels); BH/BW are the real ones
         sides = {"BH": self.rows, "BW": self.cols, "BH_P": tile["BH"], "BW_P": tile["BW"]}
@@ -59,15 +65,17 @@ class BlockDot(Strategy):
             "forward": (cdiv(batch, tile["BLOCK_B"]), layout.grid[0]),
             "grad_input": (cdiv(batch, tile["BLOCK_B"]), layout.grid[1]),
             "grad_values": (layout.n_items,),
-            "grow_scores": layout.grid,
+            "grow_scores": (layout.grid[0] if rows is None else rows, layout.grid[1]),
         }[program]
         return KernelCall(grid, sides)
 
     def grow_segment(self, tile: dict[str, int]) -> None:
         return None  # one score per block of the grid, selected on the host
 
-    def grow_output(self, layout: Layout, tile: dict[str, int], kc: int) -> tuple[tuple[int, ...], torch.dtype, float]:
-        return layout.grid, torch.float32, float("nan")
+    def grow_output(
+        self, layout: Layout, tile: dict[str, int], kc: int, rows: int, listed: int | None = None
+    ) -> tuple[tuple[int, ...], torch.dtype, float]:
+        return (rows, layout.grid[1]), torch.float32, float("nan")
 
 
 class BSRFormat(Format):

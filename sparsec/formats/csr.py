@@ -27,6 +27,14 @@ from sparsec.formats.base import (
 from sparsec.spec.specs import Unstructured
 
 
+def longest_row(layout: Layout) -> int:
+    """The most items a row can keep: the grow kernel's binary search runs this many steps' worth
+    (a bound from the layout, so no mask change recompiles the kernel or reads the device)."""
+    if layout.unit_size <= layout.in_features:  # rows of whole units (fan-in rows, N:M groups)
+        return layout.kept_per_unit * (layout.in_features // layout.unit_size)
+    return min(layout.in_features, layout.nnz)
+
+
 @dataclass(frozen=True)
 class Gather(Strategy):
     """Rows gather their inputs on CUDA cores; ``dX`` gathers through the CSR of ``W^T`` (no atomics)."""
@@ -52,7 +60,13 @@ class Gather(Strategy):
         return {"BLOCK_B": 16, "BLOCK_O": 16, "BLOCK_J": 16}
 
     def call(
-        self, program: str, layout: Layout, tile: dict[str, int], plan: dict[str, torch.Tensor], batch: int
+        self,
+        program: str,
+        layout: Layout,
+        tile: dict[str, int],
+        plan: dict[str, torch.Tensor],
+        batch: int,
+        rows: int | None = None,
     ) -> KernelCall:
         out, inn = layout.out_features, layout.in_features
         if program == "forward":
@@ -61,11 +75,9 @@ class Gather(Strategy):
             return KernelCall((cdiv(batch, tile["BLOCK_B"]), cdiv(inn, tile["BLOCK_O"])))
         if program == "grad_values":
             return KernelCall((cdiv(layout.nnz, tile["BLOCK_E"]),), {"NNZ": layout.nnz})
-        ptr = plan["PTR"]
-        longest = int((ptr[1:] - ptr[:-1]).max()) if out else 0  # binary-search steps over a row's columns
         return KernelCall(
-            (cdiv(out, tile["BLOCK_O"]), cdiv(inn, tile["BLOCK_K"])),
-            {"SEG": tile["BLOCK_K"], "SEARCH_STEPS": longest.bit_length() + 1},
+            (cdiv(out if rows is None else rows, tile["BLOCK_O"]), cdiv(inn, tile["BLOCK_K"])),
+            {"SEG": tile["BLOCK_K"], "SEARCH_STEPS": longest_row(layout).bit_length() + 1},
         )
 
     @property

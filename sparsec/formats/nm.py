@@ -58,7 +58,13 @@ class DecompressDot(Strategy):
         return {"POS": buffers["nm_positions"]}  # the kernels read the stored positions directly
 
     def call(
-        self, program: str, layout: Layout, tile: dict[str, int], plan: dict[str, torch.Tensor], batch: int
+        self,
+        program: str,
+        layout: Layout,
+        tile: dict[str, int],
+        plan: dict[str, torch.Tensor],
+        batch: int,
+        rows: int | None = None,
     ) -> KernelCall:
         out, inn = layout.out_features, layout.in_features
         nm = {"N": self.n, "M": self.m}
@@ -66,7 +72,10 @@ class DecompressDot(Strategy):
             return KernelCall((cdiv(batch, tile["BLOCK_B"]), cdiv(out, tile["BLOCK_O"])), nm)
         if program == "grad_input":
             return KernelCall((cdiv(batch, tile["BLOCK_B"]), cdiv(inn, tile["BLOCK_K"])), nm)
-        grid = (cdiv(out, tile["BLOCK_O"]), cdiv(inn, tile["BLOCK_K"]))
+        grid = (
+            cdiv(out if rows is None or program != "grow_scores" else rows, tile["BLOCK_O"]),
+            cdiv(inn, tile["BLOCK_K"]),
+        )
         return KernelCall(grid, {**nm, "SEG": self.m} if program == "grow_scores" else nm)
 
     def grow_segment(self, tile: dict[str, int]) -> int:

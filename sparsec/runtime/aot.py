@@ -74,7 +74,8 @@ def record_calls(spec: str, out: int, inn: int, dtype: str, batch: int = 19) -> 
     class Recorder(Launcher):
         def _launch(self, program, grid, args, constexprs):
             src = self.kernels.kernels[program]
-            calls.append(RecordedCall(program, src.source, src.template, args, constexprs))
+            label = f"{program} (listed tiles)" if constexprs.get("LISTED") else program
+            calls.append(RecordedCall(label, src.source, src.template, args, constexprs))
 
     torch_dtype = DTYPES[dtype].torch
     layout = make_layout(parse_spec(spec), out, inn)
@@ -90,6 +91,9 @@ def record_calls(spec: str, out: int, inn: int, dtype: str, batch: int = 19) -> 
     if launcher.strategy.grows_on_kernel:
         drop = torch.zeros(layout.n_items, dtype=torch.uint8)
         launcher.run("grow_scores", plan, dz=dz, x=x, drop=drop, kc=2)
+        seg = launcher.grow_segment()
+        if seg is not None:  # the second run's variant: listed tiles, every eligible key of a segment
+            launcher.run("grow_scores", plan, dz=dz, x=x, drop=drop, kc=seg, tiles=torch.zeros(1, 2, dtype=torch.int32))
     return calls
 
 

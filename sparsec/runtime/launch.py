@@ -2,10 +2,13 @@
 
 ``Launcher.run(program, plan, **operands)`` binds the kernel's arguments by parameter name, as
 Inductor binds a kernel signature. A tensor parameter is its operand's name in capitals (``x`` ->
-``X``, ``dz`` -> ``DZ``, ``values`` -> ``VALUES``, ``bias`` -> ``BIAS``, ``drop`` -> ``DROP``, and the
-integer ``kc`` -> ``KC``); the new output is ``OUT``; the sizes are ``B`` (batch rows), ``O`` and
-``KIN`` (the layer's out and in features). The plan's index tensors, the program's tile and the
-format strategy's ``call`` (grid, sizes, constexprs) supply the rest.
+``X``, ``dz`` -> ``DZ``, ``values`` -> ``VALUES``, ``bias`` -> ``BIAS``, ``drop`` -> ``DROP``, ``tiles`` ->
+``TILES``, and the integers ``kc``, ``r0``, ``r1`` -> ``KC``, ``R0``, ``R1``); the new output is ``OUT``;
+the sizes are ``B`` (batch rows), ``O`` and ``KIN`` (the layer's out and in features). The plan's index
+tensors, the program's tile and the format strategy's ``call`` (grid, sizes, constexprs) supply the rest.
+A grow_scores launch covers item-grid rows ``r0 .. r1`` (default: all), or, given ``tiles``, one
+program per listed (row tile, column tile) pair, ``tiles [n, 2]`` (``LISTED``: the segment kernel's
+second run).
 
 Operands are 2-D row-major tensors. With ``poison=True`` outputs start as NaN (grow keys as -2), so
 an element a kernel forgets to write cannot pass a test by luck.
@@ -14,6 +17,7 @@ an element a kernel forgets to write cannot pass a test by luck.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Mapping
 
@@ -101,8 +105,9 @@ class Launcher:
         return self.strategy.grow_segment(self.tile("grow_scores"))
 
     def run(self, program: str, plan: Mapping[str, torch.Tensor], **operands) -> torch.Tensor:
-        """Run ``program``'s kernel on its operands (``x``, ``dz``, ``values``, ``bias``, ``drop``, ``kc``);
-        returns its new output: ``Y``, ``dX``, ``dV``, or the grow scores (``Strategy.grow_output``)."""
+        """Run ``program``'s kernel on its operands (``x``, ``dz``, ``values``, ``bias``, ``drop``, ``kc``,
+        ``r0``, ``r1``, ``tiles``); returns its new output: ``Y``, ``dX``, ``dV``, or the grow scores
+        (``Strategy.grow_output``)."""
         lay = self.layout
         x, dz, values = operands.get("x"), operands.get("dz"), operands.get("values")
         like = values if values is not None else x
@@ -112,8 +117,14 @@ class Launcher:
         if x is not None:
             _check("x", x, (batch, lay.in_features), like)
         tile = self.tile(program)
+        rows = None
         if program == "grow_scores":
-            shape, dtype, poison = self.strategy.grow_output(lay, tile, operands.get("kc", 0))
+            operands = {"r0": 0, "r1": lay.grid[0], **operands}
+            rows = operands["r1"] - operands["r0"]
+            if not 0 <= operands["r0"] <= operands["r1"] <= lay.grid[0]:
+                raise SparsecError(f"grow_scores rows {operands['r0']}..{operands['r1']} are outside 0..{lay.grid[0]}")
+            listed = None if operands.get("tiles") is None else operands["tiles"].shape[0]
+            shape, dtype, poison = self.strategy.grow_output(lay, tile, operands.get("kc", 0), rows, listed)
         else:
             outputs = {"forward": (batch, lay.out_features), "grad_input": (batch, lay.in_features)}
             outputs["grad_values"] = lay.values_shape
@@ -121,7 +132,14 @@ class Launcher:
         out = torch.empty(shape, dtype=dtype, device=like.device)
         if self.poison:
             out.fill_(poison)
-        call = self.strategy.call(program, lay, tile, plan, batch)
+        call = self.strategy.call(program, lay, tile, plan, batch, rows)
+        if program == "grow_scores":
+            listed = operands.get("tiles") is not None
+            if listed:
+                call = dataclasses.replace(call, grid=(operands["tiles"].shape[0],))
+            else:
+                operands["tiles"] = torch.empty(0, dtype=torch.int32, device=like.device)  # never read
+            operands["listed"] = listed
         own = {name.upper(): value for name, value in operands.items() if value is not None}
         own.update(B=batch, O=lay.out_features, KIN=lay.in_features, OUT=out)
         if values is not None:
@@ -130,6 +148,7 @@ class Launcher:
         named = {**plan, **tile, **call.args}
         assert not named.keys() & own.keys(), f"{program}: the format rebinds {sorted(named.keys() & own.keys())}"
         grid, flat = launch_grid(call.grid)
+        flat.setdefault("SWAP", False)
         self._bind(program, grid, {**named, **own, **flat})
         return out
 

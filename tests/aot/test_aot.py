@@ -39,7 +39,12 @@ def test_every_kernel_compiled_for_every_arch(reports):
         if program != "grow_scores" or _grows_on_kernel(spec)
     }
     assert "1:3" in {spec for spec, _, _ in MATRIX} and not _grows_on_kernel("1:3")
-    assert seen == expected
+    listed = {(s, d, p, a) for s, d, p, a in seen if p == "grow_scores (listed tiles)"}
+    assert seen - listed == expected
+    # the grow step's second run (listed tiles) compiles wherever grow_scores keeps segments (not blocks)
+    assert {(s, d, a) for s, d, _, a in listed} == {
+        (s, d, a) for s, d, p, a in expected if p == "grow_scores" and not s.startswith("block")
+    }
 
 
 def test_no_spills_and_shared_memory_within_the_device_limit(reports):

@@ -17,6 +17,7 @@ CASES = [
     ("2:4", 37, 52),
     ("1:8", 21, 56),
     ("fanin(k=7)", 37, 53),
+    ("fanin(k=5)", 11, 20),  # rows narrower than one segment
     pytest.param("fanin(k=40)", 9, 150, marks=pytest.mark.slow),
     ("block(16x16, 50%)", 48, 80),
     ("block(4x8, 50%)", 20, 40),
@@ -44,7 +45,7 @@ def test_kernel_growth_equals_cpu_growth(spec, out, inn, ties, regrow_dropped):
         else:
             dy, x = torch.randn(13, out, generator=gen), torch.randn(13, inn, generator=gen)
         expected = score_chunked(layout, kept, dropped, dy, x, regrow_dropped).grown()
-        with config.patch(backend="interpret", grow_chunk_bytes=13 * 8 * 5):  # short units: 5 positions a chunk
+        with config.patch(backend="interpret", grow_chunk_bytes=8192):  # several chunks of rows and of short units
             got = kernel_selection(layout, kept, dropped, dy, x, regrow_dropped)
         assert got is not None and got.finite and got.complete
         assert torch.equal(got.grown(), expected), (spec, drop_fraction)
@@ -134,10 +135,10 @@ def test_block_grow_kernel_scores_every_block_by_its_mean(spec, out, inn):
 def test_initial_candidates_per_segment():
     from sparsec.runtime.grow import initial_kc
 
-    assert initial_kc(2, 4, 4) == 2  # an N:M group is its own unit: exactly its regrowth
-    assert initial_kc(3, 8, 8) == 4
-    assert initial_kc(10, 64, 4096) == 2  # a fan-in row of 64 segments: twice its share
-    assert initial_kc(500_000, 32, 4096 * 4096) == 2  # a layer-wide unit
+    # a layer-wide unit: twice a segment's share of the regrowth (rounded up) and four, a power of two
+    assert initial_kc(500_000, 32, 4096 * 4096) == 8  # share 0.95: 2 + 4
+    assert initial_kc(100_000, 32, 1000 * 1000) == 16  # share 3.2: 8 + 4
+    assert initial_kc(10, 32, 4096 * 4096) == 8  # share below one: 2 + 4
     assert initial_kc(5000, 32, 64 * 64) == 32  # never more than the segment
 
 
@@ -159,3 +160,32 @@ def test_nm_grows_in_one_kernel_pass(spec, out, inn, monkeypatch):
         got = kernel_selection(layout, kept, dropped, dy, x, False)
     assert runs.count("grow_scores") == 1
     assert torch.equal(got.grown(), score_chunked(layout, kept, dropped, dy, x, False).grown())
+
+
+@pytest.mark.parametrize("spec,out,inn", [("90%", 37, 53), ("70%", 21, 130), ("2:4", 37, 52), ("fanin(k=7)", 37, 53)])
+def test_grow_kernel_chunks_and_listed_tiles_equal_the_whole_launch(spec, out, inn):
+    """A launch over rows r0..r1 writes those rows' keys; a launch over listed tiles writes each tile's keys
+    (row tile x column tile), -1 past the layer's edge. Both against the launch over the whole layer."""
+    from sparsec.runtime.compile import compile_layer
+    from sparsec.runtime.launch import Launcher
+
+    gen = torch.Generator().manual_seed(4)
+    layer = sparsec.SparseLinear(inn, out, spec=spec)
+    launcher = Launcher(compile_layer(str(layer.spec), inn, out, "fp32", True, None), layer.layout, True, poison=True)
+    plan = launcher.plan(layer.index_buffers())
+    drop = torch.zeros(layer.layout.n_items, dtype=torch.uint8)
+    # small integers: exact sums, so a row scores the same bits at any place in a tile
+    dy, x = torch.randint(-3, 4, (9, out), generator=gen).float(), torch.randint(-3, 4, (9, inn), generator=gen).float()
+    whole = launcher.run("grow_scores", plan, dz=dy, x=x, drop=drop, kc=4)
+    part = launcher.run("grow_scores", plan, dz=dy, x=x, drop=drop, kc=4, r0=5, r1=out - 3)
+    assert torch.equal(part, whole[5 : out - 3])
+    tile = launcher.tile("grow_scores")
+    bo, per_tile = tile["BLOCK_O"], tile["BLOCK_K"] // launcher.grow_segment()
+    tiles_k = -(-inn // tile["BLOCK_K"])
+    listed = torch.tensor([[-(-out // bo) - 1, tiles_k - 1], [0, 0]], dtype=torch.int32)  # the last tile, the first
+    keys = launcher.run("grow_scores", plan, dz=dy, x=x, drop=drop, kc=4, tiles=listed)
+    assert keys.shape == (2, bo, per_tile, 4) and not bool((keys == -2).any())
+    padded = torch.full((-(-out // bo) * bo, tiles_k * per_tile, 4), -1, dtype=torch.int64)
+    padded[:out, : whole.shape[1]] = whole
+    for i, (r, c) in enumerate(listed.tolist()):
+        assert torch.equal(keys[i], padded[r * bo : (r + 1) * bo, c * per_tile : (c + 1) * per_tile]), (r, c)
