@@ -16,7 +16,7 @@ from torch import nn
 
 from sparsec.errors import ShapeError, SparsecError
 from sparsec.formats import Layout, make_layout
-from sparsec.runtime import ops  # noqa: F401 - registers the custom ops torch.ops.sparsec.*
+from sparsec.runtime import ops  # also registers the custom ops torch.ops.sparsec.*
 from sparsec.runtime.cpu import compute_dtype
 from sparsec.spec import Dense, Policy, Spec, parse_policy, parse_spec
 
@@ -94,9 +94,11 @@ class SparseLayer(nn.Module):
         return self._cache[2]
 
     def write_positions(self, flat: torch.Tensor) -> None:
-        """Store sorted flat item positions ``flat`` (already satisfying the spec) in the index buffers."""
+        """Store sorted flat item positions ``flat`` (already satisfying the spec) in the index buffers, and
+        the kernels' index plan with them (in place: a captured CUDA graph replays the new mask)."""
         for name, tensor in self.layout.encode(flat).items():
             getattr(self, name).copy_(tensor)
+        ops.refresh_plan(list(self.index_buffers().values()))
 
     @torch.no_grad()
     def set_positions(self, flat: torch.Tensor, src: torch.Tensor) -> None:

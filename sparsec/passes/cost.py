@@ -73,10 +73,13 @@ def formulas(op: Op, weight, dtype: str, precision: str = "tensor", tile: dict |
 def cpu_path_formulas(op: Op, nnz, dtype: str) -> dict[str, object]:
     """The CPU backend's products for ``nnz`` stored weights: PyTorch CSR kernels gathering for every
     structure (the weight streamed once, one activation gathered per stored value and batch row); the
-    grow step's chunked dense product in torch."""
+    grow step's chunked dense product in torch. Its SDDMM (``sampled_addmm``) walks the rows: one row of
+    ``dY^T`` serves every stored value of the row, so it gathers one column per value, not two."""
     e = DTYPES[dtype].bytes
     index = 8 * nnz + 8 * (OUT + 1)  # int64 CSR (what torch.sparse_csr_tensor keeps by default)
     f = _products(op, nnz, e, index, False, op is not Op.GROW_TOPK, 1)
+    if op is Op.SDDMM:
+        f["bytes"] = e * (BATCH * nnz + BATCH * OUT + nnz) + index
     f["engine"] = "cuda"
     return f
 

@@ -65,6 +65,18 @@ def index_plan(key: LayoutKey, backend: str, index: list[torch.Tensor]):
 _PLAN_ATTR = "_sparsec_plan"
 
 
+def refresh_plan(index: list[torch.Tensor]) -> None:
+    """Rebuild the plan held on these index buffers now, in place, after their contents changed.
+
+    Called where a mask is written: a CUDA graph replays its kernels without running Python, so the
+    plan its kernels read must hold the new mask before the next replay, not at the next eager call.
+    Nothing is held (no call has run yet): nothing to do.
+    """
+    held: _HeldPlan | None = getattr(index[0], _PLAN_ATTR, None)
+    if held is not None and held.serves(held.key, held.backend, index):
+        index_plan(held.key, held.backend, index)
+
+
 @dataclasses.dataclass
 class _HeldPlan:
     key: LayoutKey

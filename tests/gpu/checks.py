@@ -8,6 +8,8 @@
   invariants after every step.
 - ``autocast``: a dense layer's fp16 activation into a sparse layer under CUDA autocast.
 - ``second_device``: a layer on cuda:1 while cuda:0 is current (skipped with one GPU).
+- ``cuda_graphs``: a forward captured in a CUDA graph, replayed after mask updates (a RigL step, then a
+  mask written directly): the replay computes with the new mask.
 """
 
 from __future__ import annotations
@@ -107,7 +109,41 @@ def second_device() -> None:
     print("ok second_device")
 
 
-CHECKS = {"kernels": kernels, "rigl": rigl, "autocast": autocast, "second_device": second_device}
+def cuda_graphs() -> None:
+    torch.manual_seed(0)
+    for spec in STRUCTURES:
+        layer = sparsec.SparseLinear(64, 128, spec=spec, policy=sparsec.rigl(delta_t=1), device="cuda")
+        static_x = torch.randn(33, 64, device="cuda")
+        with config.patch(backend="triton"):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                layer(static_x)  # compiles the kernels and builds the plan before capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                static_y = layer(static_x)
+            opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+            updater = sparsec.MaskUpdater(layer, opt, total_steps=100)  # arms step 1, after the capture
+            before = layer.positions().clone()
+            layer(torch.randn(33, 64, device="cuda")).square().sum().backward()  # armed: grow scores
+            opt.step()
+            assert sum(updater.step().values()) > 0, spec
+            assert not torch.equal(layer.positions(), before), spec
+            static_x.copy_(torch.randn(33, 64, device="cuda"))
+            graph.replay()
+        ref = static_x.double() @ layer.dense_weight().double().t() + layer.bias.double()
+        assert_kernel_close(static_y, ref, torch.float32, f"{spec} replay after a RigL update")
+        print("ok cuda_graphs", spec)
+
+
+CHECKS = {
+    "kernels": kernels,
+    "rigl": rigl,
+    "autocast": autocast,
+    "second_device": second_device,
+    "cuda_graphs": cuda_graphs,
+}
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") in (None, "", "0"), "run without TRITON_INTERPRET: a GPU check"

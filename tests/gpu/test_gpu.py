@@ -26,6 +26,7 @@ CHECKS = Path(__file__).with_name("checks.py")
         ("rigl", "bf16"),
         ("autocast",),
         ("second_device",),
+        ("cuda_graphs",),
     ],
     ids="-".join,
 )

@@ -56,3 +56,28 @@ def test_snfs_steps_call_no_torch_sparse_op(no_torch_sparse, dtype):
         sparsec.SparseLinear(16, 4, spec="50%", policy=sparsec.snfs(delta_t=2), dtype=dtype),
     )
     assert _train(model, dtype) > 0
+
+
+@pytest.mark.parametrize("spec", ["90%", "2:4", "block(16x16, 75%)", "fanin(90%)"])
+def test_an_update_rewrites_the_kernel_plan_in_place(spec):
+    """What a CUDA graph captured before an update reads (tests/gpu checks the replay itself): after a RigL
+    step the plan's tensors are the same objects, holding the plan of the new mask."""
+    from sparsec.runtime import ops
+
+    torch.manual_seed(0)
+    layer = sparsec.SparseLinear(64, 128, spec=spec, policy=sparsec.rigl(delta_t=1))
+    with config.patch(backend="interpret"):
+        with torch.no_grad():
+            layer(torch.randn(33, 64))  # as a capture would: the plan is built, its tensors recorded
+        index = list(layer.index_buffers().values())
+        plan = getattr(index[0], ops._PLAN_ATTR).plan
+        recorded = {name: (t, t.clone()) for name, t in plan.items()}
+        opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        updater = sparsec.MaskUpdater(layer, opt, total_steps=100)
+        layer(torch.randn(33, 64)).square().sum().backward()
+        opt.step()
+        assert sum(updater.step().values()) > 0
+    fresh = layer.layout.format.strategy(layer.layout.spec).plan(layer.layout, layer.index_buffers())
+    assert any(not torch.equal(t, before) for t, before in recorded.values())  # the mask moved
+    for name, (t, _) in recorded.items():
+        assert plan[name] is t and torch.equal(t, fresh[name]), name

@@ -58,3 +58,20 @@ def test_a_plan_is_freed_with_its_layer():
     del layer
     gc.collect()
     assert plan() is None
+
+
+def test_a_mask_write_refreshes_the_held_plan_before_any_call():
+    """A CUDA graph replays kernels without running Python: the plan must hold the new mask as soon as the
+    mask is written, not at the next eager call of the op (which is what refills it otherwise)."""
+    torch.manual_seed(0)
+    layer = sparsec.SparseLinear(12, 16, spec="75%")
+    layer(torch.randn(2, 12))  # the op builds and holds the plan
+    index = list(layer.index_buffers().values())
+    held = getattr(index[0], ops._PLAN_ATTR)
+    col, cols_before = held.plan.col, held.plan.col.clone()
+    new = torch.randperm(12 * 16)[: layer.layout.n_items].sort().values
+    assert not torch.equal(new, layer.positions())
+    layer.set_positions(new, torch.arange(layer.layout.n_items))
+    assert held.plan.col is col and not torch.equal(col, cols_before)  # same storage, already the new mask
+    expected = CSRPlan.build(layer.layout, new)
+    assert torch.equal(held.plan.col, expected.col) and torch.equal(held.plan.crow, expected.crow)

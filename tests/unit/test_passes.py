@@ -102,3 +102,19 @@ def test_roofline_against_datasheet_peaks():
     nnz = 4096 * 4096 - int(0.9 * 4096 * 4096)
     assert rg["bound"] == "memory" and rg["bytes"] >= 2 * 4096 * nnz
     assert rg["t_sparse"] == pytest.approx(rg["bytes"] / 2.04e12)
+
+
+def test_cpu_path_formulas_count_the_gathers_by_hand():
+    from sparsec.passes.cost import cpu_path_formulas
+
+    nnz = sympy.Integer(1000)
+    fwd = cpu_path_formulas(Op.SPMM, nnz, "fp32")
+    # one fp32 activation per stored value and batch row, the output, values and int64 CSR once
+    assert (
+        sympy.simplify(fwd["bytes"] - (4 * BATCH * 1000 + 4 * BATCH * OUT + 4 * 1000 + 8 * 1000 + 8 * (OUT + 1))) == 0
+    )
+    assert sympy.simplify(fwd["flops"] - 2 * BATCH * 1000) == 0 and fwd["engine"] == "cuda"
+    sddmm = cpu_path_formulas(Op.SDDMM, nnz, "fp32")  # row-wise: one gathered column per stored value
+    assert (
+        sympy.simplify(sddmm["bytes"] - (4 * BATCH * 1000 + 4 * BATCH * OUT + 4 * 1000 + 8 * 1000 + 8 * (OUT + 1))) == 0
+    )
