@@ -48,6 +48,7 @@ from sparsec.runtime.selection import GrowSelector, best_per_row, score_chunked
 KEY_BYTES = {"rows": 24, "layer": 96}
 SCORE_BYTES = 24  # per block score (float32) and GrowSelector.add_rows' masks and topk over it
 LOW = 0xFFFFFFFF  # a key's low 32 bits: its position, counted from the end of its segment or unit
+NON_FINITE = 0x7F800000 << 32  # keys at or above: a score of Inf or NaN (scores are >= 0, their bits ordered)
 
 
 def initial_kc(lost: int, seg_width: int, unit_size: int) -> int:
@@ -105,7 +106,9 @@ def grow_on_kernels(
         found = scan.within_rows(selector.fresh_need)
     else:
         found = scan.layer_wide(int(selector.fresh_need[0]))
-    if found is None:  # a score overflowed to Inf: as on the CPU path, the update is skipped
+    # A score overflowed to Inf at a position the kernel scored: the update is skipped, as on the CPU path
+    # (which scores kept positions too; the kernel leaves them out, so an overflow only there goes unseen).
+    if found is None:
         selector.finite = False
         return selector
     selector.set_result(*found)
@@ -146,6 +149,8 @@ class _Scan:
         flats, scores = [], []
         for r0, r1 in self.chunks(kc, "rows"):
             keys = self.keys(kc, r0, r1)
+            if bool((keys >= NON_FINITE).any()):  # any candidate, chosen or not: as the CPU path
+                return None
             if shift is not None:
                 empty = keys < 0
                 keys += shift[None, :, None]
@@ -158,8 +163,6 @@ class _Scan:
             units, _ = chosen.nonzero(as_tuple=True)
             k = top[chosen]
             score = (k >> 32).to(torch.int32).view(torch.float32)
-            if not bool(torch.isfinite(score).all()):
-                return None
             flat = (u0 + units) * unit + (unit - 1 - (k & LOW))
             order = flat.argsort()
             flats.append(flat[order])
@@ -171,7 +174,7 @@ class _Scan:
         the tiles whose segments may hide winners (see the module docstring)."""
         lay, seg, inn = self.layout, self.seg, self.layout.in_features
         kc = initial_kc(lost, seg, lay.unit_size)
-        best = _RunningBest(lost)
+        best = _RunningBest(lost, self.dy.device)
         for r0, r1 in self.chunks(kc, "layer"):
             keys = self.keys(kc, r0, r1)
             full = (keys >= 0).all(dim=2)  # the segment kept kc candidates: its last one may hide more
@@ -183,12 +186,14 @@ class _Scan:
             if not best.add(self.flat_of(r0 + rows, segs, k), _score_of(k), is_last):
                 return None
         flat, score, is_last = best.result()
+        if kc >= seg:  # every segment kept every eligible position: nothing hides
+            return flat, score
         hiding = torch.unique((flat[is_last] // inn) * self.nseg + flat[is_last] % inn // seg)  # row * nseg + seg
         if hiding.numel() == 0:
             return flat, score
         # every position of a hiding segment is scored again: its first-run candidates would be duplicates
         again = torch.isin((flat // inn) * self.nseg + flat % inn // seg, hiding)
-        best = _RunningBest(lost)
+        best = _RunningBest(lost, self.dy.device)
         best.add(flat[~again], score[~again], torch.zeros_like(again[~again]))
         bo, bk = self.tile["BLOCK_O"], self.tile["BLOCK_K"]
         tiles_k, per_tile = cdiv(inn, bk), bk // seg  # column tiles; segments in a tile
@@ -225,8 +230,8 @@ class _RunningBest:
     """The ``k`` best (score desc, flat asc) of candidates arriving in any order, with a flag each;
     merged when twice ``k`` are held (amortised linear work)."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, device: torch.device):
+        self.k, self.device = k, device
         self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.held = 0
         self.threshold: torch.Tensor | None = None  # the k-th best score so far, once k are held
@@ -257,7 +262,7 @@ class _RunningBest:
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ascending flat, score, flag) of the ``k`` best."""
         if not self.parts:
-            empty = torch.empty(0, dtype=torch.int64)
+            empty = torch.empty(0, dtype=torch.int64, device=self.device)
             return empty, empty.float(), empty.bool()
         self._merge()
         return self.parts[0]

@@ -189,3 +189,22 @@ def test_grow_kernel_chunks_and_listed_tiles_equal_the_whole_launch(spec, out, i
     padded[:out, : whole.shape[1]] = whole
     for i, (r, c) in enumerate(listed.tolist()):
         assert torch.equal(keys[i], padded[r * bo : (r + 1) * bo, c * per_tile : (c + 1) * per_tile]), (r, c)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in matmul:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("spec,out,inn", [("fanin(k=7)", 37, 53), ("2:4", 8, 16), ("90%", 37, 53)])
+def test_an_overflow_anywhere_the_kernel_scores_skips_the_update(spec, out, inn):
+    """|dY^T X| overflows to Inf at a fresh position of a unit that lost nothing (finite inputs): the CPU path
+    and the kernel path both report the step non-finite, so the mask stays as it is."""
+    gen = torch.Generator().manual_seed(0)
+    layout = make_layout(sparsec.parse_spec(spec), out, inn)
+    kept = layout.random_positions(gen)
+    per_row = layout.n_items // out
+    dropped = torch.arange(per_row, layout.n_items, 3)  # row 0 loses nothing
+    c = next(j for j in range(inn) if j not in set(kept[:per_row].tolist()))
+    dy, x = torch.randn(4, out, generator=gen), torch.randn(4, inn, generator=gen)
+    dy[0, 0] = x[0, c] = 1e20  # finite inputs, an infinite product at the fresh position (0, c)
+    assert not score_chunked(layout, kept, dropped, dy, x, False).finite
+    with config.patch(backend="interpret"):
+        got = kernel_selection(layout, kept, dropped, dy, x, False)
+    assert not got.finite
