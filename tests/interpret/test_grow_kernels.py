@@ -208,3 +208,24 @@ def test_an_overflow_anywhere_the_kernel_scores_skips_the_update(spec, out, inn)
     with config.patch(backend="interpret"):
         got = kernel_selection(layout, kept, dropped, dy, x, False)
     assert not got.finite
+
+
+def test_a_first_run_that_kept_every_position_is_not_repeated(monkeypatch):
+    """A layer-wide unit dense enough that the first run keeps whole segments (kc = segment width) is
+    exact at once: no second run over listed tiles."""
+    import sparsec.runtime.launch as launch
+
+    runs = []
+    original = launch.Launcher.run
+    monkeypatch.setattr(
+        launch.Launcher, "run", lambda self, p, *a, **k: runs.append(k.get("tiles")) or original(self, p, *a, **k)
+    )
+    gen = torch.Generator().manual_seed(1)
+    layout = make_layout(sparsec.parse_spec("70%"), 40, 64)
+    kept = layout.random_positions(gen)
+    dropped = torch.arange(kept.numel())  # all of it: twice a segment's share reaches the segment width
+    dy, x = torch.randn(9, 40, generator=gen), torch.randn(9, 64, generator=gen)
+    with config.patch(backend="interpret"):
+        got = kernel_selection(layout, kept, dropped, dy, x, True)
+    assert torch.equal(got.grown(), score_chunked(layout, kept, dropped, dy, x, True).grown())
+    assert len(runs) == 1 and runs[0] is None
