@@ -30,6 +30,8 @@ def _table(kernels, dtype: str, batch: int, out: int, inn: int) -> list[str]:
                 f"  {name:<12} {gpu_name:<5} {r['flops'] / 1e9:9.2f} / {r['dense_flops'] / 1e9:<9.2f}"
                 f"{r['bytes'] / 1e6:8.2f} / {r['dense_bytes'] / 1e6:<8.2f} {r['bound']:<8} {r['speedup']:.2f}x"
             )
+        if "worst_flops" in cost:
+            lines.append(f"  {name}: one run of |dY^T X|; a layer-wide unit may score some tiles twice (worst case 2x)")
     return lines
 
 
