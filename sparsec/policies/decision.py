@@ -6,10 +6,11 @@ Conventions (pinned by tests, stated in the README):
   block) across the layer; ties go to the lower flat index. ``w`` is the weight the update
   step's forward and backward used, as in Algorithm 1 of the RigL paper;
 - grow: each unit (layer, N:M group, fan-in row) regrows exactly as many items as it lost, taking
-  the largest grow scores among its fresh positions (not kept before the update), so every update
-  that drops something changes the mask; a unit with fewer fresh positions than it lost regrows its
-  best just-dropped items for the rest. ``regrow_dropped=True`` lets just-dropped items compete with
-  fresh ones (google-research/rigl's reference behaviour). Ties go to the lower flat index;
+  the largest grow scores among the positions not kept after the drop: just-dropped items compete
+  with fresh ones (``regrow_dropped=True``, the default: RigL's Algorithm 1 and google-research/rigl).
+  With ``regrow_dropped=False`` it takes fresh positions (not kept before the update) first, so every
+  update that drops something changes the mask, and a unit with fewer fresh positions than it lost
+  regrows its best just-dropped items for the rest. Ties go to the lower flat index;
 - an item dropped and regrown in one update keeps its slot: its value and optimizer state;
 - new items start at zero.
 
@@ -83,14 +84,14 @@ def rigl_step(
     drop_fraction: float,
     spec: str | Spec,
     *,
-    regrow_dropped: bool = False,
+    regrow_dropped: bool = True,
 ) -> torch.Tensor:
     """One RigL mask update on dense tensors (the reference semantics, for tests and parity).
 
     ``mask``, ``weight`` and ``grad`` share the dense weight shape (conv weights are seen as
     ``[out, in*kh*kw]``); ``weight`` is the weight that produced ``grad``. Returns the new boolean
     mask; a NaN or Inf score returns ``mask`` unchanged with a warning. ``regrow_dropped`` as for the
-    ``rigl`` policy (``True``: google-research/rigl's choice).
+    ``rigl`` policy (``True``, the default: google-research/rigl's choice).
     """
     if not (mask.shape == weight.shape == grad.shape):
         raise ShapeError(f"mask {tuple(mask.shape)}, weight {tuple(weight.shape)} and grad {tuple(grad.shape)} differ")

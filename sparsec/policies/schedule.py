@@ -33,15 +33,17 @@ class Scheduled(Policy, abc.ABC):
 
     The drop is decided when the layer is armed, one step ahead, from the weights the update step's
     forward uses (RigL's Algorithm 1); ``capture`` says what the policy then arms for its growth.
-    Regrowth takes fresh positions (not kept before the update), so every update that drops weights
-    changes the mask; ``regrow_dropped=True`` lets just-dropped weights compete for regrowth, keeping
-    value and optimizer state (google-research/rigl's behaviour: late updates can then change nothing).
+    By default just-dropped weights compete for regrowth with positions not kept before the update, and
+    one regrown keeps its value and optimizer state (``regrow_dropped=True``: RigL's Algorithm 1 and
+    google-research/rigl, SET's and SRigL's reference code; a late update can then change nothing).
+    ``regrow_dropped=False`` takes fresh positions first, so every update that drops weights changes
+    the mask.
     """
 
     delta_t: int = 100
     alpha: float = 0.3
     t_end: float = 0.75
-    regrow_dropped: bool = False
+    regrow_dropped: bool = True
 
     def __post_init__(self) -> None:
         check_schedule(self)

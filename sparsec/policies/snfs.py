@@ -85,9 +85,9 @@ class SNFS(Policy):
     of smallest ``|w|`` (``p_t = prune_rate / 2 * (1 + cos(pi * t / T_end))``); the total dropped is
     redistributed across layers in proportion to each layer's mean momentum magnitude over its kept
     weights (largest remainder), and every layer grows its share at the positions of largest momentum
-    magnitude (ties: lower flat index). Shares and growth go to fresh positions, those not kept before
-    the update; just-dropped positions only take what no layer has fresh room for (or compete with fresh
-    ones when ``regrow_dropped=True``), so every update that drops weights changes the masks.
+    magnitude (ties: lower flat index). Just-dropped positions compete with fresh ones (``regrow_dropped=True``,
+    the default, as the reference's regrowth by momentum); with ``regrow_dropped=False`` shares and growth
+    go to fresh positions first, and just-dropped ones only take what no layer has fresh room for.
     Momentum is SGD's buffer, or Adam's ``m / (sqrt(v) + 1e-8)``. Growing by momentum needs the
     momentum of weights that do not exist yet, so snfs keeps a dense momentum shadow and computes the
     dense gradient at every step: the one policy that holds O(out x in) memory.
@@ -97,7 +97,7 @@ class SNFS(Policy):
     delta_t: int = 100
     prune_rate: float = 0.5
     t_end: float = 0.75
-    regrow_dropped: bool = False
+    regrow_dropped: bool = True
 
     def __post_init__(self) -> None:
         check_schedule(self)

@@ -27,16 +27,23 @@ def build():
         nn.ReLU(),
         nn.Linear(32, 10),
     )
-    # rigl on fan-in, SET on blocks, snfs moving weights between two layers, gmp shrinking the conv:
+    # rigl on fan-in, SET on blocks, snfs moving weights between two layers, gmp shrinking the conv
+    # (regrow_dropped=False: the rule v0.1.0 ran by default, so the runs it recorded replay exactly):
     # the checkpoint's shapes differ from a fresh model's, and the updater carries RNG and momentum
-    sparsec.sparsify(model, spec="80%", policy=sparsec.snfs(delta_t=3), dense=["0", "5", "7"])
-    model[5] = sparsec.SparseLinear.from_dense(nn.Linear(32, 32), "fanin(k=12)", sparsec.rigl(delta_t=3), name="5")
-    model[7] = sparsec.SparseLinear.from_dense(nn.Linear(32, 10), "block(2x4, 50%)", sparsec.set_(delta_t=3), name="7")
+    sparsec.sparsify(model, spec="80%", policy=sparsec.snfs(delta_t=3, regrow_dropped=False), dense=["0", "5", "7"])
+    model[5] = sparsec.SparseLinear.from_dense(
+        nn.Linear(32, 32), "fanin(k=12)", sparsec.rigl(delta_t=3, regrow_dropped=False), name="5"
+    )
+    model[7] = sparsec.SparseLinear.from_dense(
+        nn.Linear(32, 10), "block(2x4, 50%)", sparsec.set_(delta_t=3, regrow_dropped=False), name="7"
+    )
     model[0] = sparsec.SparseConv2d.from_dense(
         nn.Conv2d(2, 8, 3, padding=1), "80%", sparsec.gmp(delta_t=4, s_0=0.2), "0"
     )
     model.append(nn.Identity())  # a second snfs layer: the output head below
-    model[8] = sparsec.SparseLinear.from_dense(nn.Linear(10, 10), "50%", sparsec.snfs(delta_t=3), name="8")
+    model[8] = sparsec.SparseLinear.from_dense(
+        nn.Linear(10, 10), "50%", sparsec.snfs(delta_t=3, regrow_dropped=False), name="8"
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     return model, opt, sparsec.MaskUpdater(model, opt, total_steps=TOTAL, seed=7)
 

@@ -40,18 +40,19 @@ def test_ties_go_to_the_lower_flat_index():
     assert torch.equal(new, mask_of([[0, 1, 1, 1, 0, 0]]))
 
 
-def test_regrowth_takes_fresh_positions_so_every_drop_changes_the_mask():
+def test_fresh_first_regrowth_takes_fresh_positions_so_every_drop_changes_the_mask():
     mask = mask_of([[1, 1, 0, 0]])
     weight = torch.tensor([[0.1, 5.0, 0, 0]])
     grad = torch.tensor([[9.0, 0, 1, 2]])  # the dropped weight has the largest gradient
-    assert torch.equal(rigl_step(mask, weight, grad, 0.5, "50%"), mask_of([[0, 1, 0, 1]]))
+    new = rigl_step(mask, weight, grad, 0.5, "50%", regrow_dropped=False)
+    assert torch.equal(new, mask_of([[0, 1, 0, 1]]))
 
 
-def test_regrow_dropped_lets_just_dropped_positions_compete():
+def test_by_default_just_dropped_positions_compete_as_in_the_paper():
     mask = mask_of([[1, 1, 0, 0]])
     weight = torch.tensor([[0.1, 5.0, 0, 0]])
-    grad = torch.tensor([[9.0, 0, 1, 2]])
-    assert torch.equal(rigl_step(mask, weight, grad, 0.5, "50%", regrow_dropped=True), mask)
+    grad = torch.tensor([[9.0, 0, 1, 2]])  # the dropped weight has the largest gradient: it is regrown
+    assert torch.equal(rigl_step(mask, weight, grad, 0.5, "50%"), mask)
 
 
 def test_a_unit_short_of_fresh_positions_regrows_its_best_dropped():
@@ -59,7 +60,7 @@ def test_a_unit_short_of_fresh_positions_regrows_its_best_dropped():
     weight = torch.tensor([[0.1, 0.2, 0.3, 0, 5, 6, 7, 0]])
     grad = torch.tensor([[4.0, 6, 5, 1, 0, 0, 0, 9]])
     # drop floor(6 * 0.5) = 3, all in group 0; it grows its fresh position 3, then its best dropped: 1, 2
-    new = rigl_step(mask, weight, grad, 0.5, "3:4")
+    new = rigl_step(mask, weight, grad, 0.5, "3:4", regrow_dropped=False)
     assert torch.equal(new, mask_of([[0, 1, 1, 1, 1, 1, 1, 0]]))
 
 
@@ -161,14 +162,18 @@ def test_grown_weights_and_state_start_at_zero_survivors_keep_theirs(make_opt):
 
 
 def test_dropped_and_regrown_keeps_value_and_state():
-    policy = sparsec.rigl(delta_t=1, alpha=0.5, regrow_dropped=True)
-    layer = _layer("50%", 1, 4, policy, flat=[0, 1], values=[0.1, 5.0])
+    """The default rule really drops and regrows: of the two weights dropped, the one whose gradient leads
+    comes back with its value and momentum; the other's place goes to a fresh position starting at zero."""
+    # 1x6 layer, 50%: kept flat 0, 1, 2 with |w| 0.1, 5, 3. alpha=0.7 at t=1 drops floor(3 * ~0.7) = 2: 0.1, 3.
+    layer = _layer("50%", 1, 6, sparsec.rigl(delta_t=1, alpha=0.7), flat=[0, 1, 2], values=[0.1, 5.0, 3.0])
     opt = torch.optim.SGD(layer.parameters(), lr=0.0, momentum=0.9)
     updater = MaskUpdater(layer, opt, total_steps=10**6)
-    changes = _train_step(layer, opt, updater, torch.tensor([[9.0, 1.0, 2.0, 3.0]]))
-    assert changes == {"": 0}
-    assert torch.equal(layer.values, torch.tensor([0.1, 5.0]))
-    assert opt.state[layer.values]["momentum_buffer"].tolist() == [9.0, 1.0]
+    # candidates after the drop: 0 (just dropped, |grad| 9), 2 (just dropped, 0.5), 3 (fresh, 2), 4, 5 (0)
+    changes = _train_step(layer, opt, updater, torch.tensor([[9.0, 1.0, 0.5, 2.0, 0.0, 0.0]]))
+    assert updater.last_dropped[""] == 2
+    assert layer.positions().tolist() == [0, 1, 3] and changes == {"": 1}  # 0 regrown, 2 -> 3
+    assert torch.equal(layer.values, torch.tensor([0.1, 5.0, 0.0]))
+    assert opt.state[layer.values]["momentum_buffer"].tolist() == [9.0, 1.0, 0.0]
 
 
 def test_set_is_seeded_and_static_never_changes():

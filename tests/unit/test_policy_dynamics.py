@@ -40,8 +40,9 @@ def _train_on_digits(spec, policy, seed: int, total: int = 200):
 
 
 @pytest.mark.parametrize("policy,spec", [*CASES, ("snfs(delta_t=10)", "90%"), ("srigl(delta_t=10)", "fanin(90%)")])
-def test_every_update_changes_the_mask(policy, spec):
+def test_fresh_first_regrowth_changes_the_mask_at_every_update(policy, spec):
     total, updates = 200, 0
+    policy = policy.replace(")", ", regrow_dropped=False)")
     for t, before, after, changes, updater in _train_on_digits(spec, policy, seed=0, total=total):
         layer = updater.layers["0"]
         n_drop = n_drop_for(layer.layout, layer.policy.drop_fraction(t, total))
@@ -55,6 +56,24 @@ def test_every_update_changes_the_mask(policy, spec):
             else:
                 assert removed == added == n_drop, (t, removed, added, n_drop)
     assert updates >= 10
+
+
+@pytest.mark.parametrize("policy,spec", [*CASES, ("snfs(delta_t=10)", "90%")])
+def test_by_default_an_update_regrows_what_it_dropped_among_all_candidates(policy, spec):
+    """The published rule: n dropped, n regrown among fresh and just-dropped positions, so the mask moves by
+    at most n (and the changes reported are the positions that really moved)."""
+    total, updates, moved = 200, 0, 0
+    for t, before, after, changes, updater in _train_on_digits(spec, policy, seed=0, total=total):
+        layer = updater.layers["0"]
+        assert layer.policy.regrow_dropped  # the default
+        n_drop = n_drop_for(layer.layout, layer.policy.drop_fraction(t, total))
+        if layer.policy.is_update_step(t, total) and n_drop:
+            updates += 1
+            removed, added = int((before & ~after).sum()), int((after & ~before).sum())
+            assert updater.last_dropped["0"] == n_drop, t
+            assert changes["0"] == added and removed == added <= n_drop, (t, removed, added, n_drop)
+            moved += added
+    assert updates >= 10 and moved > 0
 
 
 def test_regrow_dropped_can_leave_late_updates_unchanged():

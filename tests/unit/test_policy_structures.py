@@ -80,7 +80,7 @@ def test_policy_trains_on_every_structure_it_supports(policy, spec):
         return
     total = 24
     updater = sparsec.MaskUpdater(model, opt, total_steps=total)
-    changed_updates = 0
+    changed_updates = changed_masks = 0
     for _ in range(total):
         step()
         before = [m.mask().clone() for m in _sparse_layers(model)]
@@ -90,9 +90,11 @@ def test_policy_trains_on_every_structure_it_supports(policy, spec):
         if any(updater.last_dropped.values()):
             changed_updates += 1
             after = [m.mask() for m in _sparse_layers(model)]
-            assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True)), updater.t
+            changed_masks += any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
     if name in DYNAMIC:
         assert changed_updates >= 3  # updates at t = 3, 6, ..., 15 (t < 0.75 * 24); late ones may drop 0
+        # just-dropped weights compete for regrowth (the default), so an update may regrow what it dropped
+        assert changed_masks >= 1, changed_masks
     if name == "gmp":  # at the target from t_end on
         target = sparsec.parse_spec(spec)
         assert all(m.spec == target for m in _sparse_layers(model))

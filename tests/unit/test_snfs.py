@@ -86,9 +86,9 @@ def test_a_full_layer_gives_its_drop_to_layers_with_fresh_room():
     changes too (regrowing its own drop would leave it unchanged)."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        sparsec.SparseLinear(12, 10, spec="0%", policy="snfs(delta_t=2)"),
+        sparsec.SparseLinear(12, 10, spec="0%", policy="snfs(delta_t=2, regrow_dropped=False)"),
         nn.ReLU(),
-        sparsec.SparseLinear(10, 40, spec="90%", policy="snfs(delta_t=2)"),
+        sparsec.SparseLinear(10, 40, spec="90%", policy="snfs(delta_t=2, regrow_dropped=False)"),
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     updater = sparsec.MaskUpdater(model, opt, total_steps=100)
