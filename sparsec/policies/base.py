@@ -56,7 +56,30 @@ class Capture:
     observes: ClassVar[bool] = True
 
     def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
-        """Take one backward's ``dY`` and ``X`` (the last backward before the update wins)."""
+        """Take one backward's ``dY`` and ``X`` (every backward through the layer before the update)."""
+
+
+class StepActivations(Capture):
+    """Keeps the ``dY`` and ``X`` of every backward through the layer in the armed step, so the grow
+    score is ``|the step's dense gradient|``: with weight sharing or gradient accumulation over
+    micro-batches the layer's backward runs several times, and ``sum_c dY_c^T X_c`` is
+    ``[dY_1; dY_2; ...]^T [X_1; X_2; ...]``. Memory: the calls' rows, O(batch x (in + out)), never
+    an out x in tensor."""
+
+    def __init__(self):
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        self.calls.append((dy.detach().clone(), x.detach().clone()))  # held past the backward: own copies
+
+    def activations(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The calls' ``dY`` and ``X``, rows concatenated (None: no backward ran); kept as one pair."""
+        if not self.calls:
+            return None
+        if len(self.calls) > 1:
+            dy, x = (torch.cat(t) for t in zip(*self.calls, strict=True))
+            self.calls = [(dy, x)]
+        return self.calls[0]
 
 
 @dataclass(frozen=True)

@@ -15,24 +15,29 @@ import torch
 
 from sparsec.formats import Layout
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.base import Capture, Change, Context
+from sparsec.policies.base import Capture, Change, Context, StepActivations
 from sparsec.policies.decision import growth_change
 from sparsec.policies.schedule import Scheduled
 from sparsec.runtime.grow import select_growth
 from sparsec.runtime.selection import GrowSelector
 
 
-class GrowCapture(Capture):
-    """Armed on a layer for one backward: selects grow positions from ``|dY^T X|`` chunk by chunk."""
+class GrowCapture(StepActivations):
+    """Armed on a layer for the update step: selects grow positions from ``|dY^T X|`` of the step's
+    backwards (all of them, see ``StepActivations``), chunk by chunk, when the update asks."""
 
-    def __init__(self, layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, regrow_dropped: bool = False):
+    def __init__(self, layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, regrow_dropped: bool = True):
+        super().__init__()
         self.layout, self.kept, self.dropped = layout, kept, dropped
         self.regrow_dropped = regrow_dropped
-        self.selector: GrowSelector | None = None
 
-    def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
-        # Each backward replaces the last: the grow step uses the latest gradient.
-        self.selector = select_growth(self.layout, self.kept, self.dropped, dy, x, self.regrow_dropped)
+    @property
+    def selector(self) -> GrowSelector | None:
+        """The completed selection (None: no backward ran through the layer)."""
+        pair = self.activations()
+        if pair is None:
+            return None
+        return select_growth(self.layout, self.kept, self.dropped, *pair, self.regrow_dropped)
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,11 @@ class RigL(Scheduled):
         changes = {}
         for name in due:
             capture = captures[name]
-            if capture is None or capture.selector is None or not capture.selector.complete:
+            selector = None if capture is None else capture.selector  # computed once, here
+            if selector is None or not selector.complete:
                 changes[name] = "no backward ran through the layer since the updater armed it"
             else:
-                changes[name] = growth_change(capture.kept, capture.dropped, capture.selector)
+                changes[name] = growth_change(capture.kept, capture.dropped, selector)
         return changes
 
 

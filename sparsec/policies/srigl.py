@@ -18,23 +18,19 @@ import torch
 from sparsec.errors import SpecError
 from sparsec.formats import Layout, make_layout
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.base import Capture, Change, Context
+from sparsec.policies.base import Capture, Change, Context, StepActivations
 from sparsec.policies.decision import remap_positions, survivor_mask
 from sparsec.policies.schedule import Scheduled
 from sparsec.runtime.selection import GrowSelector, best_per_row, grad_row_chunks
 from sparsec.spec import FanIn, unstructured_with
 
 
-class ActivationCapture(Capture):
-    """Armed on a srigl layer for the update step's backward: keeps ``dY`` and ``X``."""
+class ActivationCapture(StepActivations):
+    """Armed on a srigl layer for the update step: keeps the ``dY`` and ``X`` of its backwards."""
 
     def __init__(self, kept: torch.Tensor, dropped: torch.Tensor):
+        super().__init__()
         self.kept, self.dropped = kept, dropped
-        self.dy: torch.Tensor | None = None
-        self.x: torch.Tensor | None = None
-
-    def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
-        self.dy, self.x = dy.detach().clone(), x.detach().clone()
 
 
 @dataclass(frozen=True)
@@ -95,9 +91,10 @@ def _layerwide_top(layout: Layout, dy, x, active: torch.Tensor, d: int) -> torch
 
 @torch.no_grad()
 def _update(layer: SparseLayer, capture: ActivationCapture | None, last: bool) -> Change | str:
-    if capture is None or capture.dy is None:
+    pair = None if capture is None else capture.activations()
+    if pair is None:
         return "no backward ran through the layer since the updater armed it"
-    dy, x = capture.dy, capture.x
+    dy, x = pair
     if not (bool(torch.isfinite(dy).all()) and bool(torch.isfinite(x).all())):
         return "a NaN or Inf gradient score"
     layout = layer.layout

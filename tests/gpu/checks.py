@@ -112,7 +112,9 @@ def second_device() -> None:
 def cuda_graphs() -> None:
     torch.manual_seed(0)
     for spec in STRUCTURES:
-        layer = sparsec.SparseLinear(64, 128, spec=spec, policy=sparsec.rigl(delta_t=1, regrow_dropped=False), device="cuda")
+        layer = sparsec.SparseLinear(
+            64, 128, spec=spec, policy=sparsec.rigl(delta_t=1, regrow_dropped=False), device="cuda"
+        )
         static_x = torch.randn(33, 64, device="cuda")
         with config.patch(backend="triton"):
             stream = torch.cuda.Stream()

@@ -440,3 +440,26 @@ def test_growth_to_per_row_needs_equals_a_brute_force_choice(regrow_dropped):
             eligible.sort(key=lambda p: (not regrow_dropped and p in just_dropped, -scores.view(-1)[p].item(), p))
             expected += eligible[: int(need[r])]
         assert selector.grown().tolist() == sorted(expected), trial
+
+
+@pytest.mark.parametrize("spec", ["90%", "fanin(k=3)", "2:4"])
+def test_a_layer_called_twice_in_a_step_grows_by_the_steps_whole_gradient(spec):
+    """Weight sharing (or micro-batches before one optimizer step): the grow score is |dY_1^T X_1 + dY_2^T X_2|,
+    the step's dense gradient, not either call's."""
+    torch.manual_seed(5)
+    out, inn = 10, 16
+    layer = SparseLinear(inn, out, spec=spec, policy=sparsec.rigl(delta_t=1, alpha=0.6), dtype=torch.float64)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    updater = MaskUpdater(layer, opt, total_steps=1000)
+    x1, x2 = torch.randn(7, inn, dtype=torch.float64), torch.randn(5, inn, dtype=torch.float64)
+    before = layer.mask().clone()
+    w, b = layer.dense_weight().requires_grad_(), layer.bias.detach()
+    ((x1 @ w.t() + b).tanh().sum() + (x2 @ w.t() + b).square().sum()).backward()  # the reference's gradient
+    (layer(x1).tanh().sum() + layer(x2).square().sum()).backward()
+    opt.step()
+    f = layer.policy.drop_fraction(1, 1000)
+    expected = rigl_step(before, w.detach(), w.grad, f, spec)
+    one_call = rigl_step(before, w.detach(), torch.autograd.grad((x1 @ w.t() + b).tanh().sum(), w)[0], f, spec)
+    assert not torch.equal(expected, one_call)  # the case tells the whole gradient from the first call's
+    updater.step()
+    assert torch.equal(layer.mask(), expected)
