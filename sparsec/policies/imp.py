@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -26,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from sparsec.errors import SparsecError, SpecError
+from sparsec.errors import SparsecError, SparsecWarning, SpecError
 from sparsec.formats import make_layout
 from sparsec.nn.layers import SparseLayer
 from sparsec.policies.base import Change, Policy
@@ -112,9 +113,32 @@ def imp_rounds(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=Non
 
 @torch.no_grad()
 def _prune_globally(layers: dict[str, SparseLayer], optimizer, n_drop: int) -> None:
+    """Drop the ``n_drop`` smallest ``|w|`` across the layers, except that no layer is emptied: each keeps
+    its largest weight (the prune takes the next smallest elsewhere; a layer would hold sparsity 1.0)."""
     names = list(layers)
     magnitudes = torch.cat([layers[n].values.detach().abs().reshape(-1).float().cpu() for n in names])
+    protected, start = [], 0
+    for name in names:
+        count = layers[name].layout.n_items
+        protected.append(start + int(magnitudes[start : start + count].argmax()))
+        start += count
     order = magnitudes.argsort(stable=True)  # concatenated in layer order, slots in flat order: ties go first there
+    order = order[~torch.isin(order, torch.tensor(protected))]
+    if n_drop > order.numel():
+        warnings.warn(
+            f"imp: pruning {n_drop} weights would empty a layer; pruned {order.numel()}, every layer keeps one",
+            SparsecWarning,
+            stacklevel=3,
+        )
+    would_empty = magnitudes.argsort(stable=True)[:n_drop]
+    saved = [n for n, p in zip(names, protected, strict=True) if bool((would_empty == p).any())]
+    if saved:
+        warnings.warn(
+            f"imp: global magnitude pruning would empty {', '.join(saved)}; each keeps its largest weight and "
+            "the prune takes the next smallest weights elsewhere",
+            SparsecWarning,
+            stacklevel=3,
+        )
     dropped = torch.zeros(magnitudes.numel(), dtype=torch.bool)
     dropped[order[:n_drop]] = True
     start = 0

@@ -93,3 +93,23 @@ def test_imp_errors():
         sparsec.SparseLinear(8, 4, spec="2:4", policy="imp")
     with pytest.raises(sparsec.SparsecError, match="imp_rounds needs layers with policy=sparsec.imp"):
         next(sparsec.imp_rounds(nn.Sequential(sparsec.SparseLinear(8, 4, spec="50%")), None))
+
+
+def test_global_pruning_never_empties_a_layer():
+    """Layer "2" holds 4 tiny weights: at 90% the 11 weights kept by global magnitude would all be layer
+    "0"'s. imp used to crash ("sparsity 1.0 is outside [0, 1)"); now layer "2" keeps its largest weight, the
+    prune takes the next smallest of layer "0", the total still lands on the target, and it says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(1.0, 101.0).view(10, 10))
+        model[2].weight.copy_(torch.tensor([[1e-3, 4e-3, 2e-3, 3e-3, 1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4]]))
+    model = sparsec.sparsify(model, spec="90%", policy=sparsec.imp(fraction=0.9))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.warns(sparsec.SparsecWarning, match="would empty 2"):
+        for _ in sparsec.imp_rounds(model, opt):
+            pass
+    # 110 weights at 90%: (100 - 90) + (10 - 9) = 11 kept; layer "2" keeps its largest (4e-3), layer "0" its 10 largest
+    assert model[2].layout.nnz == 1 and model[2].values.detach().tolist() == [pytest.approx(4e-3)]
+    assert model[0].layout.nnz == 10
+    assert sorted(model[0].values.detach().tolist()) == [float(v) for v in range(91, 101)]
