@@ -170,3 +170,23 @@ def test_sparsify_errors_name_the_layer():
         sparsec.sparsify(nn.ReLU())
     with pytest.raises(SparsecError, match="decorates torch.nn.Module classes"):
         sparsec.sparse()(int)
+
+
+def test_erk_counts_conv_kernel_dimensions_and_floors_each_layers_zeros():
+    """The TF reference rule on a conv and a linear layer at a sparsity where s * n is not an integer
+    (numbers by hand): zeros floor(0.55 * 108) = 59 and floor(0.55 * 270) = 148, so the solve keeps
+    49 + 122 = 171; raw densities (4+3+3+3)/108 and (10+27)/270; eps = 171 / (13 + 37) = 3.42."""
+    d = erk_densities([(4, 3, 3, 3), (10, 27)], 0.55)
+    assert d == pytest.approx([3.42 * 13 / 108, 3.42 * 37 / 270], rel=1e-12)
+    # a conv is not its [out, in*kh*kw] matrix: (4 + 27) / 108 would be the raw density then
+    assert d[0] != pytest.approx(171 / (31 + 37) * 31 / 108, rel=1e-6)
+
+
+def test_sparsify_hands_erk_the_conv_kernel_shape():
+    """Through sparsify: a Conv2d(3, 4, 3) and a Linear(27, 10) at 55% ERK get the densities above."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(27, 10))
+    specs = plan_specs({"0": (4, 3, 3, 3), "2": (10, 27)}, sparsec.parse_spec("55%"), "erk", (), {})
+    assert 1 - specs["0"].sparsity == pytest.approx(3.42 * 13 / 108, rel=1e-9)
+    assert 1 - specs["2"].sparsity == pytest.approx(3.42 * 37 / 270, rel=1e-9)
+    sparse = sparsec.sparsify(model, spec="55%", distribution="erk")
+    assert sparse[0].spec == specs["0"] and sparse[2].spec == specs["2"]
