@@ -4,8 +4,9 @@
     python bench/quality.py [--epochs 30] [--seeds 5] [--hidden 256]
 
 Same data split, model, optimizer (SGD, momentum 0.9, lr 0.05, batch 64) and epochs for every method;
-no per-method tuning and no seed picking. imp trains 5 rounds (fraction 1 - (1 - s)^(1/5)) of half the
-epochs each, so it spends 2.5x the others' steps: its FLOPs column says so. Training FLOPs count every
+no per-method tuning and no seed picking; every dynamic method updates its masks every DELTA_T = 50 steps.
+imp prunes 5 times (fraction 1 - (1 - s)^(1/5)), so it trains 6 rounds (the dense start and one after each
+prune) of half the epochs each and spends 3x the others' steps: its FLOPs column says so. Training FLOPs count every
 step's forward, input gradient and kept-weight gradient from the cost model's useful FLOPs, plus the
 dense |dY^T X| of RigL's grow steps.
 """
@@ -38,8 +39,9 @@ from sparsec.passes import lower
 
 SPARSITIES = [0.8, 0.9, 0.95, 0.98]
 POLICIES = ["static", "set", "rigl", "srigl", "snfs", "gmp", "snip", "imp", "small_dense"]
-POLICIES += ["rigl+regrow", "srigl+regrow"]
-REGROW = "+regrow"  # the same policy with regrow_dropped=True (google-research/rigl's regrowth rule)
+POLICIES += ["set+fresh", "rigl+fresh", "srigl+fresh", "snfs+fresh"]
+DELTA_T = 50  # steps between mask updates, for every dynamic method (set, rigl, srigl, snfs, gmp)
+FRESH = "+fresh"  # the same policy with regrow_dropped=False (fresh positions first: sparsec's old default)
 BATCH_SIZE = 64
 
 
@@ -92,10 +94,10 @@ def build(policy: str, sparsity: float, hidden: int, seed: int, d) -> nn.Module:
     if policy == "dense":
         return model
     spec = f"unstructured({sparsity})"
-    regrow = policy.endswith(REGROW)
-    policy = policy.removesuffix(REGROW)
+    regrow = not policy.endswith(FRESH)
+    policy = policy.removesuffix(FRESH)
     if policy == "srigl":  # constant fan-in, at the same ERK densities
-        srigl = sparsec.srigl(delta_t=50, regrow_dropped=regrow)
+        srigl = sparsec.srigl(delta_t=DELTA_T, regrow_dropped=regrow)
         return sparsec.sparsify(model, spec=f"fanin({sparsity})", policy=srigl, distribution="erk")
     if policy == "snip":
         x, y = d[0][:256], d[1][:256]
@@ -105,11 +107,11 @@ def build(policy: str, sparsity: float, hidden: int, seed: int, d) -> nn.Module:
         fraction = 1.0 - (1.0 - sparsity) ** (1 / 5)
         return sparsec.sparsify(model, spec=spec, policy=sparsec.imp(fraction=fraction), distribution="erk")
     named = {
-        "snfs": sparsec.snfs(delta_t=50),
+        "snfs": sparsec.snfs(delta_t=DELTA_T, regrow_dropped=regrow),
         "static": sparsec.static,
-        "set": sparsec.set_,
-        "rigl": sparsec.rigl(delta_t=50, regrow_dropped=regrow),
-        "gmp": sparsec.gmp(delta_t=50),
+        "set": sparsec.set_(delta_t=DELTA_T, regrow_dropped=regrow),
+        "rigl": sparsec.rigl(delta_t=DELTA_T, regrow_dropped=regrow),
+        "gmp": sparsec.gmp(delta_t=DELTA_T),
     }
     return sparsec.sparsify(model, spec=spec, policy=named[policy], distribution="erk")
 
@@ -150,9 +152,11 @@ def train(model: nn.Module, d, epochs: int, seed: int, policy: str) -> tuple[flo
         return spent
 
     if policy == "imp":
+        rounds = 0
         for _ in sparsec.imp_rounds(model, opt):
             flops += run(max(1, epochs // 2))
-        return flops, 0, 0
+            rounds += 1
+        return flops, rounds, 0  # rounds trained, reported in the table's text
     has_sparse = any(isinstance(m, sparsec.SparseLinear) for m in model.modules())
     updater = sparsec.MaskUpdater(model, opt, total_steps=epochs * steps_per_epoch, seed=seed) if has_sparse else None
     flops = run(epochs, updater)
@@ -207,12 +211,15 @@ def main() -> None:
     for sparsity in SPARSITIES:
         for policy in POLICIES:
             runs = results[(policy, sparsity)]
-            updates = sum(r.updates for r in runs)
+            updates = 0 if policy == "imp" else sum(r.updates for r in runs)
             unchanged = f"{sum(r.unchanged for r in runs)} / {updates}" if updates else "-"
             rows.append(
                 f"| {policy} | {sparsity:.0%} | {_cell(runs)} | {round(statistics.mean(r.kept for r in runs)):,} "
                 f"| {statistics.mean(r.flops for r in runs) / 1e9:.1f} | {unchanged} |"
             )
+    trained = sorted({r.updates for s in SPARSITIES for r in results[("imp", s)]})  # imp: rounds trained
+    imp_rounds = f"{trained[0]}" if len(trained) == 1 else f"{trained[0]}-{trained[-1]}"
+    imp_steps = trained[-1] * max(1, args.epochs // 2) / args.epochs
     _plot(results, args.png)
     body = "\n".join(
         [
@@ -221,7 +228,8 @@ def main() -> None:
             f"Measured {datetime.date.today().isoformat()} on {machine()} with `python bench/quality.py "
             f"--epochs {args.epochs} --seeds {args.seeds} --hidden {args.hidden}` ({elapsed / 60:.1f} min): "
             f"MLP 64-{args.hidden}-{args.hidden}-10, ERK, SGD momentum 0.9, lr 0.05, batch 64, {args.epochs} epochs, "
-            "the same for every method; test accuracy on the 25% held-out split, mean +- std over seeds "
+            f"mask updates every {DELTA_T} steps, the same for every method; test accuracy on the 25% held-out "
+            "split, mean +- std over seeds "
             f"0..{args.seeds - 1}.",
             "",
             "| policy | sparsity | test accuracy | kept weights | training GFLOPs | unchanged updates |",
@@ -230,11 +238,13 @@ def main() -> None:
             "",
             "srigl uses fanin(s) specs at the same ERK densities (kept counts round per row). small_dense is the",
             "same MLP with the hidden width that matches the sparse model's kept weights (dense layers, so its FLOPs",
-            "are dense). imp runs 5 rounds of half the epochs each (2.5x the steps). `+regrow` rows run the same",
-            "policy with regrow_dropped=True (just-dropped weights compete for regrowth, as in google-research/rigl);",
-            "the other dynamic rows regrow fresh positions only (the default). Unchanged updates: layer updates",
-            "that dropped weights but left the mask as it was, over all layer updates that dropped weights (all",
-            "seeds). Plot: bench/quality.png.",
+            f"are dense). imp trains {imp_rounds} rounds of {max(1, args.epochs // 2)} epochs (its dense start and one "
+            f"after each prune: up to {imp_steps:.1f}x the steps). "
+            "set, rigl, srigl and snfs run the published rule (regrow_dropped=True, the default: just-dropped",
+            "weights compete for regrowth, as in google-research/rigl); `+fresh` rows run the same policy with",
+            "regrow_dropped=False (fresh positions first, sparsec's default before 2026-12-01). Unchanged updates:",
+            "layer updates that dropped weights but left the mask as it was, over all layer updates that dropped",
+            "weights (all seeds). Plot: bench/quality.png.",
         ]
     )
     write_section("quality", body)
@@ -254,9 +264,9 @@ def _plot(results, path: str) -> None:
         accs = [[r.accuracy for r in results[(policy, s)]] for s in SPARSITIES]
         means = [statistics.mean(a) for a in accs]
         stds = [statistics.stdev(a) if len(a) > 1 else 0 for a in accs]
-        style = ":" if policy.endswith(REGROW) else "-"
+        style = ":" if policy.endswith(FRESH) else "-"
         x = [s * 100 for s in SPARSITIES]
-        color = colors.setdefault(policy.removesuffix(REGROW), f"C{len(colors)}")
+        color = colors.setdefault(policy.removesuffix(FRESH), f"C{len(colors)}")
         ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, linestyle=style, color=color, label=policy)
     dense = statistics.mean(r.accuracy for r in results[("dense", 0.0)])
     ax.axhline(dense, color="k", linestyle="--", label="dense")

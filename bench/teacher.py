@@ -23,7 +23,7 @@ from torch import nn
 import sparsec
 
 OUT, IN, SPARSITY = 16, 256, 0.9
-POLICIES = ["dense", "static", "set", "rigl", "snfs", "gmp", "snip", "imp"]
+POLICIES = ["dense", "static", "set", "rigl", "snfs", "gmp", "snip", "imp", "set+fresh", "rigl+fresh", "snfs+fresh"]
 
 
 def teacher(seed: int) -> torch.Tensor:
@@ -52,6 +52,10 @@ def student(policy: str, seed: int, w: torch.Tensor) -> nn.Module:
         "set": sparsec.set_(delta_t=50),
         "rigl": sparsec.rigl(delta_t=50),
         "snfs": sparsec.snfs(delta_t=50),
+        # the fresh-first rule (regrow_dropped=False), sparsec's default before 2026-12-01
+        "set+fresh": sparsec.set_(delta_t=50, regrow_dropped=False),
+        "rigl+fresh": sparsec.rigl(delta_t=50, regrow_dropped=False),
+        "snfs+fresh": sparsec.snfs(delta_t=50, regrow_dropped=False),
         "gmp": sparsec.gmp(delta_t=50),
         "imp": sparsec.imp(fraction=1 - (1 - SPARSITY) ** (1 / 5)),
     }
