@@ -77,8 +77,13 @@ def sparsify(
     distribution: str = "uniform",
     dense: Iterable[str] = (),
     overrides: Mapping[str, str | Spec] | None = None,
+    init: str | None = None,
 ) -> nn.Module:
     """Replace the model's Linear/Conv2d layers with sparse ones, in place; returns the model.
+
+    ``init``: the sparse layers' initial values, ``"dense"`` (the dense module's values at the kept
+    positions) or ``"sparse"`` (each output rescaled for its kept fan-in); None takes the policy's
+    default (its reference implementation's: ``"sparse"`` for srigl, ``"dense"`` otherwise).
 
     The policy's ``prepare`` builds the result from the planned specs: most put the sparse layers in
     with a random topology, snip chooses each mask first, small_dense narrows the dense model instead.
@@ -93,7 +98,8 @@ def sparsify(
         raise SparsecError("the model has no nn.Linear or nn.Conv2d layers to sparsify")
     shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
     specs = plan_specs(shapes, spec, distribution, dense, overrides)
-    return policy.prepare(model, targets, specs, functools.partial(replace_layers, model, targets, specs, policy))
+    build = functools.partial(replace_layers, model, targets, specs, policy, init=init)
+    return policy.prepare(model, targets, specs, build)
 
 
 def replace_layers(
@@ -102,6 +108,8 @@ def replace_layers(
     specs: Mapping[str, Spec],
     policy: Policy,
     initial: Callable[[str, Layout], torch.Tensor] | None = None,
+    *,
+    init: str | None = None,
 ) -> nn.Module:
     """Put a sparse layer in place of every target whose spec is not dense, starting from the dense
     values at random kept positions, or at ``initial(name, layout)`` (sorted kept item positions)."""
@@ -110,7 +118,7 @@ def replace_layers(
         if isinstance(layer_spec, Dense):
             continue
         kind = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
-        sparse_module = kind.from_dense(module, layer_spec, policy, name=name)
+        sparse_module = kind.from_dense(module, layer_spec, policy, name=name, init=init)
         if initial is not None:
             sparse_module.take_dense(module.weight, initial(name, sparse_module.layout))
         parent_name, _, attr = name.rpartition(".")

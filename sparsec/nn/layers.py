@@ -20,6 +20,8 @@ from sparsec.runtime import ops  # also registers the custom ops torch.ops.spars
 from sparsec.runtime.cpu import compute_dtype
 from sparsec.spec import Dense, Policy, Spec, parse_policy, parse_spec
 
+INITS = ("dense", "sparse")  # initial values: the dense init at the kept positions, or rescaled per kept fan-in
+
 
 class SparseLayer(nn.Module):
     """What SparseLinear and SparseConv2d share: storage, positions, updates, dense loading."""
@@ -41,6 +43,7 @@ class SparseLayer(nn.Module):
         name: str,
         device=None,
         dtype=None,
+        init: str | None = None,
     ) -> None:
         target = parse_spec(spec)
         if isinstance(target, Dense):
@@ -66,6 +69,12 @@ class SparseLayer(nn.Module):
         else:
             values = self.layout.values_from_dense(weight.detach().reshape(out_features, in_features), flat)
             values = values.to(device=device, dtype=dtype or weight.dtype)
+        init = self.policy.default_init if init is None else init
+        if init not in INITS:
+            raise SparsecError(f"{name}: init={init!r}; choose one of {INITS} (or None: the policy's default)")
+        self.init = init
+        if init == "sparse":
+            values = self._rescaled_for_kept_fan_in(values, flat)
         self.values = nn.Parameter(values.clone())
         if bias:
             bound = 1.0 / math.sqrt(in_features)
@@ -142,7 +151,10 @@ class SparseLayer(nn.Module):
         """Keep the items ``flat`` (sorted, satisfying the spec) with their values from a dense ``weight``."""
         self.layout.check_positions(flat, what="chosen mask")
         self.write_positions(flat)
-        self.values.copy_(self.layout.values_from_dense(weight.reshape(self.layout.out_features, -1), flat))
+        values = self.layout.values_from_dense(weight.reshape(self.layout.out_features, -1), flat)
+        if self.init == "sparse":
+            values = self._rescaled_for_kept_fan_in(values, flat)
+        self.values.copy_(values)
 
     def get_extra_state(self) -> dict:
         # The current and target specs: a layer pruned by gmp has smaller storage than a fresh one.
@@ -161,6 +173,17 @@ class SparseLayer(nn.Module):
         """Dense boolean mask in the dense weight's shape (materialised on request)."""
         ones = torch.ones(self.layout.values_shape, dtype=torch.bool, device=self.values.device)
         return self.layout.to_dense(ones, self.positions()).view(self.weight_shape)
+
+    def _rescaled_for_kept_fan_in(self, values: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Each output's values times ``sqrt(dense fan-in / its kept fan-in)``: a variance-scaling init
+        (Kaiming, torch's default) drawn for the dense fan-in becomes the same init for the sparse one, as
+        condensed-sparsity's sparse (grad-flow) initialisation and google-research/rigl's
+        ``unit_scaled_init`` draw each unit for its real fan-in."""
+        layout = self.layout
+        kept = layout.to_dense(torch.ones_like(values), flat).sum(1)  # kept inputs per output
+        scale = torch.where(kept > 0, (layout.in_features / kept.clamp(min=1)).sqrt(), torch.ones_like(kept))
+        dense = layout.to_dense(values, flat) * scale[:, None]
+        return layout.values_from_dense(dense, flat)
 
     def dense_weight(self) -> torch.Tensor:
         """Dense weight with zeros where nothing is kept (materialised on request)."""
@@ -277,13 +300,16 @@ class SparseLinear(SparseLayer):
         name: str = "SparseLinear",
         device=None,
         dtype=None,
+        init: str | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_sparse(spec, policy, out_features, in_features, weight, bias, name, device, dtype)
+        self._init_sparse(spec, policy, out_features, in_features, weight, bias, name, device, dtype, init)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, spec, policy="rigl", name: str = "SparseLinear") -> SparseLinear:
+    def from_dense(
+        cls, linear: nn.Linear, spec, policy="rigl", name: str = "SparseLinear", init: str | None = None
+    ) -> SparseLinear:
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -294,6 +320,7 @@ class SparseLinear(SparseLayer):
             name=name,
             device=linear.weight.device,
             dtype=linear.weight.dtype,
+            init=init,
         )
         return layer._take_bias(linear)
 
@@ -329,6 +356,7 @@ class SparseConv2d(SparseLayer):
         name: str = "SparseConv2d",
         device=None,
         dtype=None,
+        init: str | None = None,
     ):
         super().__init__()
         if isinstance(padding, str):
@@ -340,10 +368,12 @@ class SparseConv2d(SparseLayer):
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        self._init_sparse(spec, policy, out_channels, fan_in, weight, bias, name, device, dtype)
+        self._init_sparse(spec, policy, out_channels, fan_in, weight, bias, name, device, dtype, init)
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, spec, policy="rigl", name: str = "SparseConv2d") -> SparseConv2d:
+    def from_dense(
+        cls, conv: nn.Conv2d, spec, policy="rigl", name: str = "SparseConv2d", init: str | None = None
+    ) -> SparseConv2d:
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ShapeError(
                 f"{name}: groups={conv.groups}, padding_mode={conv.padding_mode!r}; sparse convs need "
@@ -363,6 +393,7 @@ class SparseConv2d(SparseLayer):
             name=name,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
+            init=init,
         )
         return layer._take_bias(conv)
 

@@ -47,6 +47,7 @@ class SRigL(Scheduled):
     """
 
     name: ClassVar[str] = "srigl"
+    default_init: ClassVar[str] = "sparse"  # condensed-sparsity re-initialises each row for its sparse fan-in
     gamma_sal: float = 0.3
 
     def initial_spec(self, target):

@@ -24,6 +24,9 @@ class Policy:
     """Base of every policy value; calling one returns a copy with new parameters."""
 
     name: ClassVar[str] = "policy"
+    # Initial values of a sparse layer unless the user says (``init=``): "dense", the dense init at the kept
+    # positions; "sparse", each output rescaled for its own kept fan-in. Each policy takes its reference's.
+    default_init: ClassVar[str] = "dense"
 
     def __call__(self, **params) -> Policy:
         known = {f.name for f in dataclasses.fields(self)}
