@@ -49,7 +49,7 @@ class SparseLayer(nn.Module):
         if isinstance(target, Dense):
             raise SparsecError(f"{name}: spec 'dense' keeps a layer dense; use torch.nn.Linear/Conv2d instead")
         self.policy = parse_policy(policy)
-        self.spec = self.policy.initial_spec(target)  # gmp starts denser than its target
+        self.spec = self.policy.initial_spec(target, (out_features, in_features))  # gmp starts denser
         self.name = name
         self.target_spec = target  # where a density-changing policy (gmp) is heading
         self.layout = make_layout(self.spec, out_features, in_features, name)

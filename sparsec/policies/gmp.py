@@ -43,7 +43,7 @@ class GMP(Policy):
                 f"gmp: need 0 <= t_start < t_end <= 1 (fractions of total_steps), got {self.t_start}, {self.t_end}"
             )
 
-    def initial_spec(self, target):
+    def initial_spec(self, target, shape: tuple[int, int]):
         if not target.has_free_sparsity:
             raise SpecError(
                 f"gmp prunes toward a sparsity, but spec {target} fixes the density; use a spec with a sparsity "

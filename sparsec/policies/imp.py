@@ -55,7 +55,7 @@ class IMP(Policy):
         if self.rewind not in ("lr", "weights"):
             raise SpecError(f"imp: rewind={self.rewind!r} must be 'lr' or 'weights'")
 
-    def initial_spec(self, target):
+    def initial_spec(self, target, shape: tuple[int, int]):
         if not isinstance(target, Unstructured):
             raise SpecError(
                 f"imp prunes by global magnitude across layers, which needs unstructured specs such as 90%; "

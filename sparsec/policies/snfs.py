@@ -104,7 +104,7 @@ class SNFS(Policy):
         check_fraction(self, "prune_rate", "initial prune rate")
         check_regrow(self)
 
-    def initial_spec(self, target):
+    def initial_spec(self, target, shape: tuple[int, int]):
         if not isinstance(target, Unstructured):
             raise SpecError(
                 f"snfs moves weights between layers, so layer densities change: it needs unstructured specs "

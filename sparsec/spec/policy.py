@@ -43,8 +43,9 @@ class Policy:
     def drop_fraction(self, t: int, total_steps: int) -> float:
         return 0.0
 
-    def initial_spec(self, target):
-        """The spec a layer starts from when ``target`` is where the policy leads it (most: the same)."""
+    def initial_spec(self, target, shape: tuple[int, int]):
+        """The spec an ``out x in`` layer (``shape``) starts from when ``target`` is where the policy leads
+        it (most: the same)."""
         return target
 
     def __init_subclass__(cls, **kwargs) -> None:
