@@ -40,6 +40,7 @@ from sparsec.passes import lower
 SPARSITIES = [0.8, 0.9, 0.95, 0.98]
 POLICIES = ["static", "set", "rigl", "srigl", "snfs", "gmp", "snip", "imp", "small_dense"]
 POLICIES += ["set+fresh", "rigl+fresh", "srigl+fresh", "snfs+fresh"]
+POLICIES += ["static+sparse", "rigl+sparse", "srigl+dense"]  # the other init of each (defaults: dense, dense, sparse)
 DELTA_T = 50  # steps between mask updates, for every dynamic method (set, rigl, srigl, snfs, gmp)
 FRESH = "+fresh"  # the same policy with regrow_dropped=False (fresh positions first: sparsec's old default)
 BATCH_SIZE = 64
@@ -96,9 +97,11 @@ def build(policy: str, sparsity: float, hidden: int, seed: int, d) -> nn.Module:
     spec = f"unstructured({sparsity})"
     regrow = not policy.endswith(FRESH)
     policy = policy.removesuffix(FRESH)
+    init = next((i for i in ("sparse", "dense") if policy.endswith("+" + i)), None)  # None: the policy's default
+    policy = policy.split("+")[0]
     if policy == "srigl":  # constant fan-in, at the same ERK densities
         srigl = sparsec.srigl(delta_t=DELTA_T, regrow_dropped=regrow)
-        return sparsec.sparsify(model, spec=f"fanin({sparsity})", policy=srigl, distribution="erk")
+        return sparsec.sparsify(model, spec=f"fanin({sparsity})", policy=srigl, distribution="erk", init=init)
     if policy == "snip":
         x, y = d[0][:256], d[1][:256]
         loss = lambda m: nn.functional.cross_entropy(m(x), y)  # noqa: E731 - one batch, as SNIP does
@@ -113,7 +116,7 @@ def build(policy: str, sparsity: float, hidden: int, seed: int, d) -> nn.Module:
         "rigl": sparsec.rigl(delta_t=DELTA_T, regrow_dropped=regrow),
         "gmp": sparsec.gmp(delta_t=DELTA_T),
     }
-    return sparsec.sparsify(model, spec=spec, policy=named[policy], distribution="erk")
+    return sparsec.sparsify(model, spec=spec, policy=named[policy], distribution="erk", init=init)
 
 
 class Run(NamedTuple):
@@ -244,7 +247,10 @@ def main() -> None:
             "weights compete for regrowth, as in google-research/rigl); `+fresh` rows run the same policy with",
             "regrow_dropped=False (fresh positions first, sparsec's default before 2026-12-01). Unchanged updates:",
             "layer updates that dropped weights but left the mask as it was, over all layer updates that dropped",
-            "weights (all seeds). Plot: bench/quality.png.",
+            "weights (all seeds). Initial values: each policy's reference default (`init=None`: srigl `sparse`,",
+            "each output rescaled for its kept fan-in, as condensed-sparsity; the others `dense`, the dense init at",
+            "the kept positions, as google-research/rigl); `+sparse` and `+dense` rows run the other init.",
+            "Plot: bench/quality.png.",
         ]
     )
     write_section("quality", body)
@@ -264,9 +270,9 @@ def _plot(results, path: str) -> None:
         accs = [[r.accuracy for r in results[(policy, s)]] for s in SPARSITIES]
         means = [statistics.mean(a) for a in accs]
         stds = [statistics.stdev(a) if len(a) > 1 else 0 for a in accs]
-        style = ":" if policy.endswith(FRESH) else "-"
+        style = ":" if policy.endswith(FRESH) else "--" if "+" in policy else "-"
         x = [s * 100 for s in SPARSITIES]
-        color = colors.setdefault(policy.removesuffix(FRESH), f"C{len(colors)}")
+        color = colors.setdefault(policy.split("+")[0], f"C{len(colors)}")
         ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, linestyle=style, color=color, label=policy)
     dense = statistics.mean(r.accuracy for r in results[("dense", 0.0)])
     ax.axhline(dense, color="k", linestyle="--", label="dense")
