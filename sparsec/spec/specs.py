@@ -151,7 +151,7 @@ def unstructured_with(n: int, kept: int) -> Unstructured:
 
 _TOKEN = re.compile(
     r"(?P<ws>\s+)"
-    r"|(?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
+    r"|(?P<num>-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"  # a sign, so a range check can name the value
     r"|(?P<word>[A-Za-z_]+)"
     r"|(?P<punct>[():,%=])"
 )
@@ -215,7 +215,7 @@ class _Parser:
         if tok.kind != "num":
             raise self.fail(f"expected {what} (an integer) but found {describe_token(tok)}", tok)
         if not tok.text.isdigit():
-            raise self.fail(f"{what} must be an integer, not {tok.text}", tok)
+            raise self.fail(f"{what} must be a positive integer, not {tok.text}", tok)
         return int(tok.text), tok
 
     def sparsity(self) -> tuple[float, _Tok]:

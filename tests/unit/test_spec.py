@@ -41,8 +41,8 @@ ERRORS = [
     ("2:2", "N must be smaller than M", 0),
     ("0:4", "N=0 must be an integer of at least 1", 0),
     ("1:0", "M=0 must be an integer of at least 1", 2),
-    ("1.5:4", "N must be an integer", 0),
-    ("2:4.0", "M must be an integer", 2),
+    ("1.5:4", "N must be a positive integer", 0),
+    ("2:4.0", "M must be a positive integer", 2),
     ("100%", "sparsity 1.0 is outside [0, 1)", 0),
     ("1.5", "sparsity 1.5 is outside [0, 1)", 0),
     ("unstructured(120%)", "sparsity 1.2 is outside [0, 1)", 13),
@@ -61,7 +61,7 @@ ERRORS = [
     ("2:4;", "unexpected character ';'", 3),
     ("unstructured 0.5", "expected '(' after unstructured", 13),
     ("fanin(k=4", "expected ')'", 9),
-    ("-2:4", "unexpected character '-'", 0),
+    ("-2:4", "N must be a positive integer, not -2", 0),
 ]
 
 
@@ -137,3 +137,25 @@ def test_a_second_policy_with_a_taken_name_is_an_error():
         @dataclass(frozen=True)
         class MyRigL(Policy):
             name = "rigl"
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("rigl(delta_t=-1)", "delta_t=-1.0 must be an integer of at least 1"),
+        ("rigl(alpha=-0.5)", "alpha=-0.5 must be in \\[0, 1\\]"),
+        ("srigl(gamma_sal=-1)", "gamma_sal=-1.0 must be a number >= 0"),
+    ],
+)
+def test_a_negative_policy_parameter_gets_its_range_not_a_syntax_error(text, message):
+    with pytest.raises(sparsec.SpecError, match=message):
+        sparsec.parse_policy(text)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [("-10%", "sparsity -0.1 is outside \\[0, 1\\)"), ("fanin(k=-3)", "k must be a positive integer, not -3")],
+)
+def test_a_negative_spec_number_gets_its_range(text, message):
+    with pytest.raises(sparsec.SpecError, match=message):
+        sparsec.parse_spec(text)
