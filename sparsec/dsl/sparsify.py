@@ -94,6 +94,13 @@ def sparsify(
         for name, m in model.named_modules()
         if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, SparseLayer)
     }
+    already = [name for name, m in model.named_modules() if isinstance(m, SparseLayer)]
+    if already:
+        rest = f"; its dense Linear/Conv2d layers are {sorted(targets)}" if targets else ""
+        raise SparsecError(
+            f"the model is already sparse: {already} are sparse layers{rest}. sparsify a dense model once, "
+            "choosing per-layer specs with overrides={'name': spec} and the layers to keep dense with dense=[...]"
+        )
     if not targets:
         raise SparsecError("the model has no nn.Linear or nn.Conv2d layers to sparsify")
     shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
