@@ -110,7 +110,8 @@ def main() -> None:
     for name in ("fc1", "fc2", "fc3"):
         layer = getattr(model, name)
         total = layer.in_features * layer.out_features
-        kept, spec = (layer.layout.nnz, layer.spec) if isinstance(layer, sparsec.SparseLinear) else (total, "dense")
+        sparse = isinstance(layer, sparsec.SparseLinear)
+        kept, spec = (layer.layout.nnz, sparsec.describe_spec(layer.spec)) if sparse else (total, "dense")
         print(f"  {name}: {kept:>7,} of {total:>7,} ({kept / total:6.1%})  spec {spec}")
     print(
         f"memory held by weights: dense {weight_bytes(dense) / 1024:.0f} KiB, "

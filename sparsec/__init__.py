@@ -21,7 +21,7 @@ from sparsec.policies.snfs import snfs
 from sparsec.policies.snip import snip
 from sparsec.policies.srigl import srigl
 from sparsec.policies.static import static
-from sparsec.spec import NM, Block, Dense, FanIn, Unstructured, parse_policy, parse_spec
+from sparsec.spec import NM, Block, Dense, FanIn, Unstructured, describe_spec, parse_policy, parse_spec
 from sparsec.train.updater import MaskUpdater
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "Dense",
     "FanIn",
     "Unstructured",
+    "describe_spec",
     "parse_spec",
     "parse_policy",
     "SparseLinear",

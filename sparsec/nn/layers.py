@@ -18,7 +18,7 @@ from sparsec.errors import ShapeError, SparsecError
 from sparsec.formats import Layout, make_layout
 from sparsec.runtime import ops  # also registers the custom ops torch.ops.sparsec.*
 from sparsec.runtime.cpu import compute_dtype
-from sparsec.spec import Dense, Policy, Spec, parse_policy, parse_spec
+from sparsec.spec import Dense, Policy, Spec, describe_spec, parse_policy, parse_spec
 
 INITS = ("dense", "sparse")  # initial values: the dense init at the kept positions, or rescaled per kept fan-in
 
@@ -263,7 +263,8 @@ class SparseLayer(nn.Module):
         return self
 
     def _sparse_repr(self) -> str:
-        return f"spec={self.spec}, policy={self.policy}, kept={self.layout.nnz}/{math.prod(self.weight_shape)}"
+        kept = f"kept={self.layout.nnz}/{math.prod(self.weight_shape)}"
+        return f"spec={describe_spec(self.spec)}, policy={self.policy}, {kept}"
 
 
 def remap_rows(tensor: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

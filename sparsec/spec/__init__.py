@@ -9,6 +9,7 @@ from sparsec.spec.specs import (
     FanIn,
     Spec,
     Unstructured,
+    describe_spec,
     parse_spec,
     unstructured_with,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "Policy",
     "Spec",
     "Unstructured",
+    "describe_spec",
     "parse_policy",
     "parse_spec",
     "unstructured_with",

@@ -137,6 +137,12 @@ Spec = Dense | Unstructured | NM | Block | FanIn
 SPEC_TYPES: tuple[type, ...] = (Dense, Unstructured, NM, Block, FanIn)
 
 
+def describe_spec(spec: Spec) -> str:
+    """``spec`` for people: sparsities as percentages of four significant digits (``unstructured(72.66%)``).
+    Still valid spec text, but rounded: ``str(spec)`` is the exact, canonical form (keys, checkpoints)."""
+    return re.sub(r"\b\d+\.\d+(?:[eE]-?\d+)?\b", lambda m: f"{float(m.group()) * 100:.4g}%", str(spec))
+
+
 def unstructured_with(n: int, kept: int) -> Unstructured:
     """The unstructured spec whose layout keeps exactly ``kept`` of ``n`` (``n - floor(s n) == kept``)."""
     s = (n - kept) / n

@@ -25,6 +25,16 @@ STATE_VERSION = 1
 
 
 class MaskUpdater:
+    """Updates the masks of every sparse layer of ``model`` on its policy's schedule.
+
+    ``optimizer`` must hold the layers' ``values`` (its per-weight state moves with them; None for a
+    loop without one); ``total_steps`` is the number of optimizer steps in training (schedules end at
+    ``t_end * total_steps``); ``seed`` seeds SET's random growth. After each optimizer step call
+    ``step()``: it returns ``{layer name: positions grown}`` for the layers updated at that step;
+    ``last_dropped`` and ``last_changes`` keep the counts, and a skipped layer warns with the reason.
+    ``state_dict()``/``load_state_dict()`` checkpoint the step count and every policy's state.
+    """
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int, *, seed: int = 0):
         if not isinstance(total_steps, int) or total_steps < 1:
             raise SparsecError(f"total_steps={total_steps!r} must be a positive integer (optimizer steps in training)")

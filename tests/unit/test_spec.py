@@ -159,3 +159,12 @@ def test_a_negative_policy_parameter_gets_its_range_not_a_syntax_error(text, mes
 def test_a_negative_spec_number_gets_its_range(text, message):
     with pytest.raises(sparsec.SpecError, match=message):
         sparsec.parse_spec(text)
+
+
+def test_specs_are_shown_rounded_to_people_and_kept_exact_for_keys():
+    spec = parse_spec("unstructured(0.7266162109375001)")
+    assert sparsec.describe_spec(spec) == "unstructured(72.66%)"
+    assert str(spec) == "unstructured(0.7266162109375001)"  # the canonical text: layout keys, checkpoints
+    assert sparsec.describe_spec(parse_spec("block(4x8, 0.9)")) == "block(4x8, 90%)"
+    assert sparsec.describe_spec(parse_spec("fanin(k=4)")) == "fanin(k=4)"
+    assert "spec=unstructured(72.66%)" in repr(sparsec.SparseLinear(10, 10, spec=spec))
