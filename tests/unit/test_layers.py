@@ -117,7 +117,9 @@ def test_bad_inputs_get_clear_errors():
 
 def test_sparsifying_a_sparse_model_again_names_its_sparse_layers():
     model = sparsec.sparsify(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), spec="50%", dense=["2"])
-    with pytest.raises(sparsec.SparsecError, match=r"already sparse: \['0'\] .* dense Linear/Conv2d layers are \['2'\]"):
+    with pytest.raises(
+        sparsec.SparsecError, match=r"already sparse: \['0'\] .* dense Linear/Conv2d layers are \['2'\]"
+    ):
         sparsec.sparsify(model, spec="50%")
     whole = sparsec.sparsify(nn.Sequential(nn.Linear(4, 4)), spec="50%")
     with pytest.raises(sparsec.SparsecError, match=r"already sparse: \['0'\].*overrides=.*dense="):
