@@ -298,6 +298,10 @@ class Strategy(ABC):
     def template(self, program: str) -> tuple[str, dict]:
         return self.templates[program]
 
+    def padding(self, tile: dict[str, int]) -> float:
+        """Executed over useful products of a tile (> 1 where a kernel pads items to its dot's minimum)."""
+        return 1.0
+
     def precision(self, program: str, dtype: str) -> str:
         """How a product's tl.dot multiplies: "tensor" cores (fp16, bf16, TF32) or "ieee" fp32 on FMA units.
 

@@ -44,6 +44,10 @@ class BlockDot(Strategy):
     rows: int
     cols: int
 
+    def padding(self, tile: dict[str, int]) -> float:
+        # blocks are padded to powers of two of at least 16 for tl.dot: block(3x3) runs 16x16 products
+        return tile["BH"] * tile["BW"] / (self.rows * self.cols) if "BH" in tile else 1.0
+
     def tiles(self, program: str, dtype: str) -> dict[str, int]:
         # Block sides padded to powers of two of at least 16 for tl.dot; a 64-row tile lets sm_90a use
         # wgmma on tensor-core dots, 32 keeps IEEE fp32 dots (FMA units) within registers.

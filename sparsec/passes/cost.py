@@ -62,6 +62,8 @@ def formulas(op: Op, weight, dtype: str, precision: str = "tensor", tile: dict |
     gather = not (strategy.tensor_cores or strategy.dense_product)
     batch_tiles = sympy.ceiling(BATCH / (tile or {}).get("BLOCK_B", 1))
     f = _products(op, nnz, e, index, strategy.dense_product, gather, batch_tiles)
+    if op is not Op.GROW_TOPK and not strategy.dense_product:
+        f["flops"] = f["flops"] * sympy.nsimplify(strategy.padding(tile or {}))  # padded items run full products
     f["engine"] = "cuda" if precision == "ieee" or not (strategy.tensor_cores or op is Op.GROW_TOPK) else "tensor"
     if op is Op.GROW_TOPK and fmt.units(spec) == 1:  # a layer-wide unit: some tiles may be scored twice
         f["worst_flops"] = 2 * f["flops"]

@@ -118,3 +118,16 @@ def test_cpu_path_formulas_count_the_gathers_by_hand():
     assert (
         sympy.simplify(sddmm["bytes"] - (4 * BATCH * 1000 + 4 * BATCH * OUT + 4 * 1000 + 8 * 1000 + 8 * (OUT + 1))) == 0
     )
+
+
+def test_the_cost_model_counts_padded_blocks():
+    """block(3x3) runs 16x16 tl.dot products (sides padded to a power of two of at least 16): 256/9 of the
+    useful FLOPs, so at 90% it executes 2.8x the dense FLOPs and cannot be predicted faster than dense."""
+    small, _ = lower(build_programs("block(3x3, 90%)", 300, 300, dtype="bf16")["forward"])
+    cost = dict(_product(small).attr("cost"))
+    assert sympy.simplify(cost["flops"] - cost["useful_flops"] * sympy.Rational(256, 9)) == 0
+    r = roofline(cost, "bf16", GPUS["H100"], 4096, 300, 300)
+    assert r["speedup"] < 1.0
+    exact, _ = lower(build_programs("block(16x16, 90%)", 320, 320, dtype="bf16")["forward"])
+    exact_cost = dict(_product(exact).attr("cost"))
+    assert sympy.simplify(exact_cost["flops"] - exact_cost["useful_flops"]) == 0  # no padding
