@@ -70,15 +70,19 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def plot_connectivity(start: torch.Tensor, end: torch.Tensor, path: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3.4))
-    for ax, mask, title in zip(axes, (start, end), ("initial (random)", "after RigL"), strict=True):
-        im = ax.imshow(mask.sum(0).view(8, 8).numpy(), cmap="viridis")
-        ax.set_title(f"{title}: connections per pixel", fontsize=9)
+def plot_connectivity(start: torch.Tensor, end: torch.Tensor, path: str, sparsity: float) -> None:
+    """Connections per input pixel before and after training, on one shared colour scale."""
+    counts = [m.sum(0).view(8, 8).numpy() for m in (start, end)]
+    low, high = min(c.min() for c in counts), max(c.max() for c in counts)
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.6), layout="constrained")
+    for ax, count, title in zip(axes, counts, ("initial (random)", "after RigL"), strict=True):
+        im = ax.imshow(count, cmap="viridis", vmin=low, vmax=high)
+        ax.set_title(title, fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle("Input layer of a 90%-sparse MLP on digits")
-    fig.tight_layout()
+    fig.colorbar(im, ax=axes, fraction=0.046, label=f"connections per input pixel (of {end.shape[0]} outputs)")
+    density = float(end.float().mean())
+    title = f"Input layer (fc1: {density:.0%} dense under {sparsity:.0%} ERK) of a sparse MLP on digits"
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120)
 
 
@@ -117,7 +121,7 @@ def main() -> None:
         f"memory held by weights: dense {weight_bytes(dense) / 1024:.0f} KiB, "
         f"sparse {weight_bytes(model) / 1024:.0f} KiB (values, biases and index buffers)"
     )
-    plot_connectivity(start_mask, model.fc1.mask(), args.out)
+    plot_connectivity(start_mask, model.fc1.mask(), args.out, args.sparsity)
     print(f"wrote {args.out}")
 
 
