@@ -20,6 +20,7 @@ from torch import nn
 
 from sparsec.errors import SparsecError
 from sparsec.formats import Layout
+from sparsec.nn.attention import SparseMultiheadAttention, unsupported
 from sparsec.nn.layers import SparseConv2d, SparseLayer, SparseLinear
 from sparsec.policies.base import Policy
 from sparsec.policies.distributions import DISTRIBUTIONS
@@ -89,11 +90,7 @@ def sparsify(
     with a random topology, snip chooses each mask first, small_dense narrows the dense model instead.
     """
     policy = parse_policy(policy)
-    targets = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, SparseLayer)
-    }
+    targets = _targets(model)
     already = [name for name, m in model.named_modules() if isinstance(m, SparseLayer)]
     if already:
         rest = f"; its dense Linear/Conv2d layers are {sorted(targets)}" if targets else ""
@@ -101,12 +98,64 @@ def sparsify(
             f"the model is already sparse: {already} are sparse layers{rest}. sparsify a dense model once, "
             "choosing per-layer specs with overrides={'name': spec} and the layers to keep dense with dense=[...]"
         )
+    dense = list(dense)
+    _separate_attention_projections(model, dense)
+    targets = _targets(model)
     if not targets:
         raise SparsecError("the model has no nn.Linear or nn.Conv2d layers to sparsify")
     shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
     specs = plan_specs(shapes, spec, distribution, dense, overrides)
     build = functools.partial(replace_layers, model, targets, specs, policy, init=init)
     return policy.prepare(model, targets, specs, build)
+
+
+def _targets(model: nn.Module) -> dict[str, nn.Module]:
+    """The Linear/Conv2d layers sparsify may replace: not inside an ``nn.MultiheadAttention`` kept dense (it
+    reads its ``out_proj.weight`` itself)."""
+    inside = {
+        f"{n}.{c}"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for c, _ in m.named_modules()
+        if c
+    }
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, SparseLayer) and name not in inside
+    }
+
+
+def _separate_attention_projections(model: nn.Module, dense: list[str]) -> bool:
+    """Put a ``SparseMultiheadAttention`` with dense ``q``, ``k``, ``v``, ``out_proj`` in place of every
+    ``nn.MultiheadAttention`` (the same function: its projections, copied), so each projection is a layer
+    that sparsify can plan (``"*.self_attn.q"``). One named in ``dense`` stays as it is (the pattern is
+    used up here). ``nn.TransformerEncoder`` is told not to take its fused path, which reads the packed
+    projection. Returns whether anything changed."""
+    changed = False
+    for name, mha in list(model.named_modules()):
+        if not isinstance(mha, nn.MultiheadAttention):
+            continue
+        keep = [p for p in dense if _matches(name, p)]
+        if keep:
+            for p in keep:
+                dense.remove(p)
+            continue
+        why = unsupported(mha)
+        if why is not None:
+            raise SparsecError(
+                f"{name} (nn.MultiheadAttention) cannot have sparse projections: {why}; keep it dense with "
+                f"dense=[{name!r}]"
+            )
+        parent_name, _, attr = name.rpartition(".")
+        attention = SparseMultiheadAttention.from_dense(mha, lambda _, linear: linear)
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, attention)
+        changed = True
+    if changed:
+        for module in model.modules():
+            if isinstance(module, nn.TransformerEncoder):
+                module.use_nested_tensor = False  # its fused path reads self_attn.in_proj_weight
+    return changed
 
 
 def replace_layers(
