@@ -29,8 +29,20 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("regrow_dropped", [False, True], ids=["fresh", "regrow"])
-@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+# The quick tier runs two of the four variants of each case (random scores with the default rule, ties with
+# fresh-first); the full suite runs all four.
+VARIANTS = [
+    pytest.param(ties, regrow, id=f"{'ties' if ties else 'random'}-{'regrow' if regrow else 'fresh'}", marks=marks)
+    for ties, regrow, marks in [
+        (False, True, ()),
+        (True, False, ()),
+        (False, False, pytest.mark.slow),
+        (True, True, pytest.mark.slow),
+    ]
+]
+
+
+@pytest.mark.parametrize("ties,regrow_dropped", VARIANTS)
 @pytest.mark.parametrize("spec,out,inn", CASES)
 def test_kernel_growth_equals_cpu_growth(spec, out, inn, ties, regrow_dropped):
     gen = torch.Generator().manual_seed(7)
@@ -162,7 +174,10 @@ def test_nm_grows_in_one_kernel_pass(spec, out, inn, monkeypatch):
     assert torch.equal(got.grown(), score_chunked(layout, kept, dropped, dy, x, False).grown())
 
 
-@pytest.mark.parametrize("spec,out,inn", [("90%", 37, 53), ("70%", 21, 130), ("2:4", 37, 52), ("fanin(k=7)", 37, 53)])
+@pytest.mark.parametrize(
+    "spec,out,inn",
+    [("90%", 37, 53), pytest.param("70%", 21, 130, marks=pytest.mark.slow), ("2:4", 37, 52), ("fanin(k=7)", 37, 53)],
+)
 def test_grow_kernel_chunks_and_listed_tiles_equal_the_whole_launch(spec, out, inn):
     """A launch over rows r0..r1 writes those rows' keys; a launch over listed tiles writes each tile's keys
     (row tile x column tile), -1 past the layer's edge. Both against the launch over the whole layer."""

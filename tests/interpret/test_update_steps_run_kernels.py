@@ -58,7 +58,18 @@ def test_snfs_steps_call_no_torch_sparse_op(no_torch_sparse, dtype):
     assert _train(model, dtype) > 0
 
 
-@pytest.mark.parametrize("spec", ["90%", "2:4", "block(16x16, 75%)", "fanin(90%)"])
+SLOW = pytest.mark.slow  # the quick tier checks one structure
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "90%",
+        pytest.param("2:4", marks=SLOW),
+        pytest.param("block(16x16, 75%)", marks=SLOW),
+        pytest.param("fanin(90%)", marks=SLOW),
+    ],
+)
 def test_an_update_rewrites_the_kernel_plan_in_place(spec):
     """What a CUDA graph captured before an update reads (tests/gpu checks the replay itself): after a RigL
     step the plan's tensors are the same objects, holding the plan of the new mask."""

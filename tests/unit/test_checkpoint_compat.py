@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
 
 
+@pytest.mark.slow  # over 2 s
 def test_a_v0_1_0_checkpoint_resumes_bit_identically(tmp_path):
     out = tmp_path / "resumed.pt"
     script = HERE / "checkpoint_run.py"

@@ -27,6 +27,7 @@ def _train(compiled: bool):
     return grown, [layer.mask() for layer in (model[0], model[2])], list(model.parameters())
 
 
+@pytest.mark.slow  # over 2 s
 def test_compiled_training_through_update_steps_chooses_the_eager_masks():
     eager_grown, eager_masks, eager_params = _train(compiled=False)
     grown, masks, params = _train(compiled=True)

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
 
 
+@pytest.mark.slow  # over 2 s
 def test_the_gpu_check_runs_its_timing_code_on_the_cpu():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(

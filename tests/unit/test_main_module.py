@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # over 2 s
 def test_python_m_sparsec_explain_prints_the_format_and_passes():
     done = subprocess.run(
         [sys.executable, "-m", "sparsec", "explain", "2:4", "--shape", "8x16", "--no-source"],
