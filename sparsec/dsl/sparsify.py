@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import inspect
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 
@@ -105,6 +107,7 @@ def sparsify(
         raise SparsecError("the model has no nn.Linear or nn.Conv2d layers to sparsify")
     shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
     specs = plan_specs(shapes, spec, distribution, dense, overrides)
+    _refuse_weight_readers(model, [n for n, s in specs.items() if not isinstance(s, Dense)])
     build = functools.partial(replace_layers, model, targets, specs, policy, init=init)
     return policy.prepare(model, targets, specs, build)
 
@@ -156,6 +159,37 @@ def _separate_attention_projections(model: nn.Module, dense: list[str]) -> bool:
             if isinstance(module, nn.TransformerEncoder):
                 module.use_nested_tensor = False  # its fused path reads self_attn.in_proj_weight
     return changed
+
+
+def _refuse_weight_readers(model: nn.Module, names: Iterable[str]) -> None:
+    """Refuse to replace a layer whose owner reads (or ties) ``.weight`` of it in its own code: a sparse
+    layer has no ``weight``, so the owner would fail at its first forward. Read from the owner class's
+    source (``self.<child>.weight``); containers (Sequential, ModuleList/Dict) read nothing."""
+    found = []
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if isinstance(owner, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            continue
+        if isinstance(owner, nn.TransformerEncoderLayer) and isinstance(owner.self_attn, SparseMultiheadAttention):
+            continue  # it reads linear1.weight only on its fused path, which sparsec's attention declines
+        for cls in type(owner).__mro__:
+            if cls in (nn.Module, object):
+                break
+            try:
+                source = inspect.getsource(cls)
+            except (OSError, TypeError):
+                continue
+            if re.search(rf"\bself\.{re.escape(attr)}\.weight\b", source):
+                found.append((owner_name or "the model", type(owner).__name__, name))
+                break
+    if found:
+        owner, kind, name = found[0]
+        names = [n for _, _, n in found]
+        raise SparsecError(
+            f"{owner} ({kind}) reads {name}.weight in its own code (or ties it), and a sparse layer has no "
+            f"dense weight; keep such layers dense with dense={names!r}"
+        )
 
 
 def replace_layers(

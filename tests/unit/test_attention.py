@@ -87,3 +87,30 @@ def test_attention_it_cannot_rebuild_is_refused_with_the_dense_fix():
     model.append(nn.MultiheadAttention(8, 2, add_bias_kv=True))
     with pytest.raises(sparsec.SparsecError, match=r"1 \(nn.MultiheadAttention\).*add_bias_kv.*dense=\['1'\]"):
         sparsec.sparsify(model, spec="50%")
+
+
+class TiedHead(nn.Module):
+    """A language-model head tied to its embedding: it reads ``self.head.weight`` itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.body, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.body(self.embed(tokens))))
+
+
+def test_a_module_that_reads_a_linears_weight_is_refused_with_the_dense_fix():
+    with pytest.raises(sparsec.SparsecError, match=r"TiedHead\) reads head.weight .* dense=\['head'\]"):
+        sparsec.sparsify(TiedHead(), spec="50%")
+    model = sparsec.sparsify(TiedHead(), spec="50%", dense=["head"])  # the fix works
+    assert isinstance(model.body, sparsec.SparseLinear) and model.head.weight is model.embed.weight
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+
+
+def test_an_encoder_layer_with_dense_attention_keeps_its_feed_forward_dense_too():
+    """With its attention kept dense, TransformerEncoderLayer's fused eval path runs and reads linear1.weight."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with pytest.raises(sparsec.SparsecError, match=r"reads linear1.weight .* dense=\['linear1', 'linear2'\]"):
+        sparsec.sparsify(layer, spec="50%", dense=["self_attn"])
