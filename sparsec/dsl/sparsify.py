@@ -129,12 +129,12 @@ def _targets(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _separate_attention_projections(model: nn.Module, dense: list[str]) -> bool:
+def _separate_attention_projections(model: nn.Module, dense: list[str]) -> None:
     """Put a ``SparseMultiheadAttention`` with dense ``q``, ``k``, ``v``, ``out_proj`` in place of every
     ``nn.MultiheadAttention`` (the same function: its projections, copied), so each projection is a layer
     that sparsify can plan (``"*.self_attn.q"``). One named in ``dense`` stays as it is (the pattern is
     used up here). ``nn.TransformerEncoder`` is told not to take its fused path, which reads the packed
-    projection. Returns whether anything changed."""
+    projection."""
     changed = False
     for name, mha in list(model.named_modules()):
         if not isinstance(mha, nn.MultiheadAttention):
@@ -158,7 +158,6 @@ def _separate_attention_projections(model: nn.Module, dense: list[str]) -> bool:
         for module in model.modules():
             if isinstance(module, nn.TransformerEncoder):
                 module.use_nested_tensor = False  # its fused path reads self_attn.in_proj_weight
-    return changed
 
 
 def _refuse_weight_readers(model: nn.Module, names: Iterable[str]) -> None:

@@ -162,11 +162,10 @@ class _Scan:
             chosen = (top >= 0) & (torch.arange(take, device=top.device) < lost[u0 : u0 + top.shape[0], None])
             units, _ = chosen.nonzero(as_tuple=True)
             k = top[chosen]
-            score = (k >> 32).to(torch.int32).view(torch.float32)
             flat = (u0 + units) * unit + (unit - 1 - (k & LOW))
             order = flat.argsort()
             flats.append(flat[order])
-            scores.append(score[order])
+            scores.append(_score_of(k[order]))
         return torch.cat(flats), torch.cat(scores)
 
     def layer_wide(self, lost: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -177,22 +176,24 @@ class _Scan:
         best = _RunningBest(lost, self.dy.device)
         for r0, r1 in self.chunks(kc, "layer"):
             keys = self.keys(kc, r0, r1)
-            full = (keys >= 0).all(dim=2)  # the segment kept kc candidates: its last one may hide more
+            valid = keys >= 0
+            full = valid.all(dim=2)  # the segment kept kc candidates: its last one may hide more
             last = keys.amin(dim=2)
-            rows, segs, slot = (keys >= 0).nonzero(as_tuple=True)
+            rows, segs, slot = valid.nonzero(as_tuple=True)
             k = keys[rows, segs, slot]
             is_last = full[rows, segs] & (k == last[rows, segs])
-            del keys, full, last, slot
+            del keys, valid, full, last, slot
             if not best.add(self.flat_of(r0 + rows, segs, k), _score_of(k), is_last):
                 return None
         flat, score, is_last = best.result()
         if kc >= seg:  # every segment kept every eligible position: nothing hides
             return flat, score
-        hiding = torch.unique((flat[is_last] // inn) * self.nseg + flat[is_last] % inn // seg)  # row * nseg + seg
+        segment = (flat // inn) * self.nseg + flat % inn // seg  # row * nseg + segment in the row
+        hiding = torch.unique(segment[is_last])
         if hiding.numel() == 0:
             return flat, score
         # every position of a hiding segment is scored again: its first-run candidates would be duplicates
-        again = torch.isin((flat // inn) * self.nseg + flat % inn // seg, hiding)
+        again = torch.isin(segment, hiding)
         best = _RunningBest(lost, self.dy.device)
         best.add(flat[~again], score[~again], torch.zeros_like(again[~again]))
         bo, bk = self.tile["BLOCK_O"], self.tile["BLOCK_K"]

@@ -117,7 +117,7 @@ class Launcher:
         if x is not None:
             _check("x", x, (batch, lay.in_features), like)
         tile = self.tile(program)
-        rows = None
+        rows = listed = None  # grow_scores: rows of the launch; tiles listed (the second run), or None
         if program == "grow_scores":
             operands = {"r0": 0, "r1": lay.grid[0], **operands}
             rows = operands["r1"] - operands["r0"]
@@ -133,13 +133,12 @@ class Launcher:
         if self.poison:
             out.fill_(poison)
         call = self.strategy.call(program, lay, tile, plan, batch, rows)
+        if listed is not None:
+            call = dataclasses.replace(call, grid=(listed,))
+        elif program == "grow_scores":
+            operands["tiles"] = torch.empty(0, dtype=torch.int32, device=like.device)  # never read
         if program == "grow_scores":
-            listed = operands.get("tiles") is not None
-            if listed:
-                call = dataclasses.replace(call, grid=(operands["tiles"].shape[0],))
-            else:
-                operands["tiles"] = torch.empty(0, dtype=torch.int32, device=like.device)  # never read
-            operands["listed"] = listed
+            operands["listed"] = listed is not None
         own = {name.upper(): value for name, value in operands.items() if value is not None}
         own.update(B=batch, O=lay.out_features, KIN=lay.in_features, OUT=out)
         if values is not None:
