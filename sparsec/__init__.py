@@ -8,7 +8,7 @@ change between releases.
 from sparsec import config
 from sparsec.dsl.sparsify import sparse, sparsify
 from sparsec.errors import ShapeError, SparsecError, SparsecWarning, SpecError
-from sparsec.explainer import explain
+from sparsec.explainer import explain, step_flops
 from sparsec.nn.layers import SparseConv2d, SparseLinear
 from sparsec.policies.decision import rigl_step
 from sparsec.policies.distributions import erk_densities
@@ -58,4 +58,5 @@ __all__ = [
     "SparsecWarning",
     "config",
     "explain",
+    "step_flops",
 ]

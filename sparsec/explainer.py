@@ -7,9 +7,14 @@ Triton source.
 
 from __future__ import annotations
 
+import sympy
+from torch import nn
+
 from sparsec.dtypes import name_of as dtype_name
 from sparsec.ir.build import build_programs
+from sparsec.ir.graph import BATCH, IN, OUT
 from sparsec.ir.printer import print_program
+from sparsec.nn.layers import SparseLayer
 from sparsec.passes.cost import GPUS, roofline
 from sparsec.runtime.compile import compile_layer
 from sparsec.spec import Spec, parse_spec
@@ -83,3 +88,25 @@ def explain(layer, dtype: str | None = None, batch: int = 4096, source: bool = T
     return explain_spec(
         layer.spec, layer.layout.out_features, layer.layout.in_features, dt, batch, layer.bias is not None, None, source
     )
+
+
+def step_flops(model: nn.Module, rows: int) -> dict[str, float]:
+    """The cost model's FLOPs of one training step's weight products, every layer multiplying ``rows``
+    rows (tokens, for a transformer): ``sparse``, the forward, grad_input and grad_values products the
+    sparse layers' kernels execute; ``dense``, the dense ``nn.Linear`` layers' (3 x 2 rows in out);
+    ``grow``, the dense ``|dY^T X|`` a gradient-driven update step adds (once per sparse layer).
+    Model output, not a measurement."""
+    total = {"sparse": 0.0, "dense": 0.0, "grow": 0.0}
+    for module in model.modules():
+        if isinstance(module, SparseLayer):
+            out, inn = module.layout.out_features, module.layout.in_features
+            kernels = compile_layer(
+                module.layout.key.spec, inn, out, dtype_name(module.values.dtype), module.bias is not None, None
+            )
+            for name, k in kernels.kernels.items():
+                node = next(k.program.node(n) for n in k.program.order() if k.program.node(n).attr("cost"))
+                flops = float(sympy.sympify(dict(node.attr("cost"))["flops"]).subs({BATCH: rows, OUT: out, IN: inn}))
+                total["grow" if name == "grow_scores" else "sparse"] += flops
+        elif isinstance(module, nn.Linear):
+            total["dense"] += 3 * 2 * rows * module.in_features * module.out_features
+    return total

@@ -1,8 +1,9 @@
 """Storage formats: one ``Format`` per structure (layout, buffers, kernels), found by spec type.
 
 ``format_of(spec)`` is the format of a spec; ``make_layout`` checks a spec against a weight shape
-and builds its ``Layout``; ``layout_of(*layout.key)`` rebuilds a layout from the custom ops' typed
-arguments, parsed once per distinct key. A new structure is one module here (its ``Format`` and, if its kernels
+and builds its ``Layout``; ``layout_of(*layout.key)`` rebuilds a layout from its canonical key, and
+``layout_of_storage(*layout.op_key, n_values)`` from the custom ops' typed arguments and the values'
+size, each parsed once per distinct key. A new structure is one module here (its ``Format`` and, if its kernels
 are new, its ``Strategy``), one entry in ``FORMATS``, its templates in ``kernels/`` and its tests.
 """
 
@@ -48,8 +49,19 @@ def make_layout(spec: Spec, out_features: int, in_features: int, layer: str = "l
 
 @functools.cache
 def layout_of(spec: str, out_features: int, in_features: int) -> Layout:
-    """The layout of a ``LayoutKey`` (the custom ops' typed arguments), parsed once per distinct key."""
+    """The layout of a ``Layout.key``, parsed once per distinct key."""
     return make_layout(parse_spec(spec), out_features, in_features)
+
+
+_FAMILIES = {f.family_word: f for f in FORMATS.values() if f.family_word is not None}
+
+
+@functools.cache
+def layout_of_storage(family: str, out_features: int, in_features: int, n_values: int) -> Layout:
+    """The layout of the custom ops' arguments (``Layout.op_key``) holding ``n_values`` values: the kept
+    count comes from the tensors, so a compiled graph serves every density of a structure."""
+    fmt = _FAMILIES.get(family.split("(")[0]) or format_of(parse_spec(family))  # N:M: its spec text
+    return layout_of(str(fmt.storage_spec(family, out_features, in_features, n_values)), out_features, in_features)
 
 
 __all__ = [
@@ -63,5 +75,6 @@ __all__ = [
     "format_of",
     "item_scores",
     "layout_of",
+    "layout_of_storage",
     "make_layout",
 ]

@@ -84,10 +84,11 @@ def pow2_at_least(n: int, floor: int = 16) -> int:
 
 
 class LayoutKey(NamedTuple):
-    """What identifies a layout, as the custom ops take it (typed: ``str``, ``int``, ``int``);
-    ``formats.layout_of(*key)`` gives the layout back, parsed once per distinct key."""
+    """What identifies a layout, typed as the custom ops take it (``str``, ``int``, ``int``):
+    ``formats.layout_of(*key)`` gives a ``Layout.key``'s layout back, ``formats.layout_of_storage``
+    an ``op_key``'s, each parsed once per distinct key."""
 
-    spec: str  # canonical: str(spec)
+    spec: str  # canonical spec text (``key``), or a structure without its kept count (``op_key``)
     out_features: int
     in_features: int
 
@@ -106,11 +107,20 @@ class Layout:
     kept_per_unit: int
     values_shape: tuple[int, ...]
     buffers: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]  # (name, dtype, shape)
-    key: LayoutKey = field(init=False, repr=False, compare=False)  # the custom ops' layout arguments
+    # the storage's canonical spec (``Format.storage_spec``): plans and kernels are keyed by it, so layouts
+    # that store the same (a 90% spec and the count it keeps) share them
+    key: LayoutKey = field(init=False, repr=False, compare=False)
+    # what the custom ops take: the structure without its kept count (``Format.family``), which the
+    # values' size carries; plain attributes, not properties: torch.compile reads them as constants
+    op_key: LayoutKey = field(init=False, repr=False, compare=False)
+    index_names: tuple[str, ...] = field(init=False, repr=False, compare=False)  # the buffers' names, in order
 
     def __post_init__(self) -> None:
-        # a plain attribute, not a property: torch.compile reads it as constants
-        object.__setattr__(self, "key", LayoutKey(str(self.spec), self.out_features, self.in_features))
+        family = self.format.family(self.spec)
+        storage = self.format.storage_spec(family, self.out_features, self.in_features, self.nnz)
+        object.__setattr__(self, "key", LayoutKey(str(storage), self.out_features, self.in_features))
+        object.__setattr__(self, "op_key", LayoutKey(family, self.out_features, self.in_features))
+        object.__setattr__(self, "index_names", tuple(name for name, _, _ in self.buffers))
 
     @property
     def n_units(self) -> int:
@@ -395,6 +405,20 @@ class Format(ABC):
     @abstractmethod
     def layout(self, spec, out_features: int, in_features: int) -> Layout:
         """The layout of ``spec`` on an ``out x in`` weight (``check_layer`` has passed)."""
+
+    # what the custom ops take: a density change (gmp, snfs) changes tensor sizes, never a constant
+    # of a compiled graph
+    family_word: ClassVar[str | None]  # the first word of ``family``'s text (None: the spec's own text)
+    # tensor ("values" or an index buffer) -> the dim whose size is the kept count (what gmp changes)
+    count_dims: ClassVar[dict[str, int]]
+
+    def family(self, spec) -> str:
+        """``spec`` without its kept count (``unstructured``, ``block(16x16)``, ``fanin``; N:M has none)."""
+        return self.family_word
+
+    @abstractmethod
+    def storage_spec(self, family: str, out_features: int, in_features: int, n_values: int):
+        """The canonical spec of ``family`` storing ``n_values`` values on an ``out x in`` weight."""
 
     @abstractmethod
     def encode(self, layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ Items are whole ``bh x bw`` blocks on the block grid. Every kept block is one ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import sympy
 import torch
@@ -27,7 +28,7 @@ from sparsec.formats.base import (
     kept_expr,
     pow2_at_least,
 )
-from sparsec.spec.specs import Block
+from sparsec.spec.specs import Block, unstructured_with
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,17 @@ class BlockDot(Strategy):
 class BSRFormat(Format):
     name = "bsr"
     spec_type = Block
+    family_word = "block"
+    count_dims: ClassVar[dict[str, int]] = {"values": 0, "block_cols": 0}
+
+    def family(self, spec: Block) -> str:
+        return f"block({spec.rows}x{spec.cols})"
+
+    def storage_spec(self, family: str, out_features: int, in_features: int, n_values: int) -> Block:
+        rows, cols = (int(side) for side in family[len("block(") : -1].split("x"))
+        n_blocks = (out_features // rows) * (in_features // cols)
+        return Block(rows, cols, unstructured_with(n_blocks, n_values // (rows * cols)).sparsity)
+
     cases = (
         ("block(16x16, 50%)", 48, 80),
         ("block(32x32, 75%)", 64, 96),

@@ -7,6 +7,7 @@ Storage: ``values [nnz]`` in row-major order, ``row_offsets [out + 1]`` and ``co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import sympy
 import torch
@@ -24,7 +25,7 @@ from sparsec.formats.base import (
     kept_count,
     kept_expr,
 )
-from sparsec.spec.specs import Unstructured
+from sparsec.spec.specs import Unstructured, unstructured_with
 
 
 def longest_row(layout: Layout) -> int:
@@ -88,6 +89,12 @@ class Gather(Strategy):
 class CSRFormat(Format):
     name = "csr"
     spec_type = Unstructured
+    family_word = "unstructured"
+    count_dims: ClassVar[dict[str, int]] = {"values": 0, "col_indices": 0}
+
+    def storage_spec(self, family: str, out_features: int, in_features: int, n_values: int) -> Unstructured:
+        return unstructured_with(out_features * in_features, n_values)
+
     cases = (("90%", 37, 53),)
 
     def layout(self, spec: Unstructured, out_features: int, in_features: int) -> Layout:

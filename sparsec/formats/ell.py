@@ -6,6 +6,8 @@ row plan (``csr.Gather``): rows of equal length waste no work.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import sympy
 import torch
 
@@ -19,6 +21,12 @@ class ELLFormat(Format):
     name = "ell"
     spec_type = FanIn
     unit_name = "an output row"
+    family_word = "fanin"
+    count_dims: ClassVar[dict[str, int]] = {"values": 1, "fanin_indices": 1}
+
+    def storage_spec(self, family: str, out_features: int, in_features: int, n_values: int) -> FanIn:
+        return FanIn(k=n_values // out_features)
+
     cases = (("fanin(k=7)", 37, 53),)
 
     def layout(self, spec: FanIn, out_features: int, in_features: int) -> Layout:

@@ -7,6 +7,7 @@ of W in registers and multiply it with ``tl.dot`` (``DecompressDot``); other M g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import sympy
 import torch
@@ -14,7 +15,7 @@ import torch
 from sparsec.errors import ShapeError
 from sparsec.formats.base import IN, OUT, Format, KernelCall, Layout, Strategy, cdiv, divisors
 from sparsec.formats.csr import Gather
-from sparsec.spec.specs import NM
+from sparsec.spec.specs import NM, parse_spec
 
 
 def _is_pow2(n: int) -> bool:
@@ -86,6 +87,15 @@ class NMFormat(Format):
     name = "nm"
     spec_type = NM
     unit_name = "a group of M inputs"
+    family_word = None  # N:M keeps a fixed count: its spec text is its family
+    count_dims: ClassVar[dict[str, int]] = {}
+
+    def family(self, spec: NM) -> str:
+        return str(spec)
+
+    def storage_spec(self, family: str, out_features: int, in_features: int, n_values: int) -> NM:
+        return parse_spec(family)
+
     cases = (
         ("2:4", 37, 52),
         ("1:8", 21, 56),

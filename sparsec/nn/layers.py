@@ -17,7 +17,6 @@ from torch import nn
 from sparsec.errors import ShapeError, SparsecError
 from sparsec.formats import Layout, make_layout
 from sparsec.runtime import ops  # also registers the custom ops torch.ops.sparsec.*
-from sparsec.runtime.cpu import compute_dtype
 from sparsec.spec import Dense, Policy, Spec, describe_spec, parse_policy, parse_spec
 
 INITS = ("dense", "sparse")  # initial values: the dense init at the kept positions, or rescaled per kept fan-in
@@ -53,7 +52,7 @@ class SparseLayer(nn.Module):
         self.name = name
         self.target_spec = target  # where a density-changing policy (gmp) is heading
         self.layout = make_layout(self.spec, out_features, in_features, name)
-        self.grow_capture = None  # set by MaskUpdater one step before a gradient-driven grow
+        self._grow_capture = None
         # the values Parameter a checkpoint load at another density replaced (gmp): an optimizer built before
         # the load still holds it, until MaskUpdater.load_state_dict points the optimizer at the new one
         self.replaced_values: nn.Parameter | None = None
@@ -84,11 +83,27 @@ class SparseLayer(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    @property
+    def grow_capture(self):
+        """What the values gradient hands each backward's ``dY`` and ``X`` (``capture.observe``); set by
+        MaskUpdater one step before a gradient-driven grow, None otherwise."""
+        return self._grow_capture
+
+    @grow_capture.setter
+    def grow_capture(self, capture) -> None:
+        self.__dict__["_grow_capture"] = capture
+        ops.set_tap(list(self.index_buffers().values()), capture)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), .half(): new buffer tensors
+        self.grow_capture = self._grow_capture  # the capture follows them
+        return out
+
     # --- positions -------------------------------------------------------------------------------
 
     def index_buffers(self) -> dict[str, torch.Tensor]:
         """The format's index buffers by name, in the layout's order (what the custom op reads)."""
-        return {name: getattr(self, name) for name, _, _ in self.layout.buffers}
+        return {name: getattr(self, name) for name in self.layout.index_names}  # not .buffers: sizes change
 
     def positions(self) -> torch.Tensor:
         """Sorted flat item positions (weights, or blocks for block specs) of the kept items."""
@@ -136,15 +151,17 @@ class SparseLayer(nn.Module):
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=self.values.device))
         self.spec, self.layout, self._cache = spec, layout, None
         self.write_positions(flat)
+        self.grow_capture = self._grow_capture  # onto the new buffers
         return old
 
     def set_spec(self, spec: Spec) -> None:
         """Record ``spec`` for a layer whose kept counts it leaves as they are (gmp between two sparsities
-        that round to the same count): storage, values and positions stay."""
+        that round to the same count). The layout stays: storage, values, positions and the kernels' key
+        (a compiled graph sees no change, so it does not recompile)."""
         layout = make_layout(spec, self.layout.out_features, self.layout.in_features, self.name)
         same = (layout.values_shape, layout.buffers) == (self.layout.values_shape, self.layout.buffers)
         assert same, (spec, self.spec)
-        self.spec, self.layout = spec, layout
+        self.spec = spec
 
     @torch.no_grad()
     def take_dense(self, weight: torch.Tensor, flat: torch.Tensor) -> None:
@@ -192,9 +209,9 @@ class SparseLayer(nn.Module):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d @ W^T + bias`` through the custom op ``sparsec::spmm``, on every step and backend.
 
-        On a step armed for a grow update, a hook on the op's output hands ``dY`` (the gradient at
-        ``x2d @ W^T + bias``) and ``X`` to the armed capture during the backward; the forward and both
-        gradients still run the op (generated kernels on a GPU).
+        On a step armed for a grow update, the op's values gradient hands ``dY`` (the gradient at
+        ``x2d @ W^T + bias``) and ``X`` to the armed capture (``grow_capture``); the call is the same on
+        every step, so a compiled graph serves armed and unarmed steps alike.
 
         Under ``torch.autocast`` the layer follows ``nn.Linear``'s rule: input, values and bias compute in
         the autocast dtype (fp16 or bf16) and the gradient reaches the fp32 values through the cast.
@@ -213,21 +230,7 @@ class SparseLayer(nn.Module):
                 f"cast the input, call layer.to({x2d.dtype}), or run under torch.autocast"
             )
         index = list(self.index_buffers().values())
-        y = torch.ops.sparsec.spmm(x2d, values, bias, index, *self.layout.key)
-        capture = self.grow_capture
-        if capture is not None and y.requires_grad:
-            # one slot, emptied when the hook fires: X is held until this backward, not as long as y lives
-            x_seen = [x2d.detach()]
-
-            def hand_to_capture(dy: torch.Tensor) -> None:
-                if not x_seen:  # a second backward through a retained graph: the capture saw this call
-                    return
-                x = x_seen.pop()
-                dt = compute_dtype(dy)  # half types score in float32 on the CPU, as the cpu backend computes
-                capture.observe(dy.detach().to(dt), x.to(dt))
-
-            y.register_hook(hand_to_capture)
-        return y
+        return torch.ops.sparsec.spmm(x2d, values, bias, index, *self.layout.op_key)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         extra = state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # dense checkpoints have none
@@ -255,6 +258,7 @@ class SparseLayer(nn.Module):
             for name, tensor in self.index_buffers().items():
                 state_dict.setdefault(prefix + name, tensor)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.grow_capture = self._grow_capture  # load_state_dict(assign=True) puts in new buffers
 
     def _take_bias(self, dense: nn.Module):
         """Copy a dense module's bias (``from_dense``); returns self."""

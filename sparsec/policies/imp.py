@@ -29,6 +29,7 @@ from torch import nn
 
 from sparsec.errors import SparsecError, SparsecWarning, SpecError
 from sparsec.formats import make_layout
+from sparsec.nn.compile import declare_dynamic_storage
 from sparsec.nn.layers import SparseLayer
 from sparsec.policies.base import Change, Policy
 from sparsec.policies.relayout import apply_change
@@ -86,6 +87,7 @@ def imp_rounds(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=Non
     if len(policies) != 1:
         raise SparsecError(f"imp layers disagree on their parameters: {sorted(map(str, policies))}; use one imp value")
     (policy,) = policies
+    declare_dynamic_storage(layers)  # a compiled model serves every round without recompiling
     total = sum(layer.layout.out_features * layer.layout.in_features for layer in layers.values())
     target = sum(
         make_layout(layer.target_spec, layer.layout.out_features, layer.layout.in_features).n_items

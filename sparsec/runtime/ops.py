@@ -1,11 +1,18 @@
 """Sparse layers as ``torch.library`` custom ops with autograd and fake implementations.
 
-``sparsec::spmm(x, values, bias, index, spec, out_features, in_features)`` is ``x @ W^T + bias`` for
-the compressed weight given by ``values`` and the format's ``index`` buffers; ``spec`` (canonical
-text), ``out_features`` and ``in_features`` name the layout (``LayoutKey``: a layer stores one and
-splats it into the call). Its backward calls ``sparsec::spmm_grad_input`` and
+``sparsec::spmm(x, values, bias, index, family, out_features, in_features)`` is ``x @ W^T + bias`` for
+the compressed weight given by ``values`` and the format's ``index`` buffers; ``family`` (the structure
+without its kept count: ``unstructured``, ``block(16x16)``, ``fanin``, ``2:4``), ``out_features`` and
+``in_features`` are the layout's ``op_key`` (a layer splats it into the call), and the values' size
+is the kept count. A density change (gmp, snfs) so changes tensor sizes only, never a constant of a
+compiled graph. Its backward calls ``sparsec::spmm_grad_input`` and
 ``sparsec::spmm_grad_values``. Eager mode, ``torch.compile(fullgraph=True)`` and DDP see ordinary
 operators.
+
+A grow step's dense-gradient capture is a *tap* on the layer's index buffers (``set_tap``):
+``spmm_grad_values`` hands its ``dY`` and ``X`` to the tap when one is set. The tap lives outside
+every traced graph (the op reads it when it runs), so an armed step runs the graph an unarmed step
+runs: compiled training has no graph break and no recompile at an update.
 
 Backends (``SPARSEC_BACKEND``): ``triton`` (generated kernels on CUDA), ``interpret`` (the same
 kernels in Triton's interpreter, CPU), ``cpu`` (PyTorch's CSR kernels); ``auto`` picks triton for
@@ -24,9 +31,9 @@ from sparsec import config as settings
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
 from sparsec.dtypes import name_of as dtype_name
 from sparsec.errors import SparsecError
-from sparsec.formats import LayoutKey, layout_of
+from sparsec.formats import Layout, LayoutKey, layout_of, layout_of_storage
 from sparsec.runtime.compile import compile_layer
-from sparsec.runtime.cpu import CSRPlan, csr_forward, csr_grad_input, csr_grad_values
+from sparsec.runtime.cpu import CSRPlan, compute_dtype, csr_forward, csr_grad_input, csr_grad_values
 from sparsec.runtime.launch import Launcher
 
 
@@ -122,6 +129,26 @@ def _refill(old, new):
     return old
 
 
+_TAP_ATTR = "_sparsec_tap"
+
+
+def set_tap(index: list[torch.Tensor], tap) -> None:
+    """Hand every later ``spmm_grad_values`` on these index buffers its ``dY`` and ``X``:
+    ``tap.observe(dy, x)`` (None: stop). Held on the first buffer, like the plan, so it belongs to the
+    layer's storage; the layer sets it again when its buffers are replaced (``.to()``, a new layout)."""
+    if tap is None:
+        index[0].__dict__.pop(_TAP_ATTR, None)
+    else:
+        setattr(index[0], _TAP_ATTR, tap)
+
+
+def _hand_to_tap(index: list[torch.Tensor], dy: torch.Tensor, x: torch.Tensor) -> None:
+    tap = getattr(index[0], _TAP_ATTR, None)
+    if tap is not None:
+        dt = compute_dtype(dy)  # half types score in float32 on the CPU, as the cpu backend computes
+        tap.observe(dy.detach().to(dt), x.detach().to(dt))
+
+
 def kernel_launcher(key: LayoutKey, values: torch.Tensor, bias: bool, backend: str) -> Launcher:
     if values.dtype not in KERNEL_TORCH_DTYPES:
         raise SparsecError(
@@ -143,11 +170,11 @@ def spmm(
     values: torch.Tensor,
     bias: torch.Tensor | None,
     index: list[torch.Tensor],
-    spec: str,
+    family: str,
     out_features: int,
     in_features: int,
 ) -> torch.Tensor:
-    key = LayoutKey(spec, out_features, in_features)
+    key = _key(values, family, out_features, in_features)
     backend = backend_for(x)
     plan = index_plan(key, backend, index)
     if backend == "cpu":
@@ -158,15 +185,15 @@ def spmm(
 
 
 @spmm.register_fake
-def _(x, values, bias, index, spec, out_features, in_features):
+def _(x, values, bias, index, family, out_features, in_features):
     return x.new_empty(x.shape[0], out_features)
 
 
 @torch.library.custom_op("sparsec::spmm_grad_input", mutates_args=())
 def spmm_grad_input(
-    dy: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], spec: str, out_features: int, in_features: int
+    dy: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], family: str, out_features: int, in_features: int
 ) -> torch.Tensor:
-    key = LayoutKey(spec, out_features, in_features)
+    key = _key(values, family, out_features, in_features)
     backend = backend_for(dy)
     plan = index_plan(key, backend, index)
     if backend == "cpu":
@@ -175,7 +202,7 @@ def spmm_grad_input(
 
 
 @spmm_grad_input.register_fake
-def _(dy, values, index, spec, out_features, in_features):
+def _(dy, values, index, family, out_features, in_features):
     return dy.new_empty(dy.shape[0], in_features)
 
 
@@ -185,11 +212,12 @@ def spmm_grad_values(
     x: torch.Tensor,
     values: torch.Tensor,
     index: list[torch.Tensor],
-    spec: str,
+    family: str,
     out_features: int,
     in_features: int,
 ) -> torch.Tensor:
-    key = LayoutKey(spec, out_features, in_features)
+    key = _key(values, family, out_features, in_features)
+    _hand_to_tap(index, dy, x)
     backend = backend_for(dy)
     plan = index_plan(key, backend, index)
     if backend == "cpu":
@@ -199,8 +227,14 @@ def spmm_grad_values(
 
 
 @spmm_grad_values.register_fake
-def _(dy, x, values, index, spec, out_features, in_features):
+def _(dy, x, values, index, family, out_features, in_features):
     return values.new_empty(values.shape)
+
+
+def _key(values: torch.Tensor, family: str, out_features: int, in_features: int) -> LayoutKey:
+    """The canonical layout key of the ops' arguments: the family's layout holding ``values``."""
+    layout: Layout = layout_of_storage(family, out_features, in_features, values.numel())
+    return layout.key
 
 
 def _setup(ctx, inputs, output):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sparsec.errors import SparsecError, SparsecWarning
+from sparsec.nn.compile import declare_dynamic_storage
 from sparsec.nn.layers import SparseLayer
 from sparsec.policies.base import Capture, Change, Context
 from sparsec.policies.relayout import apply_change, replace_parameter
@@ -41,6 +42,7 @@ class MaskUpdater:
         self.layers: dict[str, SparseLayer] = {n: m for n, m in model.named_modules() if isinstance(m, SparseLayer)}
         if not self.layers:
             raise SparsecError("the model has no sparse layers; apply sparsec.sparsify(model, ...) or @sparse first")
+        declare_dynamic_storage(self.layers)  # torch.compile: one graph for every density an update sets
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             missing = [n for n, layer in self.layers.items() if id(layer.values) not in held]
@@ -107,6 +109,8 @@ class MaskUpdater:
 
     def _apply(self, name: str, layer: SparseLayer, change: Change) -> None:
         apply_change(layer, self.optimizer, change)
+        if change.spec is not None:  # a new layout, perhaps of another format (srigl: fan-in to unstructured)
+            declare_dynamic_storage({name: layer})
         if change.flat is not None:  # the mask moved (not only the recorded spec)
             self.last_changes[name] = change.changed
             self.last_dropped[name] = change.dropped

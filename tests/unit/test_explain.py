@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 import sparsec
 from sparsec.cli import main
@@ -58,3 +59,11 @@ def test_sparsec_explain_takes_a_layer():
     layer = sparsec.SparseLinear(64, 32, spec="2:4", dtype=torch.float16)
     text = sparsec.explain(layer, source=False)
     assert "spec 2:4, weight 32x64, fp16" in text and "format: nm   strategy: decompress-dot" in text
+
+
+def test_step_flops_counts_the_products_a_step_runs():
+    model = nn.Sequential(sparsec.SparseLinear(128, 512, spec="90%"), nn.Linear(512, 10))
+    kept = 65536 - 58982  # 128 x 512 at 90%: n - floor(0.9 n)
+    assert model[0].layout.nnz == kept
+    flops = sparsec.step_flops(model, rows=100)
+    assert flops == {"sparse": 3 * 2 * 100 * kept, "dense": 3 * 2 * 100 * 512 * 10, "grow": 2 * 100 * 128 * 512}

@@ -10,9 +10,9 @@ import torch
 from helpers import SPECS_AND_SHAPES
 
 import sparsec
-from sparsec.formats import FORMATS, KERNEL_CASES, format_of, layout_of, make_layout
+from sparsec.formats import FORMATS, KERNEL_CASES, format_of, layout_of, layout_of_storage, make_layout
 from sparsec.formats.base import IN, OUT, kept, kept_count
-from sparsec.spec import SPEC_TYPES, Dense
+from sparsec.spec import SPEC_TYPES, Dense, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,3 +87,22 @@ def test_the_compiler_asks_the_format_instead_of_naming_a_structure(package):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in words:
                 found.append(f"{path.name}:{node.lineno} spells {node.value!r}")
     assert not found, found
+
+
+@pytest.mark.parametrize("spec,out,inn", SPECS_AND_SHAPES)
+def test_the_ops_key_and_the_values_size_give_the_layout_back(spec, out, inn):
+    """The custom ops take the structure without its count (op_key) and read the count from the values:
+    that layout stores exactly what the layer's does, under the same canonical key."""
+    layout = make_layout(parse_spec(spec), out, inn)
+    back = layout_of_storage(*layout.op_key, layout.nnz)
+    assert (back.values_shape, back.buffers, back.key) == (layout.values_shape, layout.buffers, layout.key)
+    assert layout_of(*layout.key).key == layout.key  # the canonical key is its own
+
+
+def test_densities_of_one_structure_share_the_ops_key_and_keep_their_own_storage():
+    a, b = (make_layout(parse_spec(s), 24, 40) for s in ("block(4x8, 50%)", "block(4x8, 75%)"))
+    assert a.op_key == b.op_key == ("block(4x8)", 24, 40)
+    assert (a.n_items, b.n_items) == (15, 8)  # 30 blocks: 30 - floor(0.5 * 30), 30 - floor(0.75 * 30)
+    assert layout_of_storage(*a.op_key, 8 * 4 * 8).n_items == 8
+    # a fan-in given by sparsity and by k store the same, so they share kernels and plans
+    assert make_layout(parse_spec("fanin(80%)"), 23, 41).key == make_layout(parse_spec("fanin(k=9)"), 23, 41).key
