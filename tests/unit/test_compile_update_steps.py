@@ -56,7 +56,10 @@ def _train(policy, forward_of):
     return changed, shape_changes, [m.mask() for m in layers]
 
 
-@pytest.mark.parametrize("name", list(POLICIES))
+QUICK = {"rigl", "snfs", "gmp"}  # the quick tier: a grow capture, a moving budget, a prune; the rest are slow
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in POLICIES])
 def test_fullgraph_compile_has_no_break_and_recompiles_only_at_shape_changes(name):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -19,6 +19,7 @@ def test_python_m_sparsec_explain_prints_the_format_and_passes():
     assert "passes: choose_format -> check_constraints -> fuse_epilogue -> tile -> cost_model" in done.stdout
 
 
+@pytest.mark.slow  # over 2 s
 def test_python_m_sparsec_reports_a_bad_spec_with_exit_code_2():
     done = subprocess.run(
         [sys.executable, "-m", "sparsec", "explain", "4:2", "--shape", "8x16"],
