@@ -36,7 +36,7 @@ def _flag(env: str, raw: str) -> bool:
     raise SparsecError(f"{env}={raw!r} is not a flag; set it to 1 or 0")
 
 
-BACKENDS = ("auto", "triton", "interpret", "cpu")
+BACKENDS = ("auto", "triton", "interpret", "cpu", "cpp")
 
 
 def _backend(env: str, raw: str) -> str:
@@ -76,13 +76,15 @@ SETTINGS: dict[str, _Setting] = {
         lambda: "auto",
         _backend,
         "where sparse layers run: auto (triton on CUDA tensors, else cpu), triton, interpret (Triton's "
-        "interpreter on CPU, needs TRITON_INTERPRET=1), cpu (PyTorch's CSR kernels)",
+        "interpreter on CPU, needs TRITON_INTERPRET=1), cpu (PyTorch's CSR kernels), cpp (generated C++ kernels "
+        "on CPU tensors, compiled on first use)",
     ),
     "cache_dir": _Setting(
         "SPARSEC_CACHE_DIR",
         lambda: platformdirs.user_cache_dir("sparsec"),
         _path,
-        "root of sparsec's caches (generated kernel source); default: the platform's user cache dir",
+        "root of sparsec's caches (generated kernel source, compiled CPU kernels); default: the platform's user "
+        "cache dir",
     ),
 }
 

@@ -281,12 +281,12 @@ def select_growth(
 def kernel_selection(
     layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
 ) -> GrowSelector | None:
-    """Grow selection on the generated ``grow_scores`` kernel (triton, interpret); None on the cpu backend,
-    for dtypes without kernels, and where the format's strategy does not grow on a kernel (N:M with a
-    non-power-of-two M: its groups straddle the kernel's segments, and the exactness check needs
-    segments nested in units)."""
+    """Grow selection on the generated ``grow_scores`` kernel (triton, interpret); None on the cpu and cpp
+    backends (the chunked torch selection; the cpp grow kernel is not written yet), for dtypes without
+    kernels, and where the format's strategy does not grow on a kernel (N:M with a non-power-of-two M:
+    its groups straddle the kernel's segments, and the exactness check needs segments nested in units)."""
     backend = backend_for(dy)
-    if backend == "cpu" or dy.dtype not in KERNEL_TORCH_DTYPES:
+    if backend in ("cpu", "cpp") or dy.dtype not in KERNEL_TORCH_DTYPES:
         return None
     if not layout.format.strategy(layout.spec).grows_on_kernel:
         return None

@@ -15,24 +15,28 @@ every traced graph (the op reads it when it runs), so an armed step runs the gra
 runs: compiled training has no graph break and no recompile at an update.
 
 Backends (``SPARSEC_BACKEND``): ``triton`` (generated kernels on CUDA), ``interpret`` (the same
-kernels in Triton's interpreter, CPU), ``cpu`` (PyTorch's CSR kernels); ``auto`` picks triton for
-CUDA tensors and cpu otherwise.
+kernels in Triton's interpreter, CPU), ``cpu`` (PyTorch's CSR kernels), ``cpp`` (generated C++ kernels
+on the CPU, compiled on first use; without a C++ compiler, cpu with one warning); ``auto`` picks triton
+for CUDA tensors and cpu otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 import weakref
 
 import torch
 
 from sparsec import config as settings
+from sparsec.codegen.cpp import compiler
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
 from sparsec.dtypes import name_of as dtype_name
-from sparsec.errors import SparsecError
+from sparsec.errors import SparsecError, SparsecWarning
 from sparsec.formats import Layout, LayoutKey, layout_of, layout_of_storage
 from sparsec.runtime.compile import compile_layer
+from sparsec.runtime.cpp import CppPlan, cpp_forward, cpp_grad_input, cpp_grad_values
 from sparsec.runtime.cpu import CSRPlan, compute_dtype, csr_forward, csr_grad_input, csr_grad_values
 from sparsec.runtime.launch import Launcher
 
@@ -45,7 +49,23 @@ def backend_for(t: torch.Tensor) -> str:
         raise SparsecError("SPARSEC_BACKEND=triton needs CUDA tensors; on a CPU use cpu or interpret")
     if backend == "interpret" and t.is_cuda:
         raise SparsecError("SPARSEC_BACKEND=interpret runs Triton's interpreter on CPU tensors; move them to the CPU")
+    if backend == "cpp":
+        if t.is_cuda:
+            raise SparsecError("SPARSEC_BACKEND=cpp runs generated C++ kernels on CPU tensors; on CUDA use triton")
+        if compiler() is None:
+            _warn_no_compiler()
+            return "cpu"
     return backend
+
+
+@functools.cache
+def _warn_no_compiler() -> None:
+    warnings.warn(
+        "SPARSEC_BACKEND=cpp found no C++ compiler (set CXX or install g++): sparse layers run on the cpu "
+        "backend (PyTorch's CSR kernels) instead",
+        SparsecWarning,
+        stacklevel=4,
+    )
 
 
 def index_plan(key: LayoutKey, backend: str, index: list[torch.Tensor]):
@@ -102,6 +122,8 @@ def _build_plan(key: LayoutKey, backend: str, index: list[torch.Tensor]):
     buffers = {name: t for (name, _, _), t in zip(layout.buffers, index, strict=True)}
     if backend == "cpu":
         return CSRPlan.build(layout, layout.decode(buffers))
+    if backend == "cpp":
+        return CppPlan.build(CSRPlan.build(layout, layout.decode(buffers)))
     return layout.format.strategy(layout.spec).plan(layout, buffers)
 
 
@@ -180,6 +202,8 @@ def spmm(
     if backend == "cpu":
         y = csr_forward(plan, x, values)
         return y if bias is None else y + bias
+    if backend == "cpp":
+        return cpp_forward(plan, x, values, bias)
     launcher = kernel_launcher(key, values, bias is not None, backend)
     return launcher.run("forward", plan, x=x.contiguous(), values=values, bias=bias)
 
@@ -198,6 +222,8 @@ def spmm_grad_input(
     plan = index_plan(key, backend, index)
     if backend == "cpu":
         return csr_grad_input(plan, dy, values)
+    if backend == "cpp":
+        return cpp_grad_input(plan, dy, values)
     return kernel_launcher(key, values, False, backend).run("grad_input", plan, dz=dy.contiguous(), values=values)
 
 
@@ -222,6 +248,8 @@ def spmm_grad_values(
     plan = index_plan(key, backend, index)
     if backend == "cpu":
         return csr_grad_values(plan, dy, x, values)
+    if backend == "cpp":
+        return cpp_grad_values(plan, dy, x, values)
     launcher = kernel_launcher(key, values, False, backend)
     return launcher.run("grad_values", plan, dz=dy.contiguous(), x=x.contiguous(), values=values)
 

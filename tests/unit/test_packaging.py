@@ -15,5 +15,6 @@ def test_every_subpackage_is_listed_for_installation():
 def test_templates_are_package_data():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert config["package-dir"]["sparsec.kernels"] == "kernels"
-    assert config["package-data"]["sparsec.kernels"] == ["*.jinja"]
+    assert config["package-data"]["sparsec.kernels"] == ["*.jinja", "cpu/*.jinja"]  # Triton, then C++ templates
     assert (ROOT / "kernels" / "__init__.py").exists() and list((ROOT / "kernels").glob("*.py.jinja"))
+    assert list((ROOT / "kernels" / "cpu").glob("*.cpp.jinja"))

@@ -1,0 +1,123 @@
+"""The cpp backend: generated C++ kernels (``kernels/cpu``) for the forward and both gradients on the CPU.
+
+Every structure is walked as rows of its kept items: ``Y = X W^T`` over the rows of ``W``, ``dX = dY W``
+over the rows of ``W^T`` (reading the stored values in place through a slot order), and the kept
+values' gradient as one dot over the batch per kept position. The batch-major inputs are transposed
+once per call into feature-major scratch, so each kept weight is a contiguous, vectorised axpy (or
+dot) over a tile of the batch, as SparseProp does. Half types compute in float32, as on the cpu
+backend. Threads: torch's intra-op count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from sparsec.codegen.cpp import load
+from sparsec.codegen.render import render
+from sparsec.runtime.cpu import CSRPlan, compute_dtype
+
+SCALARS = {torch.float32: "float", torch.float64: "double"}
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+@dataclass(frozen=True)
+class CppPlan:
+    """Rows of ``W`` and of ``W^T`` with 32-bit column indices, and where each entry's value is stored."""
+
+    offsets: torch.Tensor  # int64 [out + 1]
+    cols: torch.Tensor  # int32
+    order: torch.Tensor | None  # int64 entry -> stored slot (None: stored order)
+    offsets_t: torch.Tensor  # int64 [in + 1]
+    cols_t: torch.Tensor  # int32
+    order_t: torch.Tensor  # int64
+    shape: tuple[int, int]
+
+    @staticmethod
+    def build(csr: CSRPlan) -> CppPlan:
+        i32 = torch.int32
+        return CppPlan(csr.crow, csr.col.to(i32), csr.order, csr.crow_t, csr.col_t.to(i32), csr.order_t, csr.shape)
+
+
+@functools.cache
+def _library(scalar: str) -> ctypes.CDLL:
+    lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, index="int32_t"))
+    lib.sparsec_rows_spmm.argtypes = [_P] * 9 + [_I64] * 3 + [_INT]
+    lib.sparsec_rows_spmm.restype = None
+    lib.sparsec_rows_sddmm.argtypes = [_P] * 8 + [_I64] * 3 + [_INT]
+    lib.sparsec_rows_sddmm.restype = None
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(rows * cols if rows > 1 else 0)
+
+
+def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
+    b, n_src = src.shape
+    out = src.new_empty(b, n_rows)
+    src_t, out_t = _scratch(b, n_src, src), _scratch(b, n_rows, src)  # held: the call reads their storage
+    _library(SCALARS[src.dtype]).sparsec_rows_spmm(
+        _ptr(src),
+        _ptr(values),
+        _ptr(offsets),
+        _ptr(cols),
+        _ptr(order),
+        _ptr(bias),
+        _ptr(out),
+        _ptr(src_t),
+        _ptr(out_t),
+        b,
+        n_rows,
+        n_src,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def _inputs(*tensors):
+    dt = compute_dtype(tensors[0])
+    return [None if t is None else t.detach().to(dt).contiguous() for t in tensors]
+
+
+def cpp_forward(plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W^T + bias``."""
+    xs, v, b = _inputs(x, values.reshape(-1), bias)
+    return _spmm(xs, v, plan.offsets, plan.cols, plan.order, b, plan.shape[0]).to(x.dtype)
+
+
+def cpp_grad_input(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``dy @ W``: the rows of ``W^T``, values read in place through their slot order."""
+    g, v = _inputs(dy, values.reshape(-1))
+    return _spmm(g, v, plan.offsets_t, plan.cols_t, plan.order_t, None, plan.shape[1]).to(dy.dtype)
+
+
+def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``(dy^T @ x)`` at the kept positions, in stored value order."""
+    g, xs = _inputs(dy, x)
+    b, n_rows = g.shape
+    n_x = xs.shape[1]
+    grad = g.new_empty(values.numel())
+    dy_t, x_t = _scratch(b, n_rows, g), _scratch(b, n_x, g)  # held: the call reads their storage
+    _library(SCALARS[g.dtype]).sparsec_rows_sddmm(
+        _ptr(g),
+        _ptr(xs),
+        _ptr(plan.offsets),
+        _ptr(plan.cols),
+        _ptr(plan.order),
+        _ptr(grad),
+        _ptr(dy_t),
+        _ptr(x_t),
+        b,
+        n_rows,
+        n_x,
+        torch.get_num_threads(),
+    )
+    return grad.view(values.shape).to(values.dtype)

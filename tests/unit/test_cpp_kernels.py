@@ -1,0 +1,82 @@
+"""The cpp backend's generated C++ kernels against float64 dense references, on odd shapes and batches
+(one batch row, a partial batch tile, several tiles), for every structure; and training through them."""
+
+import pytest
+import torch
+from helpers import SPECS_AND_SHAPES
+from torch import nn
+
+import sparsec
+from sparsec import config
+from sparsec.codegen.cpp import compiler
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler on this machine")
+
+
+def _case(spec, out, inn, batch, dtype):
+    torch.manual_seed(out * inn + batch)
+    layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=dtype)
+    with torch.no_grad():
+        layer.values.normal_()  # values of both signs and full range, not the init's small ones
+        layer.bias.normal_()
+    x = torch.randn(batch, inn, dtype=dtype, requires_grad=True)
+    return layer, x
+
+
+@pytest.mark.parametrize("batch", [1, 13, 70])
+@pytest.mark.parametrize("spec,out,inn", SPECS_AND_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)])
+def test_forward_and_both_gradients_match_the_dense_float64_reference(spec, out, inn, batch, dtype):
+    layer, x = _case(spec, out, inn, batch, dtype)
+    dy = torch.randn(batch, out, dtype=dtype)
+    with config.patch(backend="cpp"):
+        y = layer(x)
+        y.backward(dy)
+    w = layer.dense_weight().double()
+    x64, dy64 = x.detach().double(), dy.double()
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(y.double(), x64 @ w.T + layer.bias.detach().double(), **tol)
+    torch.testing.assert_close(x.grad.double(), dy64 @ w, **tol)
+    expected = layer.layout.values_from_dense((dy64.T @ x64).view(layer.weight_shape), layer.positions())
+    torch.testing.assert_close(layer.values.grad.double(), expected, **tol)
+    assert layer.values.grad.abs().sum() > 0 and y.abs().sum() > 0  # the case computes something
+
+
+def test_half_inputs_compute_in_float32():
+    layer, x = _case("90%", 21, 40, 9, torch.float32)
+    with config.patch(backend="cpp"):
+        y = layer.to(torch.bfloat16)(x.detach().to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    w = layer.dense_weight().float()
+    torch.testing.assert_close(
+        y.float(), x.detach().to(torch.bfloat16).float() @ w.T + layer.bias.float(), rtol=2e-2, atol=2e-2
+    )
+
+
+def _train(backend: str):
+    torch.manual_seed(0)
+    model = sparsec.sparsify(
+        nn.Sequential(nn.Linear(24, 48), nn.ReLU(), nn.Linear(48, 10)), spec="75%", policy=sparsec.rigl(delta_t=2)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = sparsec.MaskUpdater(model, opt, total_steps=20)
+    moved = 0
+    with config.patch(backend=backend):
+        for t in range(10):
+            g = torch.Generator().manual_seed(t)
+            x, y = torch.randn(32, 24, generator=g), torch.randint(0, 10, (32,), generator=g)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            moved += sum(updater.step().values())
+            opt.zero_grad()
+    return moved, [m.mask() for m in updater.layers.values()], [p.detach().clone() for p in model.parameters()]
+
+
+def test_rigl_training_on_the_cpp_backend_follows_the_cpu_backend():
+    moved, masks, params = _train("cpp")
+    ref_moved, ref_masks, ref_params = _train("cpu")
+    assert moved > 0 and moved == ref_moved
+    for a, b in zip(masks, ref_masks, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
