@@ -4,6 +4,7 @@ update, compiled training chooses the masks eager training chooses, and only a r
 imp) recompiles, once."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import sparsec
+from sparsec.nn.compile import _entries
 
 POLICIES = {
     "static": sparsec.static,
@@ -117,3 +119,38 @@ def test_inductor_training_through_update_steps_chooses_the_eager_masks():
     assert changed > 0 and changed == eager_changed
     for a, b in zip(masks, eager_masks, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_layer_pruned_to_one_kept_weight_does_not_recompile():
+    """Dynamo specialises dynamic sizes at 0 and 1; the declaration makes them unbacked too."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = sparsec.sparsify(nn.Sequential(nn.Linear(12, 3), nn.ReLU(), nn.Linear(3, 2)), spec="99.9%",
+                             policy=sparsec.gmp(delta_t=1, t_end=0.9))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    updater = sparsec.MaskUpdater(model, opt, total_steps=20)
+    counter = CompileCounterWithBackend("aot_eager")
+    forward = torch.compile(model, backend=counter, fullgraph=True)
+    seen = set()
+    for _ in range(20):
+        forward(torch.randn(4, 12)).sum().backward()
+        opt.step()
+        updater.step()
+        opt.zero_grad()
+        seen.add(tuple(m.values.numel() for m in updater.layers.values()))
+    assert (1, 1) in seen and len(seen) >= 5  # counts down to a single kept weight per layer
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("name", ["dec y", "a,b", "x'y", "naïve", "0"])
+def test_the_declared_entries_name_exactly_the_layer_s_storage(name):
+    """Torch strips spaces from these options and splits them on commas: the entries survive both and match
+    the layer's own storage tensors only."""
+    layer = sparsec.SparseLinear(8, 4, spec="50%")
+    entries = ",".join(_entries(name, layer)).replace(" ", "").split(",")  # what torch does to the option
+    patterns = [re.compile(e.rsplit(":", 1)[0]) for e in entries]
+    assert [e.rsplit(":", 1)[1] for e in entries] == ["0", "0"]  # the count dim of values and col_indices
+    prefix = f"L['self']._modules['{name}']"
+    own = [f"{prefix}._parameters['values']", f"{prefix}._buffers['col_indices']"]
+    others = [f"{prefix}._parameters['bias']", f"{prefix}._buffers['row_offsets']", own[0].replace(name, name + "x")]
+    assert [s for s in own + others if any(p.match(s) for p in patterns)] == own
