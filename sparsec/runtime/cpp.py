@@ -49,6 +49,8 @@ def _library(scalar: str) -> ctypes.CDLL:
     lib.sparsec_rows_spmm.restype = None
     lib.sparsec_rows_sddmm.argtypes = [_P] * 8 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_sddmm.restype = None
+    lib.sparsec_batch_tile.argtypes = []
+    lib.sparsec_batch_tile.restype = _I64
     return lib
 
 
@@ -57,14 +59,16 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(rows * cols if rows > 1 else 0)
+    return like.new_empty(rows * cols)
 
 
 def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
     b, n_src = src.shape
     out = src.new_empty(b, n_rows)
-    src_t, out_t = _scratch(b, n_src, src), _scratch(b, n_rows, src)  # held: the call reads their storage
-    _library(SCALARS[src.dtype]).sparsec_rows_spmm(
+    lib = _library(SCALARS[src.dtype])
+    padded = -(-b // lib.sparsec_batch_tile()) * lib.sparsec_batch_tile()  # whole batch tiles
+    src_t, out_t = _scratch(padded, n_src, src), _scratch(padded, n_rows, src)  # held: the call reads them
+    lib.sparsec_rows_spmm(
         _ptr(src),
         _ptr(values),
         _ptr(offsets),

@@ -1,0 +1,90 @@
+"""The CPU backends side by side: nn.Linear, the cpu backend (PyTorch CSR) and the cpp backend (generated
+C++ kernels), forward and forward+backward, ratios against dense measured in one run. Writes bench/RESULTS.md.
+
+    python bench/bench_backends.py [--min-run-time 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+import torch
+from results import machine, write_section
+from torch import nn
+from torch.utils.benchmark import Timer
+
+import sparsec
+from sparsec import config
+
+# (out, in, spec, batch): the rows of issue 13's table, then one of each structure at 4096^2
+CASES = [
+    (3072, 768, "98%", 256),
+    (3072, 768, "90%", 256),
+    (768, 3072, "fanin(90%)", 1),
+    (4096, 4096, "90%", 256),
+    (4096, 4096, "99%", 256),
+    (4096, 4096, "2:4", 256),
+    (4096, 4096, "block(32x32, 90%)", 256),
+    (4096, 4096, "fanin(90%)", 256),
+]
+BACKENDS = ("cpu", "cpp")
+
+
+def median_ms(fn, min_run_time: float) -> float:
+    fn()  # warm: plans, compiled objects
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def timings(module: nn.Module, x: torch.Tensor, min_run_time: float) -> tuple[float, float]:
+    def forward():
+        with torch.no_grad():
+            module(x)
+
+    def step():
+        module(x).sum().backward()
+
+    return median_ms(forward, min_run_time), median_ms(step, min_run_time)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (torch.utils.benchmark)")
+    args = parser.parse_args(argv)
+    rows = []
+    for out, inn, spec, batch in CASES:
+        torch.manual_seed(0)
+        x = torch.randn(batch, inn, requires_grad=True)
+        dense = nn.Linear(inn, out, bias=False)
+        layer = sparsec.SparseLinear(inn, out, bias=False, spec=spec, policy=sparsec.static)
+        d_fwd, d_step = timings(dense, x, args.min_run_time)
+        cells = [f"{out}x{inn} `{spec}` batch {batch}", f"{d_fwd:.2f} / {d_step:.2f}"]
+        for backend in BACKENDS:
+            with config.patch(backend=backend):
+                fwd, step = timings(layer, x, args.min_run_time)
+            cells.append(f"{d_fwd / fwd:.2f}x, {d_step / step:.2f}x")
+        rows.append("| " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    cmd = "python bench/bench_backends.py" + (f" --min-run-time {args.min_run_time}" if argv or sys.argv[1:] else "")
+    body = "\n".join(
+        [
+            "## CPU backends: PyTorch CSR (cpu) and generated C++ (cpp) against nn.Linear",
+            "",
+            f"Measured {datetime.date.today().isoformat()} on {machine()}. Command: `{cmd}` (fp32, no bias, "
+            "medians of `torch.utils.benchmark`; forward under no_grad, forward+backward of `sum()`).",
+            "",
+            "| layer | dense fwd / fwd+bwd ms | cpu vs dense (fwd, fwd+bwd) | cpp vs dense (fwd, fwd+bwd) |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            "Ratios are dense time / sparse time in the same run (above 1: faster than dense).",
+        ]
+    )
+    write_section("cpu-backends", body)
+    print("wrote bench/RESULTS.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
