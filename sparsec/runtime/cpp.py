@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -97,10 +98,27 @@ def cpp_forward(plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torc
     return _spmm(xs, v, plan.offsets, plan.cols, plan.order, b, plan.shape[0]).to(x.dtype)
 
 
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """The CPU's last-level cache (Linux sysfs; 16 MiB where it cannot be read)."""
+    for index in (3, 2):
+        try:
+            text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read_text().strip()
+            return int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]]
+        except (OSError, ValueError, KeyError):
+            continue
+    return 16 * 2**20
+
+
 def cpp_grad_input(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``dy @ W``: the rows of ``W^T``, values read in place through their slot order."""
+    """``dy @ W``: the rows of ``W^T``. Values that fit in half the last-level cache are read in place
+    through their slot order; larger ones are permuted once first, since each in-place read would miss
+    (measured at 4096^2: 2:4 with 33 MB of values 118 -> 69 ms; 90%, 6.7 MB, 11.5 -> 13.4 ms)."""
     g, v = _inputs(dy, values.reshape(-1))
-    return _spmm(g, v, plan.offsets_t, plan.cols_t, plan.order_t, None, plan.shape[1]).to(dy.dtype)
+    order = plan.order_t
+    if v.numel() * v.element_size() > last_level_cache_bytes() // 2:
+        v, order = v[order], None
+    return _spmm(g, v, plan.offsets_t, plan.cols_t, order, None, plan.shape[1]).to(dy.dtype)
 
 
 def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
