@@ -7,8 +7,13 @@ C++ kernels), forward and forward+backward, ratios against dense measured in one
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import shutil
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 from results import machine, write_section
@@ -17,6 +22,8 @@ from torch.utils.benchmark import Timer
 
 import sparsec
 from sparsec import config
+from sparsec.codegen import cpp
+from sparsec.codegen.render import render
 
 # (out, in, spec, batch): the rows of issue 13's table, then one of each structure at 4096^2
 CASES = [
@@ -48,10 +55,29 @@ def timings(module: nn.Module, x: torch.Tensor, min_run_time: float) -> tuple[fl
     return median_ms(forward, min_run_time), median_ms(step, min_run_time)
 
 
+def compile_latency() -> tuple[float, float]:
+    """Seconds to build the fp32 kernels into an empty cache, and to load the cached object afresh
+    (a copy under a new name, so the dynamic loader really opens it)."""
+    source = render("cpu/rows.cpp.jinja", scalar="float", index="int32_t")
+    with tempfile.TemporaryDirectory() as tmp, config.patch(cache_dir=tmp):
+        t0 = time.perf_counter()
+        path = cpp.build(source)
+        cold = time.perf_counter() - t0
+        copy = Path(tmp) / "copy.so"
+        shutil.copy(path, copy)
+        t0 = time.perf_counter()
+        cpp.object_path(source).exists()  # what a warm lookup does before loading
+        ctypes.CDLL(str(copy))
+        warm = time.perf_counter() - t0
+    return cold, warm
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (torch.utils.benchmark)")
     args = parser.parse_args(argv)
+    cold, warm = compile_latency()
+    print(f"cold compile {cold:.2f} s, warm load {warm * 1e3:.1f} ms", flush=True)
     rows = []
     for out, inn, spec, batch in CASES:
         torch.manual_seed(0)
@@ -79,6 +105,8 @@ def main(argv=None) -> int:
             *rows,
             "",
             "Ratios are dense time / sparse time in the same run (above 1: faster than dense).",
+            f"Compile latency of the cpp kernels (one object per dtype serves every shape and structure): cold "
+            f"build {cold:.2f} s ({cpp.compiler()}, {' '.join(cpp.FLAGS)}), warm load {warm * 1e3:.1f} ms.",
         ]
     )
     write_section("cpu-backends", body)

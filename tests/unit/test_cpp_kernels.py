@@ -10,7 +10,7 @@ import sparsec
 from sparsec import config
 from sparsec.codegen.cpp import compiler
 
-pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler on this machine")
+needs_compiler = pytest.mark.skipif(compiler() is None, reason="no C++ compiler on this machine")
 
 
 def _case(spec, out, inn, batch, dtype):
@@ -23,6 +23,7 @@ def _case(spec, out, inn, batch, dtype):
     return layer, x
 
 
+@needs_compiler
 @pytest.mark.parametrize("batch", [1, 13, 70])
 @pytest.mark.parametrize("spec,out,inn", SPECS_AND_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)])
@@ -42,6 +43,7 @@ def test_forward_and_both_gradients_match_the_dense_float64_reference(spec, out,
     assert layer.values.grad.abs().sum() > 0 and y.abs().sum() > 0  # the case computes something
 
 
+@needs_compiler
 def test_half_inputs_compute_in_float32():
     layer, x = _case("90%", 21, 40, 9, torch.float32)
     with config.patch(backend="cpp"):
@@ -72,6 +74,7 @@ def _train(backend: str):
     return moved, [m.mask() for m in updater.layers.values()], [p.detach().clone() for p in model.parameters()]
 
 
+@needs_compiler
 def test_rigl_training_on_the_cpp_backend_follows_the_cpu_backend():
     moved, masks, params = _train("cpp")
     ref_moved, ref_masks, ref_params = _train("cpu")
@@ -82,6 +85,7 @@ def test_rigl_training_on_the_cpp_backend_follows_the_cpu_backend():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@needs_compiler
 @pytest.mark.parametrize("spec,out,inn", [("2:4", 37, 52), ("block(4x8, 50%)", 36, 48), ("90%", 37, 53)])
 def test_grad_input_with_values_permuted_first(spec, out, inn, monkeypatch):
     """Values past half the last-level cache are permuted once before the product (set here by a cache of 0)."""
@@ -93,3 +97,63 @@ def test_grad_input_with_values_permuted_first(spec, out, inn, monkeypatch):
     with config.patch(backend="cpp"):
         layer(x).backward(dy)
     torch.testing.assert_close(x.grad, dy @ layer.dense_weight(), rtol=1e-12, atol=1e-12)
+
+
+BUILD = """
+import sys
+from sparsec import config
+from sparsec.codegen import cpp
+from sparsec.codegen.render import render
+with config.patch(cache_dir=sys.argv[1]):
+    lib = cpp.load(render("cpu/rows.cpp.jinja", scalar="float", index="int32_t"))
+    print(lib.sparsec_batch_tile())
+"""
+
+
+@needs_compiler
+@pytest.mark.slow  # two interpreters importing torch
+def test_two_processes_compiling_the_same_kernel_at_once_both_succeed(tmp_path):
+    import subprocess
+    import sys
+
+    procs = [
+        subprocess.Popen([sys.executable, "-c", BUILD, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err.decode()[-500:] for _, err in outs]
+    assert len({out for out, _ in outs}) == 1 and int(outs[0][0]) > 0
+    built = list((tmp_path / "cpp").rglob("*"))
+    assert [p.suffix for p in built if p.is_file()] == [".so"]  # one object, no temporary left behind
+
+
+@needs_compiler
+def test_the_cache_key_holds_the_compiler_flags_and_cpu(monkeypatch):
+    from sparsec.codegen import cpp
+
+    source = "// a kernel"
+    before = cpp.object_path(source)
+    monkeypatch.setattr(cpp, "FLAGS", (*cpp.FLAGS, "-DANOTHER"))
+    cpp._identity.cache_clear()
+    try:
+        assert cpp.object_path(source) != before
+    finally:
+        monkeypatch.undo()
+        cpp._identity.cache_clear()
+    assert cpp.object_path(source) == before and cpp.object_path(source + " ") != before
+
+
+def test_without_a_compiler_the_cpu_backend_runs_with_one_warning(monkeypatch):
+    from sparsec.runtime import ops
+
+    monkeypatch.setattr(ops, "compiler", lambda: None)
+    ops._warn_no_compiler.cache_clear()
+    layer, x = _case("90%", 21, 40, 5, torch.float32)
+    with config.patch(backend="cpp"):
+        with pytest.warns(sparsec.SparsecWarning, match="found no C[+][+] compiler .* cpu backend"):
+            y = layer(x)
+        y2 = layer(x)  # no second warning (SparsecWarning is an error in this suite)
+    with config.patch(backend="cpu"):
+        torch.testing.assert_close(y, layer(x))
+    torch.testing.assert_close(y, y2)
+    ops._warn_no_compiler.cache_clear()
