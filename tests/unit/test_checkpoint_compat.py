@@ -6,6 +6,7 @@ tests/unit/data/v0.1.0-ckpt.pt and v0.1.0-straight.pt were written by that commi
 layers, gmp shrinking a conv, Adam): the resume below runs today's code on the old checkpoint.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,12 @@ DATA = HERE / "data"
 def test_a_v0_1_0_checkpoint_resumes_bit_identically(tmp_path):
     out = tmp_path / "resumed.pt"
     script = HERE / "checkpoint_run.py"
+    env = {**os.environ, "SPARSEC_BACKEND": "cpu"}  # bit-identical to the backend v0.1.0 ran (PyTorch's CSR)
     subprocess.run(
-        [sys.executable, str(script), "resume", str(DATA / "v0.1.0-ckpt.pt"), str(out)], check=True, timeout=300
+        [sys.executable, str(script), "resume", str(DATA / "v0.1.0-ckpt.pt"), str(out)],
+        check=True,
+        timeout=300,
+        env=env,
     )
     want, got = torch.load(DATA / "v0.1.0-straight.pt"), torch.load(out)
     assert want["model"].keys() == got["model"].keys()
