@@ -41,7 +41,9 @@ BACKENDS = ("cpu", "cpp")
 
 def median_ms(fn, min_run_time: float) -> float:
     fn()  # warm: plans, compiled objects
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    # Timer runs at one thread unless told: every column at the process's own count
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def timings(module: nn.Module, x: torch.Tensor, min_run_time: float) -> tuple[float, float]:
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
             "## CPU backends: PyTorch CSR (cpu) and generated C++ (cpp) against nn.Linear",
             "",
             f"Measured {datetime.date.today().isoformat()} on {machine()}. Command: `{cmd}` (fp32, no bias, "
-            "medians of `torch.utils.benchmark`; forward under no_grad, forward+backward of `sum()`).",
+            f"{torch.get_num_threads()} threads in every column, medians of `torch.utils.benchmark`; forward "
+            "under no_grad, forward+backward of `sum()`).",
             "",
             "| layer | dense fwd / fwd+bwd ms | cpu vs dense (fwd, fwd+bwd) | cpp vs dense (fwd, fwd+bwd) |",
             "|---|---|---|---|",

@@ -26,7 +26,12 @@ SPECS = ["90%", "95%", "99%", "2:4", "block(32x32, 90%)", "fanin(90%)"]
 
 
 def median_ms(fn) -> float:
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0).median * 1e3
+    return (
+        Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        .blocked_autorange(min_run_time=1.0)
+        .median
+        * 1e3
+    )
 
 
 def peak_bytes(fn) -> int:

@@ -31,7 +31,11 @@ PRODUCTS = [("forward", Op.SPMM), ("grad_input", Op.SPMM_T), ("grad_values", Op.
 
 
 def median_s(fn) -> float:
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median
+    return (
+        Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        .blocked_autorange(min_run_time=0.5)
+        .median
+    )
 
 
 def measure_peaks(n: int = 2048) -> Peak:

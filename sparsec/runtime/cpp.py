@@ -44,14 +44,21 @@ class CppPlan:
 
 
 @functools.cache
+def _tiling(scalar: str) -> tuple[int, int]:
+    """(rows per batch tile, vector lanes): batches under one vector gather without scratch."""
+    lib = _library(scalar)
+    return lib.sparsec_batch_tile(), lib.sparsec_vector_lanes()
+
+
+@functools.cache
 def _library(scalar: str) -> ctypes.CDLL:
     lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, index="int32_t"))
     lib.sparsec_rows_spmm.argtypes = [_P] * 9 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_spmm.restype = None
     lib.sparsec_rows_sddmm.argtypes = [_P] * 8 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_sddmm.restype = None
-    lib.sparsec_batch_tile.argtypes = []
-    lib.sparsec_batch_tile.restype = _I64
+    for query in (lib.sparsec_batch_tile, lib.sparsec_vector_lanes):
+        query.argtypes, query.restype = [], _I64
     return lib
 
 
@@ -66,10 +73,11 @@ def _scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
 def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
     b, n_src = src.shape
     out = src.new_empty(b, n_rows)
-    lib = _library(SCALARS[src.dtype])
-    padded = -(-b // lib.sparsec_batch_tile()) * lib.sparsec_batch_tile()  # whole batch tiles
+    scalar = SCALARS[src.dtype]
+    tile, lanes = _tiling(scalar)
+    padded = 0 if b < lanes else -(-b // tile) * tile  # whole batch tiles; none for the gather path
     src_t, out_t = _scratch(padded, n_src, src), _scratch(padded, n_rows, src)  # held: the call reads them
-    lib.sparsec_rows_spmm(
+    _library(scalar).sparsec_rows_spmm(
         _ptr(src),
         _ptr(values),
         _ptr(offsets),
@@ -82,14 +90,14 @@ def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
         b,
         n_rows,
         n_src,
-        torch.get_num_threads(),
+        torch.get_num_threads(),  # torch's intra-op count (torch.set_num_threads holds)
     )
     return out
 
 
 def _inputs(*tensors):
-    dt = compute_dtype(tensors[0])
-    return [None if t is None else t.detach().to(dt).contiguous() for t in tensors]
+    dt = compute_dtype(tensors[0])  # the ops run under autograd's dispatch: their inputs need no detach
+    return [None if t is None else t.to(dt).contiguous() for t in tensors]
 
 
 def cpp_forward(plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -140,6 +148,6 @@ def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: to
         b,
         n_rows,
         n_x,
-        torch.get_num_threads(),
+        torch.get_num_threads(),  # torch's intra-op count (torch.set_num_threads holds)
     )
     return grad.view(values.shape).to(values.dtype)
