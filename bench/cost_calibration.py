@@ -49,7 +49,7 @@ def measure_peaks(n: int = 2048) -> Peak:
 
 def sparse_products(layer, x: torch.Tensor, dy: torch.Tensor) -> dict:
     """The layer's three custom ops, as the CPU backend runs them in training."""
-    key, index, values = layer.layout.key, list(layer.index_buffers().values()), layer.values.detach()
+    key, index, values = layer.layout.op_key, list(layer.index_buffers().values()), layer.values.detach()
     return {
         "forward": lambda: ops.spmm(x, values, None, index, *key),
         "grad_input": lambda: ops.spmm_grad_input(dy, values, index, *key),

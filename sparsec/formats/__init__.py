@@ -61,7 +61,10 @@ def layout_of_storage(family: str, out_features: int, in_features: int, n_values
     """The layout of the custom ops' arguments (``Layout.op_key``) holding ``n_values`` values: the kept
     count comes from the tensors, so a compiled graph serves every density of a structure."""
     fmt = _FAMILIES.get(family.split("(")[0]) or format_of(parse_spec(family))  # N:M: its spec text
-    return layout_of(str(fmt.storage_spec(family, out_features, in_features, n_values)), out_features, in_features)
+    spec = fmt.storage_spec(family, out_features, in_features, n_values)
+    if fmt.family(spec) != family:  # e.g. a whole spec text, where the ops take the structure alone
+        raise SparsecError(f"{family!r} is not a layout family (a layout's op_key); did you mean {fmt.family(spec)!r}?")
+    return layout_of(str(spec), out_features, in_features)
 
 
 __all__ = [

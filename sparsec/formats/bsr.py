@@ -6,13 +6,14 @@ Items are whole ``bh x bw`` blocks on the block grid. Every kept block is one ``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 import sympy
 import torch
 
-from sparsec.errors import ShapeError
+from sparsec.errors import ShapeError, SparsecError
 from sparsec.formats.base import (
     IN,
     OUT,
@@ -93,7 +94,10 @@ class BSRFormat(Format):
         return f"block({spec.rows}x{spec.cols})"
 
     def storage_spec(self, family: str, out_features: int, in_features: int, n_values: int) -> Block:
-        rows, cols = (int(side) for side in family[len("block(") : -1].split("x"))
+        sides = re.fullmatch(r"block\((\d+)x(\d+)\)", family)
+        if sides is None:
+            raise SparsecError(f"{family!r} is not a block family such as 'block(16x16)' (a layout's op_key)")
+        rows, cols = int(sides.group(1)), int(sides.group(2))
         n_blocks = (out_features // rows) * (in_features // cols)
         return Block(rows, cols, unstructured_with(n_blocks, n_values // (rows * cols)).sparsity)
 

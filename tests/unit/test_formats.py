@@ -106,3 +106,9 @@ def test_densities_of_one_structure_share_the_ops_key_and_keep_their_own_storage
     assert layout_of_storage(*a.op_key, 8 * 4 * 8).n_items == 8
     # a fan-in given by sparsity and by k store the same, so they share kernels and plans
     assert make_layout(parse_spec("fanin(80%)"), 23, 41).key == make_layout(parse_spec("fanin(k=9)"), 23, 41).key
+
+
+@pytest.mark.parametrize("text", ["unstructured(0.9)", "block(4x8, 50%)", "fanin(k=3)"])
+def test_the_ops_refuse_a_spec_where_they_take_a_family(text):
+    with pytest.raises(sparsec.SparsecError, match="is not a (layout|block) family"):
+        layout_of_storage(text, 24, 40, 30 * 32 if text.startswith("block") else 24 * 3)
