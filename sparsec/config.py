@@ -75,7 +75,7 @@ SETTINGS: dict[str, _Setting] = {
         "SPARSEC_BACKEND",
         lambda: "auto",
         _backend,
-        "where sparse layers run: auto (triton on CUDA tensors, else cpu), triton, interpret (Triton's "
+        "where sparse layers run: auto (triton on CUDA tensors, else cpp), triton, interpret (Triton's "
         "interpreter on CPU, needs TRITON_INTERPRET=1), cpu (PyTorch's CSR kernels), cpp (generated C++ kernels "
         "on CPU tensors, compiled on first use)",
     ),

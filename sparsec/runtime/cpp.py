@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from sparsec.codegen.cpp import load
+from sparsec.codegen.cpp import compiler, load
 from sparsec.codegen.render import render
+from sparsec.errors import SparsecError
 from sparsec.runtime.cpu import CSRPlan, compute_dtype
 
 SCALARS = {torch.float32: "float", torch.float64: "double"}
@@ -41,6 +42,18 @@ class CppPlan:
     def build(csr: CSRPlan) -> CppPlan:
         i32 = torch.int32
         return CppPlan(csr.crow, csr.col.to(i32), csr.order, csr.crow_t, csr.col_t.to(i32), csr.order_t, csr.shape)
+
+
+@functools.cache
+def cpp_problem() -> str | None:
+    """None when the kernels build and load on this machine; else why they cannot (checked once)."""
+    if compiler() is None:
+        return "no C++ compiler found: set CXX or install g++"
+    try:
+        _library("float")
+    except (SparsecError, OSError) as e:
+        return str(e).splitlines()[0]
+    return None
 
 
 @functools.cache

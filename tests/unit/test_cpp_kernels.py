@@ -143,17 +143,27 @@ def test_the_cache_key_holds_the_compiler_flags_and_cpu(monkeypatch):
     assert cpp.object_path(source) == before and cpp.object_path(source + " ") != before
 
 
-def test_without_a_compiler_the_cpu_backend_runs_with_one_warning(monkeypatch):
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_without_a_compiler_the_cpu_backend_runs_with_one_warning(backend, monkeypatch):
     from sparsec.runtime import ops
 
-    monkeypatch.setattr(ops, "compiler", lambda: None)
-    ops._warn_no_compiler.cache_clear()
+    monkeypatch.setattr(ops, "cpp_problem", lambda: "no C++ compiler found: set CXX or install g++")
+    ops._warn_cpu_fallback.cache_clear()
     layer, x = _case("90%", 21, 40, 5, torch.float32)
-    with config.patch(backend="cpp"):
-        with pytest.warns(sparsec.SparsecWarning, match="found no C[+][+] compiler .* cpu backend"):
+    with config.patch(backend=backend):
+        with pytest.warns(sparsec.SparsecWarning, match="cannot run here [(]no C[+][+] compiler found.* cpu backend"):
             y = layer(x)
         y2 = layer(x)  # no second warning (SparsecWarning is an error in this suite)
     with config.patch(backend="cpu"):
         torch.testing.assert_close(y, layer(x))
     torch.testing.assert_close(y, y2)
-    ops._warn_no_compiler.cache_clear()
+    ops._warn_cpu_fallback.cache_clear()
+
+
+@needs_compiler
+def test_auto_runs_the_generated_kernels_on_cpu_tensors():
+    from sparsec.runtime import ops
+
+    assert ops.backend_for(torch.zeros(1)) == "cpp"
+    with config.patch(backend="cpu"):
+        assert ops.backend_for(torch.zeros(1)) == "cpu"
