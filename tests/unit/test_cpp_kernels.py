@@ -24,7 +24,7 @@ def _case(spec, out, inn, batch, dtype):
 
 
 @needs_compiler
-@pytest.mark.parametrize("batch", [1, 13, 70])
+@pytest.mark.parametrize("batch", [0, 1, 8, 13, 70])  # empty, one row, one vector, partial and several tiles
 @pytest.mark.parametrize("spec,out,inn", SPECS_AND_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)])
 def test_forward_and_both_gradients_match_the_dense_float64_reference(spec, out, inn, batch, dtype):
@@ -40,7 +40,7 @@ def test_forward_and_both_gradients_match_the_dense_float64_reference(spec, out,
     torch.testing.assert_close(x.grad.double(), dy64 @ w, **tol)
     expected = layer.layout.values_from_dense((dy64.T @ x64).view(layer.weight_shape), layer.positions())
     torch.testing.assert_close(layer.values.grad.double(), expected, **tol)
-    assert layer.values.grad.abs().sum() > 0 and y.abs().sum() > 0  # the case computes something
+    assert batch == 0 or (layer.values.grad.abs().sum() > 0 and y.abs().sum() > 0)  # the case computes something
 
 
 @needs_compiler
