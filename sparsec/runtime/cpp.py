@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -66,7 +65,7 @@ def _tiling(scalar: str) -> tuple[int, int]:
 @functools.cache
 def _library(scalar: str) -> ctypes.CDLL:
     lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, index="int32_t"))
-    lib.sparsec_rows_spmm.argtypes = [_P] * 9 + [_I64] * 3 + [_INT]
+    lib.sparsec_rows_spmm.argtypes = [_P] * 10 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_spmm.restype = None
     lib.sparsec_rows_sddmm.argtypes = [_P] * 8 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_sddmm.restype = None
@@ -90,6 +89,7 @@ def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
     tile, lanes = _tiling(scalar)
     padded = 0 if b < lanes else -(-b // tile) * tile  # whole batch tiles; none for the gather path
     src_t, out_t = _scratch(padded, n_src, src), _scratch(padded, n_rows, src)  # held: the call reads them
+    values_t = values.new_empty(values.numel() if order is not None and padded else 0)
     _library(scalar).sparsec_rows_spmm(
         _ptr(src),
         _ptr(values),
@@ -100,6 +100,7 @@ def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
         _ptr(out),
         _ptr(src_t),
         _ptr(out_t),
+        _ptr(values_t),
         b,
         n_rows,
         n_src,
@@ -119,27 +120,10 @@ def cpp_forward(plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torc
     return _spmm(xs, v, plan.offsets, plan.cols, plan.order, b, plan.shape[0]).to(x.dtype)
 
 
-@functools.cache
-def last_level_cache_bytes() -> int:
-    """The CPU's last-level cache (Linux sysfs; 16 MiB where it cannot be read)."""
-    for index in (3, 2):
-        try:
-            text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read_text().strip()
-            return int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]]
-        except (OSError, ValueError, KeyError):
-            continue
-    return 16 * 2**20
-
-
 def cpp_grad_input(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``dy @ W``: the rows of ``W^T``. Values that fit in half the last-level cache are read in place
-    through their slot order; larger ones are permuted once first, since each in-place read would miss
-    (measured at 4096^2: 2:4 with 33 MB of values 118 -> 69 ms; 90%, 6.7 MB, 11.5 -> 13.4 ms)."""
+    """``dy @ W``: the rows of ``W^T``; the kernel puts the stored values in their order once per call."""
     g, v = _inputs(dy, values.reshape(-1))
-    order = plan.order_t
-    if v.numel() * v.element_size() > last_level_cache_bytes() // 2:
-        v, order = v[order], None
-    return _spmm(g, v, plan.offsets_t, plan.cols_t, order, None, plan.shape[1]).to(dy.dtype)
+    return _spmm(g, v, plan.offsets_t, plan.cols_t, plan.order_t, None, plan.shape[1]).to(dy.dtype)
 
 
 def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

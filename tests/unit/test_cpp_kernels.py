@@ -85,20 +85,6 @@ def test_rigl_training_on_the_cpp_backend_follows_the_cpu_backend():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@needs_compiler
-@pytest.mark.parametrize("spec,out,inn", [("2:4", 37, 52), ("block(4x8, 50%)", 36, 48), ("90%", 37, 53)])
-def test_grad_input_with_values_permuted_first(spec, out, inn, monkeypatch):
-    """Values past half the last-level cache are permuted once before the product (set here by a cache of 0)."""
-    from sparsec.runtime import cpp
-
-    monkeypatch.setattr(cpp, "last_level_cache_bytes", lambda: 0)
-    layer, x = _case(spec, out, inn, 21, torch.float64)
-    dy = torch.randn(21, out, dtype=torch.float64)
-    with config.patch(backend="cpp"):
-        layer(x).backward(dy)
-    torch.testing.assert_close(x.grad, dy @ layer.dense_weight(), rtol=1e-12, atol=1e-12)
-
-
 BUILD = """
 import sys
 from sparsec import config
