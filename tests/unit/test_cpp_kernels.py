@@ -153,3 +153,49 @@ def test_auto_runs_the_generated_kernels_on_cpu_tensors():
     assert ops.backend_for(torch.zeros(1)) == "cpp"
     with config.patch(backend="cpu"):
         assert ops.backend_for(torch.zeros(1)) == "cpu"
+
+
+ASAN_RUN = """
+import sys
+import torch
+import sparsec
+from sparsec import config
+from sparsec.codegen import cpp
+
+cpp.FLAGS = (*cpp.FLAGS, "-fsanitize=address", "-fno-omit-frame-pointer")
+cpp._identity.cache_clear()
+for dtype in (torch.float32, torch.float64):
+    for spec, out, inn in [("90%", 37, 53), ("2:4", 8, 16), ("block(3x5, 75%)", 21, 35), ("fanin(k=5)", 37, 53)]:
+        for batch in (0, 1, 7, 8, 33, 70):
+            layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=dtype)
+            x = torch.randn(batch, inn, dtype=dtype, requires_grad=True)
+            with config.patch(backend="cpp"):
+                layer(x).sum().backward()
+print("clean")
+"""
+
+
+@needs_compiler
+@pytest.mark.slow  # a sanitised build and run in a subprocess
+def test_the_kernels_run_clean_under_address_sanitizer(tmp_path):
+    """Every out-of-bounds read or write of the generated kernels (odd shapes, empty and partial batches)
+    aborts an AddressSanitizer build; the run must finish clean."""
+    import os
+    import subprocess
+    import sys
+
+    cxx = compiler()
+    libs = [
+        subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        for name in ("libasan.so", "libstdc++.so.6")  # libstdc++ first too: triton's import throws C++ exceptions
+    ]
+    if not all(os.path.isabs(lib) and os.path.exists(lib) for lib in libs):
+        pytest.skip(f"{cxx} has no AddressSanitizer runtime here")
+    env = {
+        **os.environ,
+        "LD_PRELOAD": " ".join(libs),
+        "ASAN_OPTIONS": "detect_leaks=0",
+        "SPARSEC_CACHE_DIR": str(tmp_path),
+    }
+    done = subprocess.run([sys.executable, "-c", ASAN_RUN], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stderr[-3000:]
