@@ -229,7 +229,6 @@ def main(argv=None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     train_data, val_data, vocab = load_text()
     print(f"text: {len(train_data):,} training and {len(val_data):,} held-out characters, {vocab} symbols")
     t0 = time.perf_counter()

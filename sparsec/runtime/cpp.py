@@ -1,11 +1,11 @@
 """The cpp backend: generated C++ kernels (``kernels/cpu``) for the forward and both gradients on the CPU.
 
 Every structure is walked as rows of its kept items: ``Y = X W^T`` over the rows of ``W``, ``dX = dY W``
-over the rows of ``W^T`` (reading the stored values in place through a slot order), and the kept
-values' gradient as one dot over the batch per kept position. The batch-major inputs are transposed
-once per call into feature-major scratch, so each kept weight is a contiguous, vectorised axpy (or
-dot) over a tile of the batch, as SparseProp does. Half types compute in float32, as on the cpu
-backend. Threads: torch's intra-op count.
+over the rows of ``W^T`` (the kernel puts the stored values in that order once per call), and the kept
+values' gradient as one dot over the batch per kept position. The products copy their batch-major
+input batch-tile-major, so each kept weight is a register-blocked axpy over an L2-resident tile; the
+gradient dots run over feature-major copies (``kernels/cpu/rows.cpp.jinja`` says why each). Half types
+compute in float32, as on the cpu backend. Threads: torch's intra-op count.
 """
 
 from __future__ import annotations
