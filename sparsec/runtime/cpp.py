@@ -22,25 +22,35 @@ from sparsec.errors import SparsecError
 from sparsec.runtime.cpu import CSRPlan, compute_dtype
 
 SCALARS = {torch.float32: "float", torch.float64: "double"}
+INDEX_TYPES = {torch.uint16: "uint16_t", torch.int32: "int32_t"}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 @dataclass(frozen=True)
 class CppPlan:
-    """Rows of ``W`` and of ``W^T`` with 32-bit column indices, and where each entry's value is stored."""
+    """Rows of ``W`` and of ``W^T``, and where each entry's value is stored. Column indices are 16-bit
+    where the columns they index fit (``in_features``, ``out_features`` <= 65536), else 32-bit: the
+    indices are a third of a sparse product's bytes at 16 bits, half at 32."""
 
     offsets: torch.Tensor  # int64 [out + 1]
-    cols: torch.Tensor  # int32
+    cols: torch.Tensor  # uint16 or int32
     order: torch.Tensor | None  # int64 entry -> stored slot (None: stored order)
     offsets_t: torch.Tensor  # int64 [in + 1]
-    cols_t: torch.Tensor  # int32
+    cols_t: torch.Tensor  # uint16 or int32
     order_t: torch.Tensor  # int64
     shape: tuple[int, int]
 
     @staticmethod
     def build(csr: CSRPlan) -> CppPlan:
-        i32 = torch.int32
-        return CppPlan(csr.crow, csr.col.to(i32), csr.order, csr.crow_t, csr.col_t.to(i32), csr.order_t, csr.shape)
+        out, inn = csr.shape
+        return CppPlan(
+            csr.crow, _narrow(csr.col, inn), csr.order, csr.crow_t, _narrow(csr.col_t, out), csr.order_t, csr.shape
+        )
+
+
+def _narrow(cols: torch.Tensor, extent: int) -> torch.Tensor:
+    """Column indices below ``extent`` in the narrowest type the kernels read."""
+    return cols.to(torch.uint16 if extent <= 1 << 16 else torch.int32)
 
 
 @functools.cache
@@ -49,7 +59,7 @@ def cpp_problem() -> str | None:
     if compiler() is None:
         return "no C++ compiler found: set CXX or install g++"
     try:
-        _library("float")
+        _library("float", "uint16_t")
     except (SparsecError, OSError) as e:
         return str(e).splitlines()[0]
     return None
@@ -58,13 +68,13 @@ def cpp_problem() -> str | None:
 @functools.cache
 def _tiling(scalar: str) -> tuple[int, int]:
     """(rows per batch tile, vector lanes): batches under one vector gather without scratch."""
-    lib = _library(scalar)
+    lib = _library(scalar, "int32_t")
     return lib.sparsec_batch_tile(), lib.sparsec_vector_lanes()
 
 
 @functools.cache
-def _library(scalar: str) -> ctypes.CDLL:
-    lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, index="int32_t"))
+def _library(scalar: str, index: str) -> ctypes.CDLL:
+    lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, index=index))
     lib.sparsec_rows_spmm.argtypes = [_P] * 10 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_spmm.restype = None
     lib.sparsec_rows_sddmm.argtypes = [_P] * 8 + [_I64] * 3 + [_INT]
@@ -87,17 +97,19 @@ def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
     out = src.new_empty(b, n_rows)
     scalar = SCALARS[src.dtype]
     tile, lanes = _tiling(scalar)
-    padded = 0 if b < lanes else -(-b // tile) * tile  # whole batch tiles; none for the gather path
-    src_t, out_t = _scratch(padded, n_src, src), _scratch(padded, n_rows, src)  # held: the call reads them
-    values_t = values.new_empty(values.numel() if order is not None and padded else 0)
-    _library(scalar).sparsec_rows_spmm(
-        _ptr(src),
-        _ptr(values),
-        _ptr(offsets),
-        _ptr(cols),
+    src_t = out_t = values_t = None  # batches under one vector gather from SRC: no scratch
+    if b >= lanes:
+        padded = -(-b // tile) * tile  # whole batch tiles
+        src_t, out_t = _scratch(padded, n_src, src), _scratch(padded, n_rows, src)  # held: the call reads them
+        values_t = values.new_empty(values.numel()) if order is not None else None
+    _library(scalar, INDEX_TYPES[cols.dtype]).sparsec_rows_spmm(
+        src.data_ptr(),
+        values.data_ptr(),
+        offsets.data_ptr(),
+        cols.data_ptr(),
         _ptr(order),
         _ptr(bias),
-        _ptr(out),
+        out.data_ptr(),
         _ptr(src_t),
         _ptr(out_t),
         _ptr(values_t),
@@ -110,20 +122,23 @@ def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
 
 
 def _inputs(*tensors):
+    """The tensors in the compute dtype, contiguous (values may keep their shape: the kernels read them flat)."""
     dt = compute_dtype(tensors[0])  # the ops run under autograd's dispatch: their inputs need no detach
-    return [None if t is None else t.to(dt).contiguous() for t in tensors]
+    return [t if t is None or (t.dtype == dt and t.is_contiguous()) else t.to(dt).contiguous() for t in tensors]
 
 
 def cpp_forward(plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W^T + bias``."""
-    xs, v, b = _inputs(x, values.reshape(-1), bias)
-    return _spmm(xs, v, plan.offsets, plan.cols, plan.order, b, plan.shape[0]).to(x.dtype)
+    xs, v, b = _inputs(x, values, bias)
+    y = _spmm(xs, v, plan.offsets, plan.cols, plan.order, b, plan.shape[0])
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def cpp_grad_input(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``dy @ W``: the rows of ``W^T``; the kernel puts the stored values in their order once per call."""
-    g, v = _inputs(dy, values.reshape(-1))
-    return _spmm(g, v, plan.offsets_t, plan.cols_t, plan.order_t, None, plan.shape[1]).to(dy.dtype)
+    g, v = _inputs(dy, values)
+    dx = _spmm(g, v, plan.offsets_t, plan.cols_t, plan.order_t, None, plan.shape[1])
+    return dx if dx.dtype == dy.dtype else dx.to(dy.dtype)
 
 
 def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -133,7 +148,7 @@ def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: to
     n_x = xs.shape[1]
     grad = g.new_empty(values.numel())
     dy_t, x_t = _scratch(b, n_rows, g), _scratch(b, n_x, g)  # held: the call reads their storage
-    _library(SCALARS[g.dtype]).sparsec_rows_sddmm(
+    _library(SCALARS[g.dtype], INDEX_TYPES[plan.cols.dtype]).sparsec_rows_sddmm(
         _ptr(g),
         _ptr(xs),
         _ptr(plan.offsets),

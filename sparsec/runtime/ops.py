@@ -28,6 +28,7 @@ import warnings
 import weakref
 
 import torch
+from torch.utils import _python_dispatch
 
 from sparsec import config as settings
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
@@ -188,8 +189,7 @@ def _cached_launcher(key: LayoutKey, dtype: str, bias: bool, interpret: bool) ->
     return Launcher(kernels, layout_of(*key), interpret=interpret)
 
 
-@torch.library.custom_op("sparsec::spmm", mutates_args=())
-def spmm(
+def spmm_eager(
     x: torch.Tensor,
     values: torch.Tensor,
     bias: torch.Tensor | None,
@@ -198,6 +198,9 @@ def spmm(
     out_features: int,
     in_features: int,
 ) -> torch.Tensor:
+    """What ``sparsec::spmm`` computes, called without the op's dispatch: for eager calls that record
+    no autograd graph and no trace (``direct_call_allowed``). A custom op's Python dispatch costs about
+    10 us, as long as the whole batch-1 product on a CPU."""
     key = _key(values, family, out_features, in_features)
     backend = backend_for(x)
     plan = index_plan(key, backend, index)
@@ -208,6 +211,31 @@ def spmm(
         return cpp_forward(plan, x, values, bias)
     launcher = kernel_launcher(key, values, bias is not None, backend)
     return launcher.run("forward", plan, x=x.contiguous(), values=values, bias=bias)
+
+
+def direct_call_allowed(*tensors: torch.Tensor | None) -> bool:
+    """True when a call on these tensors may skip the custom op: eager (not traced by dynamo, jit or a
+    dispatch mode such as make_fx or FakeTensorMode), plain tensors, and no autograd graph to record."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _python_dispatch._get_current_dispatch_mode():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) in _PLAIN and not (grad and t.requires_grad)) for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not subclasses: FakeTensor, FunctionalTensor, DTensor, ...
+
+
+@torch.library.custom_op("sparsec::spmm", mutates_args=())
+def spmm(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: list[torch.Tensor],
+    family: str,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    return spmm_eager(x, values, bias, index, family, out_features, in_features)
 
 
 @spmm.register_fake

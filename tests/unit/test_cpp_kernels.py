@@ -44,6 +44,74 @@ def test_forward_and_both_gradients_match_the_dense_float64_reference(spec, out,
 
 
 @needs_compiler
+@pytest.mark.parametrize("width", [torch.uint16, torch.int32])  # 32-bit: columns past 65536, forced here
+@pytest.mark.parametrize("batch", [1, 3, 70])  # the gather path (under one vector) and the batch tiles
+@pytest.mark.parametrize("spec,out,inn", [("fanin(90%)", 29, 301), ("95%", 23, 517), ("2:4", 9, 36)])
+def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, batch, width, monkeypatch):
+    from sparsec.runtime import cpp
+
+    monkeypatch.setattr(cpp, "_narrow", lambda cols, extent: cols.to(width))
+    layer, x = _case(spec, out, inn, batch, torch.float32)
+    dy = torch.randn(batch, out)
+    with config.patch(backend="cpp"):
+        y = layer(x)
+        y.backward(dy)
+        plan = layer.values._version, next(iter(layer.index_buffers().values()))._sparsec_plan.plan
+    assert plan[1].cols.dtype == width and plan[1].cols_t.dtype == width
+    w = layer.dense_weight().double()
+    x64, dy64 = x.detach().double(), dy.double()
+    tol = {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y.double(), x64 @ w.T + layer.bias.detach().double(), **tol)
+    torch.testing.assert_close(x.grad.double(), dy64 @ w, **tol)
+    expected = layer.layout.values_from_dense((dy64.T @ x64).view(layer.weight_shape), layer.positions())
+    torch.testing.assert_close(layer.values.grad.double(), expected, **tol)
+
+
+@needs_compiler
+@pytest.mark.parametrize("batch", [1, 5, 70])
+@pytest.mark.parametrize("spec,out,inn", [("fanin(90%)", 29, 301), ("block(4x8, 50%)", 36, 48), ("1:8", 21, 40)])
+def test_inference_calls_run_the_kernels_without_the_op_and_match(spec, out, inn, batch, monkeypatch):
+    from sparsec.runtime import ops
+
+    layer, x = _case(spec, out, inn, batch, torch.float32)
+    calls = []
+    eager, op = ops.spmm_eager, torch.ops.sparsec.spmm
+    monkeypatch.setattr(ops, "spmm_eager", lambda *a: calls.append("kernels") or eager(*a))
+    monkeypatch.setattr(torch.ops.sparsec, "spmm", lambda *a: calls.append("op") or op(*a))
+    with config.patch(backend="cpp"), torch.no_grad():
+        y = layer(x)
+    assert calls == ["kernels"]  # the layer called the kernels itself, not through torch.ops.sparsec.spmm
+    w = layer.dense_weight().double()
+    torch.testing.assert_close(y.double(), x.detach().double() @ w.T + layer.bias.double(), rtol=1e-4, atol=1e-4)
+    with config.patch(backend="cpp"):
+        assert layer(x).grad_fn is not None  # autograd records a graph: through the op
+    assert calls == ["kernels", "op", "kernels"]
+
+
+def test_a_direct_call_is_refused_where_a_graph_is_recorded_or_traced():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparsec.runtime.ops import direct_call_allowed
+
+    x, w = torch.randn(2, 3), nn.Parameter(torch.randn(3))
+    assert direct_call_allowed(x, w.detach(), None)
+    assert not direct_call_allowed(x, w, None)  # w's gradient: autograd must see the op
+    with torch.no_grad():
+        assert direct_call_allowed(x, w, None)
+    with FakeTensorMode() as mode:
+        assert not direct_call_allowed(mode.from_tensor(x), None)  # a subclass, and a dispatch mode
+    seen = []
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced(t):
+        seen.append(direct_call_allowed(t))
+        return t + 1
+
+    traced(x)
+    assert seen == [False]
+
+
+@needs_compiler
 def test_half_inputs_compute_in_float32():
     layer, x = _case("90%", 21, 40, 9, torch.float32)
     with config.patch(backend="cpp"):
