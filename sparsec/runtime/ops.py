@@ -46,7 +46,7 @@ def backend_for(t: torch.Tensor) -> str:
     if backend == "auto":
         if t.is_cuda:
             return "triton"
-        backend = "cpp"  # the generated CPU kernels beat PyTorch's CSR in every row of bench/bench_backends.py
+        backend = "cpp"  # the generated CPU kernels beat PyTorch's CSR in every row of bench/test_cpu_layers.py
     if backend == "triton" and not t.is_cuda:
         raise SparsecError("SPARSEC_BACKEND=triton needs CUDA tensors; on a CPU use cpu or interpret")
     if backend == "interpret" and t.is_cuda:
