@@ -163,3 +163,22 @@ def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: to
         torch.get_num_threads(),  # torch's intra-op count (torch.set_num_threads holds)
     )
     return grad.view(values.shape).to(values.dtype)
+
+
+@functools.cache
+def _select_library() -> ctypes.CDLL:
+    lib = load(render("cpu/select.cpp.jinja"))
+    lib.sparsec_best_in_row.argtypes = [_P, _I64, _I64, ctypes.c_float, _P, _INT]
+    lib.sparsec_best_in_row.restype = _I64
+    return lib
+
+
+def cpp_best_in_row(scores: torch.Tensor, k: int, floor: float = -float("inf")) -> torch.Tensor:
+    """Ascending indices of the ``k`` largest entries of the 1-D float32 ``scores`` above ``floor`` (NaN
+    never taken; fewer when fewer qualify); ties at the k-th go to the lower index."""
+    s = scores.contiguous()
+    out = torch.empty(max(0, min(k, s.numel())), dtype=torch.int64)
+    n = _select_library().sparsec_best_in_row(
+        s.data_ptr(), s.numel(), k, floor, out.data_ptr(), torch.get_num_threads()
+    )
+    return out[:n]

@@ -282,7 +282,8 @@ def kernel_selection(
     layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
 ) -> GrowSelector | None:
     """Grow selection on the generated ``grow_scores`` kernel (triton, interpret); None on the cpu and cpp
-    backends (the chunked torch selection; the cpp grow kernel is not written yet), for dtypes without
+    backends (the chunked selection: torch GEMMs, and on cpp the generated selection kernel for a
+    layer-wide unit, ``selection.best_in_row``), for dtypes without
     kernels, and where the format's strategy does not grow on a kernel (N:M with a non-power-of-two M:
     its groups straddle the kernel's segments, and the exactness check needs segments nested in units)."""
     backend = backend_for(dy)

@@ -18,6 +18,8 @@ import torch
 
 from sparsec import config
 from sparsec.formats import Layout, item_scores
+from sparsec.runtime.cpp import cpp_best_in_row
+from sparsec.runtime.ops import backend_for
 
 
 def rank_in_unit(
@@ -29,6 +31,17 @@ def rank_in_unit(
     perm = perm[unit[perm].argsort(stable=True)]
     u = unit[perm]
     return perm, torch.arange(u.numel(), device=u.device) - torch.searchsorted(u, u)
+
+
+def best_in_row(scores: torch.Tensor, k: int, floor: torch.Tensor | None = None) -> torch.Tensor:
+    """Ascending indices of the ``k`` largest entries of the 1-D ``scores`` above ``floor`` (and above
+    -inf), ties to the lower index: ``best_per_row`` of one row, as indices. On the cpp backend, float32
+    scores go to the generated selection kernel (a radix select: linear work, no copy of the scores)."""
+    if scores.dtype == torch.float32 and not scores.is_cuda and backend_for(scores) == "cpp":
+        return cpp_best_in_row(scores, k, -torch.inf if floor is None else float(floor))
+    if floor is not None:
+        scores = torch.where(scores > floor, scores, -torch.inf)
+    return best_per_row(scores.view(1, -1), torch.tensor([k], device=scores.device)).view(-1).nonzero().view(-1)
 
 
 def best_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -143,26 +156,23 @@ class GrowSelector:
     def _add_layer_wide(self, base: int, scores: torch.Tensor) -> None:
         # Keep the best k seen so far. A later chunk's flat indices are larger, so on a tie it loses:
         # only scores strictly above the current k-th best can still enter.
-        k = self.fresh_need[:1]
-        if self._threshold is not None:
-            scores[scores <= self._threshold] = -torch.inf
-        take = best_per_row(scores, k).view(-1)
-        (cols,) = take.nonzero(as_tuple=True)
+        k = int(self.fresh_need[0])
+        cols = best_in_row(scores.view(-1), k, self._threshold)
         self._flat.append(base + cols)
-        self._score.append(scores.view(-1)[take])
+        self._score.append(scores.view(-1)[cols])
         self._buffered += cols.numel()
-        if self._buffered >= 2 * int(k):  # merge rarely: amortised linear work
+        if self._buffered >= 2 * k:  # merge rarely: amortised linear work
             self._merge()
 
     def _merge(self) -> None:
         # Earlier chunks hold smaller flat indices and each list is in ascending flat order, so the
         # concatenation is too, and best_per_row's tie rule (lower index first) stays exact.
         flat, score = torch.cat(self._flat), torch.cat(self._score)
-        k = self.fresh_need[:1]
-        take = best_per_row(score.view(1, -1), k).view(-1)
+        k = int(self.fresh_need[0])
+        take = best_in_row(score, k)
         self._flat, self._score = [flat[take]], [score[take]]
-        self._buffered = int(take.sum())
-        if self._buffered == int(k) and int(k) > 0:
+        self._buffered = take.numel()
+        if self._buffered == k and k > 0:
             self._threshold = self._score[0].min()
 
     def grown(self) -> torch.Tensor:

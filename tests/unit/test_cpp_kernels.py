@@ -239,6 +239,12 @@ for dtype in (torch.float32, torch.float64):
             x = torch.randn(batch, inn, dtype=dtype, requires_grad=True)
             with config.patch(backend="cpp"):
                 layer(x).sum().backward()
+            with torch.no_grad(), config.patch(backend="cpp"):
+                layer(x)  # the direct call under no_grad
+from sparsec.runtime.cpp import cpp_best_in_row
+for n, k, floor in [(0, 3, 0.0), (1, 1, -1.0), (9, 20, 0.3), (1001, 500, 0.1), (70001, 69999, -1.0)]:
+    s = (torch.randint(0, 9, (n,)).float() / 9).contiguous()
+    cpp_best_in_row(s, k, floor)
 print("clean")
 """
 
@@ -267,3 +273,41 @@ def test_the_kernels_run_clean_under_address_sanitizer(tmp_path):
     }
     done = subprocess.run([sys.executable, "-c", ASAN_RUN], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0 and "clean" in done.stdout, done.stderr[-3000:]
+
+
+def _best_by_sorting(scores: list[float], k: int, floor: float) -> list[int]:
+    """The k largest above floor (no NaN), ties to the lower index, by a plain sort (independent reference)."""
+    eligible = [i for i, s in enumerate(scores) if s == s and s > floor]
+    return sorted(sorted(eligible, key=lambda i: (-scores[i], i))[:k])
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "n,k,floor",
+    [
+        (0, 3, -float("inf")),
+        (9, 0, -float("inf")),
+        (9, 4, -float("inf")),
+        (1000, 60999, -float("inf")),
+        (1000, 300, 0.5),
+        (70001, 20000, -float("inf")),
+        (70001, 69000, 0.25),
+    ],
+)
+def test_the_selection_kernel_takes_the_k_best_with_ties_to_the_lower_index(n, k, floor):
+    from sparsec.runtime.cpp import cpp_best_in_row
+
+    g = torch.Generator().manual_seed(n + k)
+    scores = torch.randint(0, 50, (n,), generator=g).float() / 50  # many ties at every score
+    if n > 100:
+        scores[::7] = -float("inf")  # masked (kept) positions
+        scores[5::13] = float("nan")
+        scores[11::101] = torch.rand(scores[11::101].shape, generator=g)  # distinct scores too
+    got = cpp_best_in_row(scores, k, floor)
+    expected = _best_by_sorting(scores.tolist(), k, floor)
+    assert got.tolist() == expected
+    values = scores.tolist()
+    ranked = sorted((i for i, v in enumerate(values) if v == v and v > floor), key=lambda i: (-values[i], i))
+    if n > 100 and k < len(ranked):  # the tie rule decides: equal scores on both sides of the cut
+        assert values[ranked[k - 1]] == values[ranked[k]]
+    assert n < 100 or (k < len(ranked)) == (k < 60000)  # k >= 60000 here: fewer qualify, all are taken
