@@ -81,6 +81,7 @@ def _library(scalar: str, index: str) -> ctypes.CDLL:
     lib.sparsec_rows_sddmm.restype = None
     for query in (lib.sparsec_batch_tile, lib.sparsec_vector_lanes):
         query.argtypes, query.restype = [], _I64
+    lib.sparsec_dots_ld.argtypes, lib.sparsec_dots_ld.restype = [_I64], _I64
     return lib
 
 
@@ -147,8 +148,10 @@ def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: to
     b, n_rows = g.shape
     n_x = xs.shape[1]
     grad = g.new_empty(values.numel())
-    dy_t, x_t = _scratch(b, n_rows, g), _scratch(b, n_x, g)  # held: the call reads their storage
-    _library(SCALARS[g.dtype], INDEX_TYPES[plan.cols.dtype]).sparsec_rows_sddmm(
+    lib = _library(SCALARS[g.dtype], INDEX_TYPES[plan.cols.dtype])
+    ld = lib.sparsec_dots_ld(b)  # the batch padded so that feature rows do not alias in the caches
+    dy_t, x_t = _scratch(ld, n_rows, g), _scratch(ld, n_x, g)  # held: the call reads their storage
+    lib.sparsec_rows_sddmm(
         _ptr(g),
         _ptr(xs),
         _ptr(plan.offsets),
