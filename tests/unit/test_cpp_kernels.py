@@ -45,7 +45,7 @@ def test_forward_and_both_gradients_match_the_dense_float64_reference(spec, out,
 
 @needs_compiler
 @pytest.mark.parametrize("width", [torch.uint16, torch.int32])  # 32-bit: columns past 65536, forced here
-@pytest.mark.parametrize("batch", [1, 3, 70])  # the gather path (under one vector) and the batch tiles
+@pytest.mark.parametrize("batch", [1, 3, 70, 128])  # gather path, batch tiles; 128: padded dots
 @pytest.mark.parametrize("spec,out,inn", [("fanin(90%)", 29, 301), ("95%", 23, 517), ("2:4", 9, 36)])
 def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, batch, width, monkeypatch):
     from sparsec.runtime import cpp
@@ -234,7 +234,7 @@ cpp.FLAGS = (*cpp.FLAGS, "-fsanitize=address", "-fno-omit-frame-pointer")
 cpp._identity.cache_clear()
 for dtype in (torch.float32, torch.float64):
     for spec, out, inn in [("90%", 37, 53), ("2:4", 8, 16), ("block(3x5, 75%)", 21, 35), ("fanin(k=5)", 37, 53)]:
-        for batch in (0, 1, 7, 8, 33, 70):
+        for batch in (0, 1, 7, 8, 33, 70, 128):  # 128: the padded leading dimension of the dots
             layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=dtype)
             x = torch.randn(batch, inn, dtype=dtype, requires_grad=True)
             with config.patch(backend="cpp"):
