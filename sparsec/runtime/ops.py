@@ -303,6 +303,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, values, *index = ctx.saved_tensors
+    dy = dy.contiguous()  # once for both gradients (sum()'s backward hands an expanded dy)
     dx = spmm_grad_input(dy, values, index, *ctx.key) if ctx.needs_input_grad[0] else None
     dv = spmm_grad_values(dy, x, values, index, *ctx.key) if ctx.needs_input_grad[1] else None
     db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
