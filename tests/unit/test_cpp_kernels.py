@@ -46,7 +46,9 @@ def test_forward_and_both_gradients_match_the_dense_float64_reference(spec, out,
 @needs_compiler
 @pytest.mark.parametrize("width", [torch.uint16, torch.int32])  # 32-bit: columns past 65536, forced here
 @pytest.mark.parametrize("batch", [1, 3, 70, 128])  # gather path, batch tiles; 128: padded dots
-@pytest.mark.parametrize("spec,out,inn", [("fanin(90%)", 29, 301), ("95%", 23, 517), ("2:4", 9, 36)])
+@pytest.mark.parametrize(  # 99%: the gradient dots row by row; the denser ones: in blocks of rows and columns
+    "spec,out,inn", [("fanin(90%)", 29, 301), ("95%", 23, 517), ("99%", 67, 2100), ("2:4", 9, 36)]
+)
 def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, batch, width, monkeypatch):
     from sparsec.runtime import cpp
 
@@ -65,6 +67,18 @@ def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, bat
     torch.testing.assert_close(x.grad.double(), dy64 @ w, **tol)
     expected = layer.layout.values_from_dense((dy64.T @ x64).view(layer.weight_shape), layer.positions())
     torch.testing.assert_close(layer.values.grad.double(), expected, **tol)
+
+
+@needs_compiler
+@pytest.mark.slow  # 4.2M kept weights: past the size where grad_input's permutation runs in bands of sources
+def test_a_layer_past_the_banded_permutation_size_matches_the_reference():
+    layer, x = _case("2:4", 2049, 4100, 70, torch.float32)
+    assert layer.values.numel() * 4 >= 16 << 20  # kernels/cpu/rows.cpp.jinja: PERMUTE_BANDED_BYTES
+    dy = torch.randn(70, 2049)
+    with config.patch(backend="cpp"):
+        layer(x).backward(dy)
+    w = layer.dense_weight().double()
+    torch.testing.assert_close(x.grad.double(), dy.double() @ w, rtol=1e-4, atol=1e-4)
 
 
 @needs_compiler
