@@ -22,7 +22,7 @@ from sparsec.errors import SparsecError
 from sparsec.runtime.cpu import CSRPlan, compute_dtype
 
 SCALARS = {torch.float32: "float", torch.float64: "double"}
-INDEX_TYPES = {torch.uint16: "uint16_t", torch.int32: "int32_t"}
+INDEX_TYPES = {torch.uint16: "uint16_t", torch.int32: "int32_t", torch.int64: "int64_t"}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
@@ -34,23 +34,28 @@ class CppPlan:
 
     offsets: torch.Tensor  # int64 [out + 1]
     cols: torch.Tensor  # uint16 or int32
-    order: torch.Tensor | None  # int64 entry -> stored slot (None: stored order)
+    order: torch.Tensor | None  # entry -> stored slot (None: stored order); int32, or int64 past 2^31
     offsets_t: torch.Tensor  # int64 [in + 1]
     cols_t: torch.Tensor  # uint16 or int32
-    order_t: torch.Tensor  # int64
+    order_t: torch.Tensor  # int32 or int64
     shape: tuple[int, int]
 
     @staticmethod
     def build(csr: CSRPlan) -> CppPlan:
         out, inn = csr.shape
-        return CppPlan(
-            csr.crow, _narrow(csr.col, inn), csr.order, csr.crow_t, _narrow(csr.col_t, out), csr.order_t, csr.shape
-        )
+        order = None if csr.order is None else _narrow_slots(csr.order)
+        col, col_t = _narrow(csr.col, inn), _narrow(csr.col_t, out)
+        return CppPlan(csr.crow, col, order, csr.crow_t, col_t, _narrow_slots(csr.order_t), csr.shape)
 
 
 def _narrow(cols: torch.Tensor, extent: int) -> torch.Tensor:
     """Column indices below ``extent`` in the narrowest type the kernels read."""
     return cols.to(torch.uint16 if extent <= 1 << 16 else torch.int32)
+
+
+def _narrow_slots(order: torch.Tensor) -> torch.Tensor:
+    """Value slots (a permutation of the values) in 32 bits where they fit: the permutation streams them."""
+    return order.to(torch.int32 if order.numel() <= 1 << 31 else torch.int64)
 
 
 @functools.cache
@@ -59,7 +64,7 @@ def cpp_problem() -> str | None:
     if compiler() is None:
         return "no C++ compiler found: set CXX or install g++"
     try:
-        _library("float", "uint16_t")
+        _library("float", "uint16_t", "int32_t")
     except (SparsecError, OSError) as e:
         return str(e).splitlines()[0]
     return None
@@ -68,13 +73,13 @@ def cpp_problem() -> str | None:
 @functools.cache
 def _tiling(scalar: str) -> tuple[int, int]:
     """(rows per batch tile, vector lanes): batches under one vector gather without scratch."""
-    lib = _library(scalar, "int32_t")
+    lib = _library(scalar, "int32_t", "int32_t")
     return lib.sparsec_batch_tile(), lib.sparsec_vector_lanes()
 
 
 @functools.cache
-def _library(scalar: str, index: str) -> ctypes.CDLL:
-    lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, index=index))
+def _library(scalar: str, index: str, slot: str) -> ctypes.CDLL:
+    lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, index=index, slot=slot))
     lib.sparsec_rows_spmm.argtypes = [_P] * 10 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_spmm.restype = None
     lib.sparsec_rows_sddmm.argtypes = [_P] * 8 + [_I64] * 3 + [_INT]
@@ -83,6 +88,10 @@ def _library(scalar: str, index: str) -> ctypes.CDLL:
         query.argtypes, query.restype = [], _I64
     lib.sparsec_dots_ld.argtypes, lib.sparsec_dots_ld.restype = [_I64], _I64
     return lib
+
+
+def _slot_type(order: torch.Tensor | None) -> str:
+    return "int32_t" if order is None else INDEX_TYPES[order.dtype]  # no order: any build serves
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -103,7 +112,7 @@ def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
         padded = -(-b // tile) * tile  # whole batch tiles
         src_t, out_t = _scratch(padded, n_src, src), _scratch(padded, n_rows, src)  # held: the call reads them
         values_t = values.new_empty(values.numel()) if order is not None else None
-    _library(scalar, INDEX_TYPES[cols.dtype]).sparsec_rows_spmm(
+    _library(scalar, INDEX_TYPES[cols.dtype], _slot_type(order)).sparsec_rows_spmm(
         src.data_ptr(),
         values.data_ptr(),
         offsets.data_ptr(),
@@ -148,7 +157,7 @@ def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: to
     b, n_rows = g.shape
     n_x = xs.shape[1]
     grad = g.new_empty(values.numel())
-    lib = _library(SCALARS[g.dtype], INDEX_TYPES[plan.cols.dtype])
+    lib = _library(SCALARS[g.dtype], INDEX_TYPES[plan.cols.dtype], _slot_type(plan.order))
     ld = lib.sparsec_dots_ld(b)  # the batch padded so that feature rows do not alias in the caches
     dy_t, x_t = _scratch(ld, n_rows, g), _scratch(ld, n_x, g)  # held: the call reads their storage
     lib.sparsec_rows_sddmm(

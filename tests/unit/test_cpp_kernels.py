@@ -53,13 +53,15 @@ def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, bat
     from sparsec.runtime import cpp
 
     monkeypatch.setattr(cpp, "_narrow", lambda cols, extent: cols.to(width))
+    slots = torch.int32 if width == torch.uint16 else torch.int64  # 64-bit slots: past 2^31 values, forced
+    monkeypatch.setattr(cpp, "_narrow_slots", lambda order: order.to(slots))
     layer, x = _case(spec, out, inn, batch, torch.float32)
     dy = torch.randn(batch, out)
     with config.patch(backend="cpp"):
         y = layer(x)
         y.backward(dy)
         plan = layer.values._version, next(iter(layer.index_buffers().values()))._sparsec_plan.plan
-    assert plan[1].cols.dtype == width and plan[1].cols_t.dtype == width
+    assert plan[1].cols.dtype == width and plan[1].cols_t.dtype == width and plan[1].order_t.dtype == slots
     w = layer.dense_weight().double()
     x64, dy64 = x.detach().double(), dy.double()
     tol = {"rtol": 1e-4, "atol": 1e-4}
@@ -173,7 +175,7 @@ from sparsec import config
 from sparsec.codegen import cpp
 from sparsec.codegen.render import render
 with config.patch(cache_dir=sys.argv[1]):
-    lib = cpp.load(render("cpu/rows.cpp.jinja", scalar="float", index="int32_t"))
+    lib = cpp.load(render("cpu/rows.cpp.jinja", scalar="float", index="int32_t", slot="int32_t"))
     print(lib.sparsec_batch_tile())
 """
 
