@@ -127,7 +127,7 @@ def test_grow_step(benchmark, case, impl):
 
 def test_compile_latency(benchmark):
     """A cold build of the fp32 kernels into an empty cache (the figure: the issue's limit is 3 s)."""
-    source = render("cpu/rows.cpp.jinja", scalar="float", index="uint16_t", slot="int32_t")
+    source = render("cpu/rows.cpp.jinja", scalar="float", io="float", index="uint16_t", slot="int32_t")
     benchmark.group = "cpp compile"
     benchmark.extra_info.update(impl="cold build")
 
@@ -145,7 +145,7 @@ def test_compile_latency(benchmark):
 def test_warm_load(benchmark, tmp_path):
     """Loading a cached object afresh: the lookup a warm start does, and the dynamic loader opening a copy
     under a new name (a name it has not opened yet, so it really loads)."""
-    source = render("cpu/rows.cpp.jinja", scalar="float", index="uint16_t", slot="int32_t")
+    source = render("cpu/rows.cpp.jinja", scalar="float", io="float", index="uint16_t", slot="int32_t")
     with config.patch(cache_dir=str(tmp_path)):
         built = cpp.build(source)
         copies = iter(range(10**6))

@@ -4,8 +4,10 @@ Every structure is walked as rows of its kept items: ``Y = X W^T`` over the rows
 over the rows of ``W^T`` (the kernel puts the stored values in that order once per call), and the kept
 values' gradient as one dot over the batch per kept position. The products copy their batch-major
 input batch-tile-major, so each kept weight is a register-blocked axpy over an L2-resident tile; the
-gradient dots run over feature-major copies (``kernels/cpu/rows.cpp.jinja`` says why each). Half types
-compute in float32, as on the cpu backend. Threads: torch's intra-op count.
+gradient dots run over feature-major copies (``kernels/cpu/rows.cpp.jinja`` says why each). bfloat16
+tensors go to the kernels as they are (read widened to float32, written rounded to nearest even, as
+``.to(torch.bfloat16)`` rounds: half the bytes of the copies); float16 is widened to float32 before them.
+Index columns are 16-bit where they fit, value slots 32-bit. Threads: torch's intra-op count.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from sparsec.codegen.render import render
 from sparsec.errors import SparsecError
 from sparsec.runtime.cpu import CSRPlan, compute_dtype
 
-SCALARS = {torch.float32: "float", torch.float64: "double"}
+# tensor dtype -> (compute type, tensor element type) of the kernels; fp16 is widened to fp32 before them
+KERNEL_TYPES = {torch.float32: ("float", "float"), torch.float64: ("double", "double"), torch.bfloat16: ("float", "bf16")}
 INDEX_TYPES = {torch.uint16: "uint16_t", torch.int32: "int32_t", torch.int64: "int64_t"}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -64,7 +67,7 @@ def cpp_problem() -> str | None:
     if compiler() is None:
         return "no C++ compiler found: set CXX or install g++"
     try:
-        _library("float", "uint16_t", "int32_t")
+        _library("float", "float", "uint16_t", "int32_t")
     except (SparsecError, OSError) as e:
         return str(e).splitlines()[0]
     return None
@@ -73,13 +76,13 @@ def cpp_problem() -> str | None:
 @functools.cache
 def _tiling(scalar: str) -> tuple[int, int]:
     """(rows per batch tile, vector lanes): batches under one vector gather without scratch."""
-    lib = _library(scalar, "int32_t", "int32_t")
+    lib = _library(scalar, scalar, "int32_t", "int32_t")
     return lib.sparsec_batch_tile(), lib.sparsec_vector_lanes()
 
 
 @functools.cache
-def _library(scalar: str, index: str, slot: str) -> ctypes.CDLL:
-    lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, index=index, slot=slot))
+def _library(scalar: str, io: str, index: str, slot: str) -> ctypes.CDLL:
+    lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, io=io, index=index, slot=slot))
     lib.sparsec_rows_spmm.argtypes = [_P] * 10 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_spmm.restype = None
     lib.sparsec_rows_sddmm.argtypes = [_P] * 8 + [_I64] * 3 + [_INT]
@@ -87,6 +90,7 @@ def _library(scalar: str, index: str, slot: str) -> ctypes.CDLL:
     for query in (lib.sparsec_batch_tile, lib.sparsec_vector_lanes):
         query.argtypes, query.restype = [], _I64
     lib.sparsec_dots_ld.argtypes, lib.sparsec_dots_ld.restype = [_I64], _I64
+    lib.sparsec_dots_bytes.argtypes, lib.sparsec_dots_bytes.restype = [], _I64
     return lib
 
 
@@ -98,21 +102,22 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(rows * cols)
+def _scratch(n: int, like: torch.Tensor) -> torch.Tensor:
+    """Scratch of ``n`` elements of the compute type (float32 for bfloat16 tensors)."""
+    return like.new_empty(n, dtype=compute_dtype(like))
 
 
 def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
     b, n_src = src.shape
     out = src.new_empty(b, n_rows)
-    scalar = SCALARS[src.dtype]
+    scalar, io = KERNEL_TYPES[src.dtype]
     tile, lanes = _tiling(scalar)
     src_t = out_t = values_t = None  # batches under one vector gather from SRC: no scratch
     if b >= lanes:
         padded = -(-b // tile) * tile  # whole batch tiles
-        src_t, out_t = _scratch(padded, n_src, src), _scratch(padded, n_rows, src)  # held: the call reads them
-        values_t = values.new_empty(values.numel()) if order is not None else None
-    _library(scalar, INDEX_TYPES[cols.dtype], _slot_type(order)).sparsec_rows_spmm(
+        src_t, out_t = _scratch(padded * n_src, src), _scratch(padded * n_rows, src)  # held: the call reads them
+        values_t = _scratch(values.numel(), src) if order is not None or io != scalar else None
+    _library(scalar, io, INDEX_TYPES[cols.dtype], _slot_type(order)).sparsec_rows_spmm(
         src.data_ptr(),
         values.data_ptr(),
         offsets.data_ptr(),
@@ -132,8 +137,10 @@ def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
 
 
 def _inputs(*tensors):
-    """The tensors in the compute dtype, contiguous (values may keep their shape: the kernels read them flat)."""
-    dt = compute_dtype(tensors[0])  # the ops run under autograd's dispatch: their inputs need no detach
+    """The tensors in a dtype the kernels read (bfloat16 as it is; float16 widened to float32), contiguous
+    (values may keep their shape: the kernels read them flat)."""
+    dt = tensors[0].dtype if tensors[0].dtype in KERNEL_TYPES else compute_dtype(tensors[0])
+    # the ops run under autograd's dispatch: their inputs need no detach
     return [t if t is None or (t.dtype == dt and t.is_contiguous()) else t.to(dt).contiguous() for t in tensors]
 
 
@@ -157,9 +164,10 @@ def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: to
     b, n_rows = g.shape
     n_x = xs.shape[1]
     grad = g.new_empty(values.numel())
-    lib = _library(SCALARS[g.dtype], INDEX_TYPES[plan.cols.dtype], _slot_type(plan.order))
+    lib = _library(*KERNEL_TYPES[g.dtype], INDEX_TYPES[plan.cols.dtype], _slot_type(plan.order))
     ld = lib.sparsec_dots_ld(b)  # the batch padded so that feature rows do not alias in the caches
-    dy_t, x_t = _scratch(ld, n_rows, g), _scratch(ld, n_x, g)  # held: the call reads their storage
+    size = lib.sparsec_dots_bytes()  # bf16 where the CPU has bf16 dots, else the compute type
+    dy_t, x_t = (g.new_empty(ld * n * size, dtype=torch.uint8) for n in (n_rows, n_x))  # held: the call reads them
     lib.sparsec_rows_sddmm(
         _ptr(g),
         _ptr(xs),

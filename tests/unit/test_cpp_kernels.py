@@ -139,6 +139,47 @@ def test_half_inputs_compute_in_float32():
     )
 
 
+@needs_compiler
+@pytest.mark.parametrize("batch", [1, 13, 70])  # the gather path, one partial tile, two tiles
+@pytest.mark.parametrize(
+    "spec,out,inn", [("90%", 37, 53), ("2:4", 37, 52), ("block(4x8, 50%)", 36, 48), ("fanin(k=9)", 23, 41)]
+)
+def test_bfloat16_tensors_go_to_the_kernels_and_round_as_torch_does(spec, out, inn, batch):
+    """The bf16 kernels read bf16 and compute in fp32: bit for bit what widening every input to fp32, the
+    fp32 kernels and ``.to(torch.bfloat16)`` give (a rounding or widening slip changes some bits)."""
+    from sparsec.runtime import cpp
+
+    layer, x = _case(spec, out, inn, batch, torch.float32)
+    layer = layer.to(torch.bfloat16)
+    xb, dy = x.detach().to(torch.bfloat16), torch.randn(batch, out).to(torch.bfloat16)
+    v, bias = layer.values.detach(), layer.bias.detach()
+    with config.patch(backend="cpp"):
+        layer(xb)  # builds the layer's plan
+        plan = next(iter(layer.index_buffers().values()))._sparsec_plan.plan
+    bf, f32 = torch.bfloat16, torch.float32
+    got = [
+        cpp.cpp_forward(plan, xb, v, bias),
+        cpp.cpp_grad_input(plan, dy, v),
+        cpp.cpp_grad_values(plan, dy, xb, v),
+    ]
+    widened = [
+        cpp.cpp_forward(plan, xb.to(f32), v.to(f32), bias.to(f32)).to(bf),
+        cpp.cpp_grad_input(plan, dy.to(f32), v.to(f32)).to(bf),
+        cpp.cpp_grad_values(plan, dy.to(f32), xb.to(f32), v.to(f32)).to(bf),
+    ]
+    for a, b in zip(got[:2], widened[:2], strict=True):  # the products: the fp32 kernels' arithmetic
+        assert a.dtype == bf and torch.equal(a, b)
+    w = layer.dense_weight().double()
+    torch.testing.assert_close(got[0].double(), xb.double() @ w.T + bias.double(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1].double(), dy.double() @ w, rtol=2e-2, atol=2e-2)
+    # the gradient dots sum bf16 products in fp32 (vdpbf16ps where the CPU has it): to bf16 precision
+    full = (dy.double().T @ xb.double()).view(layer.weight_shape)
+    expected = layer.layout.values_from_dense(full, layer.positions())
+    assert got[2].dtype == bf
+    torch.testing.assert_close(got[2].double(), expected, rtol=1e-2, atol=1e-2)
+    assert got[0].abs().sum() > 0 and got[2].abs().sum() > 0
+
+
 def _train(backend: str):
     torch.manual_seed(0)
     model = sparsec.sparsify(
@@ -175,7 +216,7 @@ from sparsec import config
 from sparsec.codegen import cpp
 from sparsec.codegen.render import render
 with config.patch(cache_dir=sys.argv[1]):
-    lib = cpp.load(render("cpu/rows.cpp.jinja", scalar="float", index="int32_t", slot="int32_t"))
+    lib = cpp.load(render("cpu/rows.cpp.jinja", scalar="float", io="float", index="int32_t", slot="int32_t"))
     print(lib.sparsec_batch_tile())
 """
 
