@@ -24,7 +24,11 @@ from sparsec.errors import SparsecError
 from sparsec.runtime.cpu import CSRPlan, compute_dtype
 
 # tensor dtype -> (compute type, tensor element type) of the kernels; fp16 is widened to fp32 before them
-KERNEL_TYPES = {torch.float32: ("float", "float"), torch.float64: ("double", "double"), torch.bfloat16: ("float", "bf16")}
+KERNEL_TYPES = {
+    torch.float32: ("float", "float"),
+    torch.float64: ("double", "double"),
+    torch.bfloat16: ("float", "bf16"),
+}
 INDEX_TYPES = {torch.uint16: "uint16_t", torch.int32: "int32_t", torch.int64: "int64_t"}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -90,7 +94,7 @@ def _library(scalar: str, io: str, index: str, slot: str) -> ctypes.CDLL:
     for query in (lib.sparsec_batch_tile, lib.sparsec_vector_lanes):
         query.argtypes, query.restype = [], _I64
     lib.sparsec_dots_ld.argtypes, lib.sparsec_dots_ld.restype = [_I64], _I64
-    lib.sparsec_dots_bytes.argtypes, lib.sparsec_dots_bytes.restype = [], _I64
+    lib.sparsec_work_bytes.argtypes, lib.sparsec_work_bytes.restype = [], _I64
     return lib
 
 
@@ -107,17 +111,24 @@ def _scratch(n: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(n, dtype=compute_dtype(like))
 
 
+def _work(lib: ctypes.CDLL, n: int, like: torch.Tensor) -> torch.Tensor:
+    """Scratch of ``n`` elements of the kernels' copies: bf16 where their dots are bf16, else the compute type."""
+    return like.new_empty(n * lib.sparsec_work_bytes(), dtype=torch.uint8)
+
+
 def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> torch.Tensor:
     b, n_src = src.shape
     out = src.new_empty(b, n_rows)
     scalar, io = KERNEL_TYPES[src.dtype]
     tile, lanes = _tiling(scalar)
+    lib = _library(scalar, io, INDEX_TYPES[cols.dtype], _slot_type(order))
     src_t = out_t = values_t = None  # batches under one vector gather from SRC: no scratch
     if b >= lanes:
         padded = -(-b // tile) * tile  # whole batch tiles
-        src_t, out_t = _scratch(padded * n_src, src), _scratch(padded * n_rows, src)  # held: the call reads them
-        values_t = _scratch(values.numel(), src) if order is not None or io != scalar else None
-    _library(scalar, io, INDEX_TYPES[cols.dtype], _slot_type(order)).sparsec_rows_spmm(
+        src_t, out_t = _work(lib, padded * n_src, src), _scratch(padded * n_rows, src)  # held: the call reads them
+        if order is not None or lib.sparsec_work_bytes() != src.element_size():
+            values_t = _work(lib, values.numel(), src)
+    lib.sparsec_rows_spmm(
         src.data_ptr(),
         values.data_ptr(),
         offsets.data_ptr(),
@@ -166,8 +177,7 @@ def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: to
     grad = g.new_empty(values.numel())
     lib = _library(*KERNEL_TYPES[g.dtype], INDEX_TYPES[plan.cols.dtype], _slot_type(plan.order))
     ld = lib.sparsec_dots_ld(b)  # the batch padded so that feature rows do not alias in the caches
-    size = lib.sparsec_dots_bytes()  # bf16 where the CPU has bf16 dots, else the compute type
-    dy_t, x_t = (g.new_empty(ld * n * size, dtype=torch.uint8) for n in (n_rows, n_x))  # held: the call reads them
+    dy_t, x_t = _work(lib, ld * n_rows, g), _work(lib, ld * n_x, g)  # held: the call reads their storage
     lib.sparsec_rows_sddmm(
         _ptr(g),
         _ptr(xs),
