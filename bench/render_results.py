@@ -73,8 +73,9 @@ def render(path: Path) -> str:
         f"commit {run['commit_info']['id'][:10]}{' (uncommitted changes)' if run['commit_info']['dirty'] else ''}. "
         f"Command: `{meta.get('command', 'pytest bench/ --benchmark-only')}`, then "
         f"`python bench/render_results.py` (this table, from `{path.relative_to(STORAGE.parent.parent)}`).",
-        "fp32, no bias, the same mask in every column; forward under no_grad, forward+backward of `sum()`; "
-        "medians of pytest-benchmark; torch-csr is sparsec's cpu backend (PyTorch's CSR kernels).",
+        "fp32 (rows marked bf16: every column in bf16), no bias, the same mask in every column; forward under "
+        "no_grad, forward+backward of `sum()`; medians of pytest-benchmark; torch-csr is sparsec's cpu backend "
+        "(PyTorch's CSR kernels; it computes half types in fp32).",
         "",
         *layer_table(m),
         "",

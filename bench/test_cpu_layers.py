@@ -4,7 +4,7 @@ One group per layer shape, spec, batch and pass (forward under no_grad; forward+
 so nn.Linear (dense), PyTorch's CSR kernels (sparsec's cpu backend), sparsec's generated C++ kernels
 (cpp) and SparseProp (Nikdan et al. 2023, when ``sparseprop`` is installed) sit side by side on the
 same mask; a grow-step group (RigL's ``|dY^T X|`` selection against a dense GEMM + ``torch.topk``);
-the cpp kernels' compile latency. fp32 at the process's thread count. Each run is saved as JSON in
+the cpp kernels' compile latency. fp32, and bf16 for three layers, at the process's thread count. Each run is saved as JSON in
 bench/.benchmarks (``--benchmark-compare`` shows the change against the last run);
 ``python bench/render_results.py`` writes the RESULTS.md tables from the newest JSON.
 """
@@ -54,29 +54,40 @@ def case_name(case) -> str:
     return f"{out}x{inn} {spec} batch {batch}"
 
 
+# bf16 layers (and nn.Linear in bf16): the cpp kernels compute on vdpbf16ps where the CPU has AVX512-BF16
+BF16_CASES = [(4096, 4096, "90%", 256), (4096, 4096, "2:4", 256), (3072, 768, "98%", 256)]
+
+
 @functools.cache
-def modules(case):
-    """The sparse layer, the dense nn.Linear of its masked weight, SparseProp's layer of it, and an input."""
+def modules(case, dtype=torch.float32):
+    """The sparse layer, the dense nn.Linear of its masked weight, SparseProp's layer of it (fp32 only),
+    and an input."""
     out, inn, spec, batch = case
     torch.manual_seed(0)
     layer = sparsec.SparseLinear(inn, out, bias=False, spec=spec, policy=sparsec.static)
     dense = nn.Linear(inn, out, bias=False)
     with torch.no_grad():
         dense.weight.copy_(layer.dense_weight())
-    prop = SparsePropLinear.from_dense(dense) if SparsePropLinear is not None else None
-    return layer, dense, prop, torch.randn(batch, inn)
+    fp32 = dtype == torch.float32
+    prop = SparsePropLinear.from_dense(dense) if SparsePropLinear is not None and fp32 else None
+    return layer.to(dtype), dense.to(dtype), prop, torch.randn(batch, inn, dtype=dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pass_", ["forward", "forward+backward"])
-@pytest.mark.parametrize("case", CASES, ids=case_name)
-def test_layer(benchmark, case, pass_, impl):
-    layer, dense, prop, x = modules(case)
+@pytest.mark.parametrize(
+    "case,dtype",
+    [(c, torch.float32) for c in CASES] + [(c, torch.bfloat16) for c in BF16_CASES],
+    ids=lambda v: case_name(v) if isinstance(v, tuple) else str(v).removeprefix("torch."),
+)
+def test_layer(benchmark, case, dtype, pass_, impl):
+    layer, dense, prop, x = modules(case, dtype)
     module = {"dense": dense, "sparseprop": prop}.get(impl, layer)
     if module is None:
-        pytest.skip("sparseprop is not installed")
-    benchmark.group = f"{case_name(case)} {pass_}"
-    benchmark.extra_info.update(layer=case_name(case), pass_=pass_, impl=impl, threads=torch.get_num_threads())
+        pytest.skip("sparseprop is not installed" if dtype == torch.float32 else "sparseprop runs fp32 only")
+    name = case_name(case) + ("" if dtype == torch.float32 else " bf16")
+    benchmark.group = f"{name} {pass_}"
+    benchmark.extra_info.update(layer=name, pass_=pass_, impl=impl, threads=torch.get_num_threads())
     if pass_ == "forward":
         inp = x
 
