@@ -4,8 +4,9 @@ One group per layer shape, spec, batch and pass (forward under no_grad; forward+
 so nn.Linear (dense), PyTorch's CSR kernels (sparsec's cpu backend), sparsec's generated C++ kernels
 (cpp) and SparseProp (Nikdan et al. 2023, when ``sparseprop`` is installed) sit side by side on the
 same mask; a grow-step group (RigL's ``|dY^T X|`` selection against a dense GEMM + ``torch.topk``);
-the cpp kernels' compile latency. fp32, and bf16 for three layers, at the process's thread count. Each run is saved as JSON in
-bench/.benchmarks (``--benchmark-compare`` shows the change against the last run);
+the cpp kernels' compile latency. fp32, and bf16 for three layers, at the process's thread count.
+Each run is saved as JSON in bench/.benchmarks (``--benchmark-compare`` shows the change against the
+last run);
 ``python bench/render_results.py`` writes the RESULTS.md tables from the newest JSON.
 """
 

@@ -79,6 +79,14 @@ SETTINGS: dict[str, _Setting] = {
         "interpreter on CPU, needs TRITON_INTERPRET=1), cpu (PyTorch's CSR kernels), cpp (generated C++ kernels "
         "on CPU tensors, compiled on first use)",
     ),
+    "cpp_keep_tiles": _Setting(
+        "SPARSEC_CPP_KEEP_TILES",
+        lambda: True,
+        _flag,
+        "the cpp backend keeps a training step's batch-tile copy of each sparse layer's input (and of its output "
+        "gradient) on that tensor, so layers sharing an input and the gradient dots read it instead of copying "
+        "again: up to one extra copy of each such input while it is alive",
+    ),
     "cache_dir": _Setting(
         "SPARSEC_CACHE_DIR",
         lambda: platformdirs.user_cache_dir("sparsec"),

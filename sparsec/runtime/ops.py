@@ -197,10 +197,12 @@ def spmm_eager(
     family: str,
     out_features: int,
     in_features: int,
+    keep_tiles: bool = False,
 ) -> torch.Tensor:
     """What ``sparsec::spmm`` computes, called without the op's dispatch: for eager calls that record
     no autograd graph and no trace (``direct_call_allowed``). A custom op's Python dispatch costs about
-    10 us, as long as the whole batch-1 product on a CPU."""
+    10 us, as long as the whole batch-1 product on a CPU. ``keep_tiles`` (the op's training calls): the
+    cpp kernels keep ``x``'s batch tiles on it for the backward."""
     key = _key(values, family, out_features, in_features)
     backend = backend_for(x)
     plan = index_plan(key, backend, index)
@@ -208,7 +210,7 @@ def spmm_eager(
         y = csr_forward(plan, x, values)
         return y if bias is None else y + bias
     if backend == "cpp":
-        return cpp_forward(plan, x, values, bias)
+        return cpp_forward(plan, x, values, bias, keep=keep_tiles)
     launcher = kernel_launcher(key, values, bias is not None, backend)
     return launcher.run("forward", plan, x=x.contiguous(), values=values, bias=bias)
 
@@ -235,7 +237,7 @@ def spmm(
     out_features: int,
     in_features: int,
 ) -> torch.Tensor:
-    return spmm_eager(x, values, bias, index, family, out_features, in_features)
+    return spmm_eager(x, values, bias, index, family, out_features, in_features, keep_tiles=True)
 
 
 @spmm.register_fake
@@ -253,7 +255,7 @@ def spmm_grad_input(
     if backend == "cpu":
         return csr_grad_input(plan, dy, values)
     if backend == "cpp":
-        return cpp_grad_input(plan, dy, values)
+        return cpp_grad_input(plan, dy, values, keep=True)
     return kernel_launcher(key, values, False, backend).run("grad_input", plan, dz=dy.contiguous(), values=values)
 
 

@@ -92,7 +92,7 @@ def test_inference_calls_run_the_kernels_without_the_op_and_match(spec, out, inn
     layer, x = _case(spec, out, inn, batch, torch.float32)
     calls = []
     eager, op = ops.spmm_eager, torch.ops.sparsec.spmm
-    monkeypatch.setattr(ops, "spmm_eager", lambda *a: calls.append("kernels") or eager(*a))
+    monkeypatch.setattr(ops, "spmm_eager", lambda *a, **k: calls.append("kernels") or eager(*a, **k))
     monkeypatch.setattr(torch.ops.sparsec, "spmm", lambda *a: calls.append("op") or op(*a))
     with config.patch(backend="cpp"), torch.no_grad():
         y = layer(x)
@@ -295,7 +295,8 @@ from sparsec.codegen import cpp
 cpp.FLAGS = (*cpp.FLAGS, "-fsanitize=address", "-fno-omit-frame-pointer")
 cpp._identity.cache_clear()
 for dtype in (torch.float32, torch.float64, torch.bfloat16):
-    for spec, out, inn in [("90%", 37, 53), ("2:4", 8, 16), ("block(3x5, 75%)", 21, 35), ("fanin(k=5)", 37, 53)]:
+    specs = [("90%", 37, 53), ("2:4", 8, 16), ("block(3x5, 75%)", 21, 35), ("fanin(k=5)", 37, 53), ("99%", 9, 2100)]
+    for spec, out, inn in specs:  # 99%: the gradient dots on the kept tiles
         for batch in (0, 1, 7, 8, 33, 70, 128):  # 128: the padded leading dimension of the dots
             layer = sparsec.SparseLinear(inn, out, spec=spec, dtype=dtype)
             x = torch.randn(batch, inn, dtype=dtype, requires_grad=True)
@@ -373,3 +374,41 @@ def test_the_selection_kernel_takes_the_k_best_with_ties_to_the_lower_index(n, k
     if n > 100 and k < len(ranked):  # the tie rule decides: equal scores on both sides of the cut
         assert values[ranked[k - 1]] == values[ranked[k]]
     assert n < 100 or (k < len(ranked)) == (k < 60000)  # k >= 60000 here: fewer qualify, all are taken
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_sharing_an_input_reuse_its_kept_tiles_and_the_dots_read_them(dtype):
+    """q/k/v-style layers on one input: the first product keeps the input's batch tiles on it, the next
+    ones and the gradient dots (at 1% density, below TILE_DOTS_DENSITY) read them; an in-place change of
+    the input (a new version) makes them stale, so they are made again."""
+    from sparsec.runtime import cpp
+
+    torch.manual_seed(3)
+    layers = [sparsec.SparseLinear(2100, out, spec="99%", dtype=dtype) for out in (40, 56)]
+    assert layers[0].values.numel() < cpp.TILE_DOTS_DENSITY * 40 * 2100
+    x = torch.randn(70, 2100, dtype=dtype, requires_grad=True)
+    dys = [torch.randn(70, layer.out_features, dtype=dtype) for layer in layers]
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    with config.patch(backend="cpp"):
+        ys = [layer(x) for layer in layers]
+        made = cpp.held_tiles(x, x)
+        torch.autograd.backward(ys, dys)
+    assert cpp.held_tiles(x, x) is made is not None  # the second layer read the first one's tiles
+    x64 = x.detach().double()
+    for layer, y, dy in zip(layers, ys, dys, strict=True):
+        w = layer.dense_weight().double()
+        torch.testing.assert_close(y.double(), x64 @ w.T + layer.bias.double(), **tol)
+        full = (dy.double().T @ x64).view(layer.weight_shape)
+        expected = layer.layout.values_from_dense(full, layer.positions())
+        torch.testing.assert_close(layer.values.grad.double(), expected, **tol)
+    torch.testing.assert_close(
+        x.grad.double(), sum(dy.double() @ m.dense_weight().double() for m, dy in zip(layers, dys, strict=True)), **tol
+    )
+    with torch.no_grad():
+        x.add_(1.0)  # a new version: the kept tiles no longer hold x
+    with config.patch(backend="cpp"):
+        y = layers[1](x)
+    w = layers[1].dense_weight().double()
+    torch.testing.assert_close(y.double(), x.detach().double() @ w.T + layers[1].bias.double(), **tol)
+    assert cpp.held_tiles(x, x) is not made
