@@ -96,10 +96,9 @@ def test_layer(benchmark, case, dtype, pass_, impl):
             with torch.no_grad():
                 module(inp)
     else:
-        inp = x.clone().requires_grad_()
 
-        def run():
-            module(inp).sum().backward()
+        def run():  # a new input tensor each step, as training has (nothing kept on the last one applies)
+            module(x.clone().requires_grad_()).sum().backward()
 
     with config.patch(backend=BACKEND.get(impl, config.backend)):
         run()  # warm: index plans, compiled objects
