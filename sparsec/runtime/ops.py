@@ -217,11 +217,18 @@ def spmm_eager(
 
 def direct_call_allowed(*tensors: torch.Tensor | None) -> bool:
     """True when a call on these tensors may skip the custom op: eager (not traced by dynamo, jit or a
-    dispatch mode such as make_fx or FakeTensorMode), plain tensors, and no autograd graph to record."""
+    dispatch mode such as make_fx or FakeTensorMode), plain tensors (not subclasses, nor torch.func's
+    vmap/grad wrappers, which look plain), and no autograd graph to record."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _python_dispatch._get_current_dispatch_mode():
         return False
     grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) in _PLAIN and not (grad and t.requires_grad)) for t in tensors)
+    return all(
+        t is None or (type(t) in _PLAIN and not (grad and t.requires_grad) and not _functorch_wrapped(t))
+        for t in tensors
+    )
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not subclasses: FakeTensor, FunctionalTensor, DTensor, ...

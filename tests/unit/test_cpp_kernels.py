@@ -125,6 +125,10 @@ def test_a_direct_call_is_refused_where_a_graph_is_recorded_or_traced():
 
     traced(x)
     assert seen == [False]
+    with torch.no_grad():
+        torch.vmap(lambda t: seen.append(direct_call_allowed(t)) or t)(x)  # vmap's batched tensors look plain
+        torch.func.grad(lambda t: seen.append(direct_call_allowed(t)) or t.sum())(x)
+    assert seen == [False, False, False]
 
 
 @needs_compiler
