@@ -61,6 +61,12 @@ def grow_table(m: dict[tuple, float]) -> list[str]:
     return rows
 
 
+def _shown(path: Path) -> str:
+    """The run's path from the repository root where it lies inside the repository, else as given."""
+    root = STORAGE.parent.parent
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def render(path: Path) -> str:
     run = json.loads(path.read_text())
     meta = run.get("sparsec", {})
@@ -72,7 +78,7 @@ def render(path: Path) -> str:
         f"Measured {meta.get('date', run['datetime'][:10])} on {meta.get('machine', run['machine_info']['cpu'])}, "
         f"commit {run['commit_info']['id'][:10]}{' (uncommitted changes)' if run['commit_info']['dirty'] else ''}. "
         f"Command: `{meta.get('command', 'pytest bench/ --benchmark-only')}`, then "
-        f"`python bench/render_results.py` (this table, from `{path.relative_to(STORAGE.parent.parent)}`).",
+        f"`python bench/render_results.py` (this table, from `{_shown(path)}`).",
         "fp32 (rows marked bf16: every column in bf16), no bias, the same mask in every column; forward under "
         "no_grad, forward+backward of `sum()`; medians of pytest-benchmark; torch-csr is sparsec's cpu backend "
         "(PyTorch's CSR kernels; it computes half types in fp32).",

@@ -83,9 +83,8 @@ SETTINGS: dict[str, _Setting] = {
         "SPARSEC_CPP_KEEP_TILES",
         lambda: True,
         _flag,
-        "the cpp backend keeps a training step's batch-tile copy of each sparse layer's input (and of its output "
-        "gradient) on that tensor, so layers sharing an input and the gradient dots read it instead of copying "
-        "again: up to one extra copy of each such input while it is alive",
+        "eager training on the cpp backend hands each sparse layer's batch-tile copy of its input, made by the "
+        "forward, to the same step's gradient dots (one more copy of the input per layer until its backward)",
     ),
     "cache_dir": _Setting(
         "SPARSEC_CACHE_DIR",

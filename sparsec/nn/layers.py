@@ -230,8 +230,11 @@ class SparseLayer(nn.Module):
                 f"cast the input, call layer.to({x2d.dtype}), or run under torch.autocast"
             )
         index = list(self.index_buffers().values())
-        if ops.direct_call_allowed(x2d, values, bias):  # inference: no graph to record, skip the op's dispatch
-            return ops.spmm_eager(x2d, values, bias, index, *self.layout.op_key)
+        if ops.eager_call_allowed(x2d, values, bias):  # skip the op's dispatch: eager, nothing to trace
+            if not ops.records_graph(x2d, values, bias):  # inference
+                return ops.spmm_eager(x2d, values, bias, index, *self.layout.op_key)
+            if ops.backend_for(x2d) == "cpp":  # training: the step's tiles go from forward to backward
+                return ops.spmm_eager_training(x2d, values, bias, index, self.layout.op_key)
         return torch.ops.sparsec.spmm(x2d, values, bias, index, *self.layout.op_key)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsec import config as settings
 from sparsec.codegen.cpp import compiler, load
 from sparsec.codegen.render import render
 from sparsec.errors import SparsecError
@@ -88,7 +87,7 @@ def _tiling(scalar: str) -> tuple[int, int]:
 @functools.cache
 def _library(scalar: str, io: str, index: str, slot: str) -> ctypes.CDLL:
     lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, io=io, index=index, slot=slot))
-    lib.sparsec_rows_spmm.argtypes = [_P] * 10 + [_I64] * 3 + [_INT, _INT]
+    lib.sparsec_rows_spmm.argtypes = [_P] * 10 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_sddmm_tiles.argtypes = [_P] * 6 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_sddmm_tiles.restype = None
     lib.sparsec_rows_spmm.restype = None
@@ -114,7 +113,11 @@ def _scratch(n: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(n, dtype=compute_dtype(like))
 
 
-TILE_DOTS_DENSITY = 0.03  # below: the dots read the kept tiles (measured: faster at 98-99%, slower at 90-95%)
+TILE_DOTS_DENSITY = 0.03  # below: the dots read the step's tiles (measured: faster at 98-99%, slower at 90-95%)
+
+
+def _made_of(tiles: Tiles | None, src: torch.Tensor) -> bool:
+    return tiles is not None and tiles.made_of == (src.dtype, src.shape)
 
 
 def _work(lib: ctypes.CDLL, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -122,48 +125,27 @@ def _work(lib: ctypes.CDLL, n: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(n * lib.sparsec_work_bytes(), dtype=torch.uint8)
 
 
-_TILES = "_sparsec_tiles"  # on a product's input: its batch tiles, for the next product and the gradient dots
+@dataclass(frozen=True)
+class Tiles:
+    """A product's batch-tile copy of its input (``sparsec_rows_spmm``'s SRC_T), handed by the eager training
+    path (``runtime.ops``) to the same step's gradient dots through autograd's ctx, never through the tensor:
+    they cannot outlive, or go stale against, the step they belong to."""
+
+    data: torch.Tensor  # uint8, work elements
+    made_of: tuple[torch.dtype, torch.Size]  # what the kernels read: dtype and shape
 
 
-def _owner(t: torch.Tensor) -> torch.Tensor:
-    """Where ``t``'s tiles are kept: on the tensor it views whole (a layer flattens ``[B, T, D]`` inputs
-    into a new view per call; layers sharing the input share its base), else on ``t``."""
-    base = t._base
-    if base is not None and base.data_ptr() == t.data_ptr() and base.numel() == t.numel() and base.is_contiguous():
-        return base
-    return t
-
-
-def held_tiles(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor | None:
-    """The batch tiles a product kept for ``t`` (its input as the caller holds it; ``src`` is what the kernels
-    read of it), while ``t`` is unchanged since (its version) and ``src`` is what they were made of."""
-    held = _owner(t).__dict__.get(_TILES)
-    return held[2] if held is not None and held[:2] == (t._version, (src.dtype, src.shape)) else None
-
-
-def _keep_tiles(t: torch.Tensor, src: torch.Tensor, tiles: torch.Tensor) -> None:
-    _owner(t).__dict__[_TILES] = (t._version, (src.dtype, src.shape), tiles)
-
-
-def _spmm(src, values, offsets, cols, order, bias, n_rows: int, owner: torch.Tensor | None = None) -> torch.Tensor:
-    """The product; with ``owner`` (the caller's tensor of which ``src`` is the kernels' copy) it reuses the
-    batch tiles kept on it, or keeps the ones it makes there (``config.cpp_keep_tiles``)."""
+def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> tuple[torch.Tensor, Tiles | None]:
+    """The product, and the batch tiles it made of ``src`` (None: a batch under one vector gathers)."""
     b, n_src = src.shape
     out = src.new_empty(b, n_rows)
     scalar, io = KERNEL_TYPES[src.dtype]
     tile, lanes = _tiling(scalar)
     lib = _library(scalar, io, INDEX_TYPES[cols.dtype], _slot_type(order))
     src_t = out_t = values_t = None  # batches under one vector gather from SRC: no scratch
-    ready = False
     if b >= lanes:
         padded = -(-b // tile) * tile  # whole batch tiles
-        src_t = held_tiles(owner, src) if owner is not None else None
-        ready = src_t is not None
-        if not ready:
-            src_t = _work(lib, padded * n_src, src)
-            if owner is not None and settings.cpp_keep_tiles:
-                _keep_tiles(owner, src, src_t)
-        out_t = _scratch(padded * n_rows, src)  # held: the call reads it
+        src_t, out_t = _work(lib, padded * n_src, src), _scratch(padded * n_rows, src)  # held: the call reads them
         if order is not None or lib.sparsec_work_bytes() != src.element_size():
             values_t = _work(lib, values.numel(), src)
     lib.sparsec_rows_spmm(
@@ -180,10 +162,9 @@ def _spmm(src, values, offsets, cols, order, bias, n_rows: int, owner: torch.Ten
         b,
         n_rows,
         n_src,
-        int(ready),
         torch.get_num_threads(),  # torch's intra-op count (torch.set_num_threads holds)
     )
-    return out
+    return out, None if src_t is None else Tiles(src_t, (src.dtype, src.shape))
 
 
 def _inputs(*tensors):
@@ -194,49 +175,64 @@ def _inputs(*tensors):
     return [t if t is None or (t.dtype == dt and t.is_contiguous()) else t.to(dt).contiguous() for t in tensors]
 
 
-def cpp_forward(
-    plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, keep: bool = False
-) -> torch.Tensor:
-    """``x @ W^T + bias``; ``keep``: reuse or keep ``x``'s batch tiles (the next layer on ``x`` and this
-    layer's gradient dots read them instead of copying ``x`` again)."""
+def cpp_forward_tiles(
+    plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, Tiles | None]:
+    """``x @ W^T + bias``, and the batch tiles of ``x`` it made (for the step's gradient dots)."""
     xs, v, b = _inputs(x, values, bias)
-    y = _spmm(xs, v, plan.offsets, plan.cols, plan.order, b, plan.shape[0], x if keep else None)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    y, tiles = _spmm(xs, v, plan.offsets, plan.cols, plan.order, b, plan.shape[0])
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), tiles
 
 
-def cpp_grad_input(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor, keep: bool = False) -> torch.Tensor:
-    """``dy @ W``: the rows of ``W^T``; the kernel puts the stored values in their order once per call.
-    ``keep``: keep ``dy``'s batch tiles for the gradient dots."""
+def cpp_forward(plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W^T + bias``."""
+    return cpp_forward_tiles(plan, x, values, bias)[0]
+
+
+def cpp_grad_input_tiles(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, Tiles | None]:
+    """``dy @ W`` (the rows of ``W^T``; the kernel puts the stored values in their order once per call),
+    and the batch tiles of ``dy`` it made."""
     g, v = _inputs(dy, values)
-    dx = _spmm(g, v, plan.offsets_t, plan.cols_t, plan.order_t, None, plan.shape[1], dy if keep else None)
-    return dx if dx.dtype == dy.dtype else dx.to(dy.dtype)
+    dx, tiles = _spmm(g, v, plan.offsets_t, plan.cols_t, plan.order_t, None, plan.shape[1])
+    return (dx if dx.dtype == dy.dtype else dx.to(dy.dtype)), tiles
 
 
-def cpp_grad_values(plan: CppPlan, dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``(dy^T @ x)`` at the kept positions, in stored value order: from the batch tiles the products kept on
-    ``dy`` and ``x`` where both hold them and the layer is sparse enough that the copies cost more than the
-    dots (``TILE_DOTS_DENSITY``), else over feature-major copies of its own."""
+def cpp_grad_input(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``dy @ W``."""
+    return cpp_grad_input_tiles(plan, dy, values)[0]
+
+
+def cpp_grad_values(
+    plan: CppPlan,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    dy_tiles: Tiles | None = None,
+    x_tiles: Tiles | None = None,
+) -> torch.Tensor:
+    """``(dy^T @ x)`` at the kept positions, in stored value order: from the step's batch tiles of ``dy`` and
+    ``x`` where both are given (made of these very tensors) and the layer is sparse enough that copying
+    costs more than the dots (``TILE_DOTS_DENSITY``), else over feature-major copies of its own."""
     g, xs = _inputs(dy, x)
     b, n_rows = g.shape
     n_x = xs.shape[1]
     grad = g.new_empty(values.numel())
     lib = _library(*KERNEL_TYPES[g.dtype], INDEX_TYPES[plan.cols.dtype], _slot_type(plan.order))
-    if values.numel() < TILE_DOTS_DENSITY * n_rows * n_x:
-        dy_t, x_t = held_tiles(dy, g), held_tiles(x, xs)
-        if dy_t is not None and x_t is not None:
-            lib.sparsec_rows_sddmm_tiles(
-                dy_t.data_ptr(),
-                x_t.data_ptr(),
-                plan.offsets.data_ptr(),
-                plan.cols.data_ptr(),
-                _ptr(plan.order),
-                grad.data_ptr(),
-                b,
-                n_rows,
-                n_x,
-                torch.get_num_threads(),
-            )
-            return grad.view(values.shape).to(values.dtype)
+    sparse_enough = values.numel() < TILE_DOTS_DENSITY * n_rows * n_x
+    if sparse_enough and _made_of(dy_tiles, g) and _made_of(x_tiles, xs):
+        lib.sparsec_rows_sddmm_tiles(
+            dy_tiles.data.data_ptr(),
+            x_tiles.data.data_ptr(),
+            plan.offsets.data_ptr(),
+            plan.cols.data_ptr(),
+            _ptr(plan.order),
+            grad.data_ptr(),
+            b,
+            n_rows,
+            n_x,
+            torch.get_num_threads(),
+        )
+        return grad.view(values.shape).to(values.dtype)
     ld = lib.sparsec_dots_ld(b)  # the batch padded so that feature rows do not alias in the caches
     dy_t, x_t = _work(lib, ld * n_rows, g), _work(lib, ld * n_x, g)  # held: the call reads their storage
     lib.sparsec_rows_sddmm(

@@ -14,6 +14,10 @@ A grow step's dense-gradient capture is a *tap* on the layer's index buffers (``
 every traced graph (the op reads it when it runs), so an armed step runs the graph an unarmed step
 runs: compiled training has no graph break and no recompile at an update.
 
+Eager calls skip the op's dispatch where nothing traces or watches them (``eager_call_allowed``):
+inference runs ``spmm_eager``, and training on the cpp backend ``spmm_eager_training``, an autograd
+Function with the op's forward and backward that hands the step's batch tiles to its gradient dots.
+
 Backends (``SPARSEC_BACKEND``): ``triton`` (generated kernels on CUDA), ``interpret`` (the same
 kernels in Triton's interpreter, CPU), ``cpu`` (PyTorch's CSR kernels), ``cpp`` (generated C++ kernels
 on the CPU, compiled on first use; where they cannot build, cpu with one warning); ``auto`` picks triton
@@ -28,6 +32,7 @@ import warnings
 import weakref
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils import _python_dispatch
 
 from sparsec import config as settings
@@ -36,7 +41,15 @@ from sparsec.dtypes import name_of as dtype_name
 from sparsec.errors import SparsecError, SparsecWarning
 from sparsec.formats import Layout, LayoutKey, layout_of, layout_of_storage
 from sparsec.runtime.compile import compile_layer
-from sparsec.runtime.cpp import CppPlan, cpp_forward, cpp_grad_input, cpp_grad_values, cpp_problem
+from sparsec.runtime.cpp import (
+    CppPlan,
+    cpp_forward,
+    cpp_forward_tiles,
+    cpp_grad_input,
+    cpp_grad_input_tiles,
+    cpp_grad_values,
+    cpp_problem,
+)
 from sparsec.runtime.cpu import CSRPlan, compute_dtype, csr_forward, csr_grad_input, csr_grad_values
 from sparsec.runtime.launch import Launcher
 
@@ -197,12 +210,10 @@ def spmm_eager(
     family: str,
     out_features: int,
     in_features: int,
-    keep_tiles: bool = False,
 ) -> torch.Tensor:
     """What ``sparsec::spmm`` computes, called without the op's dispatch: for eager calls that record
-    no autograd graph and no trace (``direct_call_allowed``). A custom op's Python dispatch costs about
-    10 us, as long as the whole batch-1 product on a CPU. ``keep_tiles`` (the op's training calls): the
-    cpp kernels keep ``x``'s batch tiles on it for the backward."""
+    no autograd graph and no trace (``eager_call_allowed`` and not ``records_graph``). A custom op's
+    Python dispatch costs about 10 us, as long as the whole batch-1 product on a CPU."""
     key = _key(values, family, out_features, in_features)
     backend = backend_for(x)
     plan = index_plan(key, backend, index)
@@ -210,25 +221,70 @@ def spmm_eager(
         y = csr_forward(plan, x, values)
         return y if bias is None else y + bias
     if backend == "cpp":
-        return cpp_forward(plan, x, values, bias, keep=keep_tiles)
+        return cpp_forward(plan, x, values, bias)
     launcher = kernel_launcher(key, values, bias is not None, backend)
     return launcher.run("forward", plan, x=x.contiguous(), values=values, bias=bias)
 
 
-def direct_call_allowed(*tensors: torch.Tensor | None) -> bool:
-    """True when a call on these tensors may skip the custom op: eager (not traced by dynamo, jit or a
-    dispatch mode such as make_fx or FakeTensorMode), plain tensors (not subclasses, nor torch.func's
-    vmap/grad wrappers, which look plain), and no autograd graph to record."""
+def eager_call_allowed(*tensors: torch.Tensor | None) -> bool:
+    """True when a call on these tensors may skip the custom op: eager (not traced by dynamo or jit, no
+    TorchFunctionMode or dispatch mode such as make_fx or FakeTensorMode to see it) and plain tensors (not
+    subclasses, nor torch.func's vmap/grad wrappers, which look plain)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _python_dispatch._get_current_dispatch_mode():
         return False
-    grad = torch.is_grad_enabled()
-    return all(
-        t is None or (type(t) in _PLAIN and not (grad and t.requires_grad) and not _functorch_wrapped(t))
-        for t in tensors
-    )
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(t is None or (type(t) in _PLAIN and not _functorch_wrapped(t)) for t in tensors)
+
+
+def records_graph(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd records a graph for a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def spmm_eager_training(
+    x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, index: list[torch.Tensor], layout_key: tuple
+) -> torch.Tensor:
+    """``sparsec::spmm`` with its backward, for eager training on the cpp backend (``eager_call_allowed``):
+    an autograd Function that hands the forward's batch tiles of ``x``, and grad_input's of ``dy``, to the
+    gradient dots through its ctx, where they cannot go stale (``config.cpp_keep_tiles``), and skips the
+    custom op's dispatch. Traced and compiled code runs the op."""
+    return _EagerTraining.apply(x, values, bias, index, *layout_key)
+
+
+class _EagerTraining(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, bias, index, family, out_features, in_features):
+        key = _key(values, family, out_features, in_features)
+        plan = index_plan(key, "cpp", index)
+        keep = settings.cpp_keep_tiles and ctx.needs_input_grad[1]  # the values' gradient dots read them
+        y, x_tiles = cpp_forward_tiles(plan, x, values, bias) if keep else (cpp_forward(plan, x, values, bias), None)
+        ctx.save_for_backward(x, values, *index)
+        ctx.key, ctx.has_bias, ctx.x_tiles = key, bias is not None, x_tiles
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, values, *index = ctx.saved_tensors
+        x_tiles, ctx.x_tiles = ctx.x_tiles, None
+        dy = dy.contiguous()
+        plan = index_plan(ctx.key, "cpp", index)
+        need_x, need_values, need_bias = ctx.needs_input_grad[:3]
+        dx = dy_tiles = None
+        if need_x and need_values and x_tiles is not None:
+            dx, dy_tiles = cpp_grad_input_tiles(plan, dy, values)
+        elif need_x:
+            dx = cpp_grad_input(plan, dy, values)
+        dv = None
+        if need_values:
+            _hand_to_tap(index, dy, x)
+            dv = cpp_grad_values(plan, dy, x, values, dy_tiles, x_tiles)
+        db = dy.sum(0) if ctx.has_bias and need_bias else None
+        return dx, dv, db, None, None, None, None
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not subclasses: FakeTensor, FunctionalTensor, DTensor, ...
@@ -244,7 +300,7 @@ def spmm(
     out_features: int,
     in_features: int,
 ) -> torch.Tensor:
-    return spmm_eager(x, values, bias, index, family, out_features, in_features, keep_tiles=True)
+    return spmm_eager(x, values, bias, index, family, out_features, in_features)
 
 
 @spmm.register_fake
@@ -262,7 +318,7 @@ def spmm_grad_input(
     if backend == "cpu":
         return csr_grad_input(plan, dy, values)
     if backend == "cpp":
-        return cpp_grad_input(plan, dy, values, keep=True)
+        return cpp_grad_input(plan, dy, values)
     return kernel_launcher(key, values, False, backend).run("grad_input", plan, dz=dy.contiguous(), values=values)
 
 

@@ -36,7 +36,9 @@ def rank_in_unit(
 def best_in_row(scores: torch.Tensor, k: int, floor: torch.Tensor | None = None) -> torch.Tensor:
     """Ascending indices of the ``k`` largest entries of the 1-D ``scores`` above ``floor`` (and above
     -inf), ties to the lower index: ``best_per_row`` of one row, as indices. On the cpp backend, float32
-    scores go to the generated selection kernel (a radix select: linear work, no copy of the scores)."""
+    scores go to the generated selection kernel (a radix select: linear work, no copy of the scores),
+    which never takes NaN where torch ranks it first; the selector discards a step with a non-finite
+    score either way (``GrowSelector.finite``)."""
     if scores.dtype == torch.float32 and not scores.is_cuda and backend_for(scores) == "cpp":
         return cpp_best_in_row(scores, k, -torch.inf if floor is None else float(floor))
     if floor is not None:

@@ -100,34 +100,45 @@ def test_inference_calls_run_the_kernels_without_the_op_and_match(spec, out, inn
     w = layer.dense_weight().double()
     torch.testing.assert_close(y.double(), x.detach().double() @ w.T + layer.bias.double(), rtol=1e-4, atol=1e-4)
     with config.patch(backend="cpp"):
-        assert layer(x).grad_fn is not None  # autograd records a graph: through the op
+        y = layer(x)  # training: the eager autograd Function, not the op
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_EagerTrainingBackward" and calls == ["kernels"]
+    with config.patch(backend="cpu"):
+        y = layer(x)  # training on another backend: through the op
     assert calls == ["kernels", "op", "kernels"]
 
 
-def test_a_direct_call_is_refused_where_a_graph_is_recorded_or_traced():
+def test_eager_calls_are_refused_where_something_traces_or_watches_them():
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
 
-    from sparsec.runtime.ops import direct_call_allowed
+    from sparsec.runtime.ops import eager_call_allowed, records_graph
 
     x, w = torch.randn(2, 3), nn.Parameter(torch.randn(3))
-    assert direct_call_allowed(x, w.detach(), None)
-    assert not direct_call_allowed(x, w, None)  # w's gradient: autograd must see the op
+    assert eager_call_allowed(x, w, None) and eager_call_allowed(x, w.detach(), None)
+    assert records_graph(x, w, None) and not records_graph(x, w.detach(), None)
     with torch.no_grad():
-        assert direct_call_allowed(x, w, None)
+        assert not records_graph(x, w, None)
     with FakeTensorMode() as mode:
-        assert not direct_call_allowed(mode.from_tensor(x), None)  # a subclass, and a dispatch mode
+        assert not eager_call_allowed(mode.from_tensor(x), None)  # a subclass, and a dispatch mode
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        assert not eager_call_allowed(x)  # a TorchFunctionMode must see torch.ops.sparsec.spmm
     seen = []
 
     @torch.compile(backend="eager", fullgraph=True)
     def traced(t):
-        seen.append(direct_call_allowed(t))
+        seen.append(eager_call_allowed(t))
         return t + 1
 
     traced(x)
     assert seen == [False]
     with torch.no_grad():
-        torch.vmap(lambda t: seen.append(direct_call_allowed(t)) or t)(x)  # vmap's batched tensors look plain
-        torch.func.grad(lambda t: seen.append(direct_call_allowed(t)) or t.sum())(x)
+        torch.vmap(lambda t: seen.append(eager_call_allowed(t)) or t)(x)  # vmap's batched tensors look plain
+        torch.func.grad(lambda t: seen.append(eager_call_allowed(t)) or t.sum())(x)
     assert seen == [False, False, False]
 
 
@@ -382,37 +393,38 @@ def test_the_selection_kernel_takes_the_k_best_with_ties_to_the_lower_index(n, k
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layers_sharing_an_input_reuse_its_kept_tiles_and_the_dots_read_them(dtype):
-    """q/k/v-style layers on one input: the first product keeps the input's batch tiles on it, the next
-    ones and the gradient dots (at 1% density, below TILE_DOTS_DENSITY) read them; an in-place change of
-    the input (a new version) makes them stale, so they are made again."""
+def test_eager_training_hands_the_forwards_tiles_to_the_gradient_dots(dtype, monkeypatch):
+    """At 1% density (below TILE_DOTS_DENSITY) eager training's gradient dots read the batch tiles the
+    forward made of x and grad_input made of dy (through autograd's ctx); the gradients match float64,
+    for two layers sharing one input, and again after the input changed in place."""
     from sparsec.runtime import cpp
 
     torch.manual_seed(3)
     layers = [sparsec.SparseLinear(2100, out, spec="99%", dtype=dtype) for out in (40, 56)]
     assert layers[0].values.numel() < cpp.TILE_DOTS_DENSITY * 40 * 2100
     x = torch.randn(70, 2100, dtype=dtype, requires_grad=True)
-    dys = [torch.randn(70, layer.out_features, dtype=dtype) for layer in layers]
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    with config.patch(backend="cpp"):
-        ys = [layer(x) for layer in layers]
-        made = cpp.held_tiles(x, x)
-        torch.autograd.backward(ys, dys)
-    assert cpp.held_tiles(x, x) is made is not None  # the second layer read the first one's tiles
-    x64 = x.detach().double()
-    for layer, y, dy in zip(layers, ys, dys, strict=True):
-        w = layer.dense_weight().double()
-        torch.testing.assert_close(y.double(), x64 @ w.T + layer.bias.double(), **tol)
-        full = (dy.double().T @ x64).view(layer.weight_shape)
-        expected = layer.layout.values_from_dense(full, layer.positions())
-        torch.testing.assert_close(layer.values.grad.double(), expected, **tol)
-    torch.testing.assert_close(
-        x.grad.double(), sum(dy.double() @ m.dense_weight().double() for m, dy in zip(layers, dys, strict=True)), **tol
-    )
-    with torch.no_grad():
-        x.add_(1.0)  # a new version: the kept tiles no longer hold x
-    with config.patch(backend="cpp"):
-        y = layers[1](x)
-    w = layers[1].dense_weight().double()
-    torch.testing.assert_close(y.double(), x.detach().double() @ w.T + layers[1].bias.double(), **tol)
-    assert cpp.held_tiles(x, x) is not made
+    read_tiles = []
+    lib = cpp._library(*cpp.KERNEL_TYPES[dtype], "uint16_t", "int32_t")
+    real = lib.sparsec_rows_sddmm_tiles
+    monkeypatch.setattr(lib, "sparsec_rows_sddmm_tiles", lambda *a: read_tiles.append(1) or real(*a))
+    for step in range(2):
+        for layer in layers:
+            layer.zero_grad()
+        x.grad = None
+        dys = [torch.randn(70, layer.out_features, dtype=dtype) for layer in layers]
+        with config.patch(backend="cpp"):
+            ys = [layer(x) for layer in layers]
+            torch.autograd.backward(ys, dys)
+        assert len(read_tiles) == 2 * (step + 1)  # both layers' dots read the step's tiles
+        x64 = x.detach().double()
+        for layer, y, dy in zip(layers, ys, dys, strict=True):
+            w = layer.dense_weight().double()
+            torch.testing.assert_close(y.double(), x64 @ w.T + layer.bias.double(), **tol)
+            full = (dy.double().T @ x64).view(layer.weight_shape)
+            expected = layer.layout.values_from_dense(full, layer.positions())
+            torch.testing.assert_close(layer.values.grad.double(), expected, **tol)
+        dx = sum(dy.double() @ m.dense_weight().double() for m, dy in zip(layers, dys, strict=True))
+        torch.testing.assert_close(x.grad.double(), dx, **tol)
+        with torch.no_grad():
+            x.add_(1.0)  # the next step's input differs: its tiles are made again
