@@ -13,6 +13,7 @@ Index columns are 16-bit where they fit, value slots 32-bit. Threads: torch's in
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ import torch
 from sparsec.codegen.cpp import compiler, load
 from sparsec.codegen.render import render
 from sparsec.errors import SparsecError
+from sparsec.formats import Layout
+from sparsec.formats.base import offsets
 from sparsec.runtime.cpu import CSRPlan, compute_dtype
 
 # tensor dtype -> (compute type, tensor element type) of the kernels; fp16 is widened to fp32 before them
@@ -46,13 +49,37 @@ class CppPlan:
     cols_t: torch.Tensor  # uint16 or int32
     order_t: torch.Tensor  # int32 or int64
     shape: tuple[int, int]
+    # Blocks (BSR layouts; None otherwise): the block rows of W and of W^T for the micro-tile kernels
+    block: tuple[int, int] | None = None  # R x C
+    block_offsets: torch.Tensor | None = None  # int64 [out / R + 1]
+    block_cols: torch.Tensor | None = None  # int32 block column of each stored block
+    block_offsets_t: torch.Tensor | None = None  # int64 [in / C + 1]
+    block_rows_t: torch.Tensor | None = None  # int32 block row of each block, by block column
+    block_slots_t: torch.Tensor | None = None  # int64 stored block of each, by block column
 
     @staticmethod
-    def build(csr: CSRPlan) -> CppPlan:
+    def build(csr: CSRPlan, layout: Layout, flat_items: torch.Tensor) -> CppPlan:
+        """From the CSR plan; a layout whose items are blocks (stored item by item, ascending, as
+        ``flat_items`` lists them on the item grid) also gets the block rows of W and W^T."""
         out, inn = csr.shape
         order = None if csr.order is None else _narrow_slots(csr.order)
         col, col_t = _narrow(csr.col, inn), _narrow(csr.col_t, out)
-        return CppPlan(csr.crow, col, order, csr.crow_t, col_t, _narrow_slots(csr.order_t), csr.shape)
+        rows = CppPlan(csr.crow, col, order, csr.crow_t, col_t, _narrow_slots(csr.order_t), csr.shape)
+        flat = flat_items.long()
+        if layout.item == (1, 1) or not bool((flat[1:] > flat[:-1]).all()):  # not blocks stored in grid order
+            return rows
+        n_brows, n_bcols = layout.grid
+        brow, bcol = flat // n_bcols, flat % n_bcols
+        by_col = (bcol * n_brows + brow).argsort()
+        return dataclasses.replace(
+            rows,
+            block=tuple(layout.item),
+            block_offsets=offsets(brow, n_brows),
+            block_cols=bcol.int(),
+            block_offsets_t=offsets(bcol[by_col], n_bcols),
+            block_rows_t=brow[by_col].int(),
+            block_slots_t=by_col,
+        )
 
 
 def _narrow(cols: torch.Tensor, extent: int) -> torch.Tensor:
@@ -97,6 +124,12 @@ def _library(scalar: str, io: str, index: str, slot: str) -> ctypes.CDLL:
         query.argtypes, query.restype = [], _I64
     lib.sparsec_dots_ld.argtypes, lib.sparsec_dots_ld.restype = [_I64], _I64
     lib.sparsec_work_bytes.argtypes, lib.sparsec_work_bytes.restype = [], _I64
+    lib.sparsec_has_block_kernels.argtypes, lib.sparsec_has_block_kernels.restype = [], _I64
+    if lib.sparsec_has_block_kernels():
+        lib.sparsec_block_spmm.argtypes = [_P] * 9 + [_I64] * 5 + [_INT, _INT]
+        lib.sparsec_block_spmm.restype = None
+        lib.sparsec_block_sddmm.argtypes = [_P] * 7 + [_I64] * 5 + [_INT]
+        lib.sparsec_block_sddmm.restype = None
     return lib
 
 
@@ -167,6 +200,43 @@ def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> tuple[torch.T
     return out, None if src_t is None else Tiles(src_t, (src.dtype, src.shape))
 
 
+def _block_kernels(plan: CppPlan, src: torch.Tensor) -> ctypes.CDLL | None:
+    """The library whose block micro-tile kernels serve this call, or None: not a block layout, a batch under
+    one vector (the rows gather), or bf16 layers on bf16 dots (their tiles are bf16 pairs: rows)."""
+    if plan.block is None:
+        return None
+    scalar, io = KERNEL_TYPES[src.dtype]
+    lib = _library(scalar, io, "int32_t", "int32_t")
+    return lib if src.shape[0] >= _tiling(scalar)[1] and lib.sparsec_has_block_kernels() else None
+
+
+def _block_product(lib, src, values, boff, bcol, bslot, bias, n_out: int, block: tuple[int, int], transposed: bool):
+    b, n_src = src.shape
+    scalar, _ = KERNEL_TYPES[src.dtype]
+    tile = _tiling(scalar)[0]
+    padded = -(-b // tile) * tile
+    out = src.new_empty(b, n_out)
+    src_t, out_t = _work(lib, padded * n_src, src), _scratch(padded * n_out, src)  # held: the call reads them
+    lib.sparsec_block_spmm(
+        src.data_ptr(),
+        values.data_ptr(),
+        boff.data_ptr(),
+        bcol.data_ptr(),
+        _ptr(bslot),
+        _ptr(bias),
+        out.data_ptr(),
+        src_t.data_ptr(),
+        out_t.data_ptr(),
+        b,
+        boff.numel() - 1,
+        n_src,
+        *block,
+        int(transposed),
+        torch.get_num_threads(),
+    )
+    return out, Tiles(src_t, (src.dtype, src.shape))
+
+
 def _inputs(*tensors):
     """The tensors in a dtype the kernels read (bfloat16 as it is; float16 widened to float32), contiguous
     (values may keep their shape: the kernels read them flat)."""
@@ -180,7 +250,13 @@ def cpp_forward_tiles(
 ) -> tuple[torch.Tensor, Tiles | None]:
     """``x @ W^T + bias``, and the batch tiles of ``x`` it made (for the step's gradient dots)."""
     xs, v, b = _inputs(x, values, bias)
-    y, tiles = _spmm(xs, v, plan.offsets, plan.cols, plan.order, b, plan.shape[0])
+    blocks = _block_kernels(plan, xs)
+    if blocks is not None:  # dense micro-tiles over the stored blocks
+        y, tiles = _block_product(
+            blocks, xs, v, plan.block_offsets, plan.block_cols, None, b, plan.shape[0], plan.block, False
+        )
+    else:
+        y, tiles = _spmm(xs, v, plan.offsets, plan.cols, plan.order, b, plan.shape[0])
     return (y if y.dtype == x.dtype else y.to(x.dtype)), tiles
 
 
@@ -193,7 +269,22 @@ def cpp_grad_input_tiles(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) 
     """``dy @ W`` (the rows of ``W^T``; the kernel puts the stored values in their order once per call),
     and the batch tiles of ``dy`` it made."""
     g, v = _inputs(dy, values)
-    dx, tiles = _spmm(g, v, plan.offsets_t, plan.cols_t, plan.order_t, None, plan.shape[1])
+    blocks = _block_kernels(plan, g)
+    if blocks is not None:  # the blocks by block column, each read transposed
+        dx, tiles = _block_product(
+            blocks,
+            g,
+            v,
+            plan.block_offsets_t,
+            plan.block_rows_t,
+            plan.block_slots_t,
+            None,
+            plan.shape[1],
+            plan.block,
+            True,
+        )
+    else:
+        dx, tiles = _spmm(g, v, plan.offsets_t, plan.cols_t, plan.order_t, None, plan.shape[1])
     return (dx if dx.dtype == dy.dtype else dx.to(dy.dtype)), tiles
 
 
@@ -218,6 +309,25 @@ def cpp_grad_values(
     n_x = xs.shape[1]
     grad = g.new_empty(values.numel())
     lib = _library(*KERNEL_TYPES[g.dtype], INDEX_TYPES[plan.cols.dtype], _slot_type(plan.order))
+    blocks = _block_kernels(plan, g)
+    if blocks is not None:  # micro-GEMMs per stored block over feature-major copies
+        ld = blocks.sparsec_dots_ld(b)
+        dy_t, x_t = _work(blocks, ld * n_rows, g), _work(blocks, ld * n_x, g)  # held: the call reads them
+        blocks.sparsec_block_sddmm(
+            g.data_ptr(),
+            xs.data_ptr(),
+            plan.block_offsets.data_ptr(),
+            plan.block_cols.data_ptr(),
+            grad.data_ptr(),
+            dy_t.data_ptr(),
+            x_t.data_ptr(),
+            b,
+            plan.block_offsets.numel() - 1,
+            *plan.block,
+            n_x,
+            torch.get_num_threads(),
+        )
+        return grad.view(values.shape).to(values.dtype)
     sparse_enough = values.numel() < TILE_DOTS_DENSITY * n_rows * n_x
     if sparse_enough and _made_of(dy_tiles, g) and _made_of(x_tiles, xs):
         lib.sparsec_rows_sddmm_tiles(

@@ -139,7 +139,8 @@ def _build_plan(key: LayoutKey, backend: str, index: list[torch.Tensor]):
     if backend == "cpu":
         return CSRPlan.build(layout, layout.decode(buffers))
     if backend == "cpp":
-        return CppPlan.build(CSRPlan.build(layout, layout.decode(buffers)))
+        items = layout.decode(buffers)
+        return CppPlan.build(CSRPlan.build(layout, items), layout, items)
     return layout.format.strategy(layout.spec).plan(layout, buffers)
 
 
