@@ -5,7 +5,7 @@ the bytes the weights hold (values + index buffers against the dense weight), an
 the extra time and peak extra memory of an armed backward (RigL candidate collection) against the
 size of the dense gradient it never builds. Writes the table into bench/RESULTS.md.
 
-    python bench/bench_cpu_layers.py [--out 4096] [--in 4096] [--batch 256]
+    python bench/bench_cpu_layers.py [--out 4096] [--in 4096] [--batch 256] [--backend cpp|cpu]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def bench(out: int, inn: int, batch: int) -> list[str]:
         def step(layer=layer):
             layer(x).sum().backward()
 
-        step()  # builds the cached CSR plan
+        step()  # builds the cached plan (and compiles the kernels)
         t_sparse = median_ms(step)
         plain_peak = peak_bytes(step)
         sparsec.MaskUpdater(layer, None, total_steps=10**6)  # arms the layer for a grow step
@@ -94,15 +94,18 @@ def main() -> None:
     parser.add_argument("--out", type=int, default=4096)
     parser.add_argument("--in", dest="inn", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--backend", choices=["cpu", "cpp"], default="cpp", help="the CPU backend to measure")
     args = parser.parse_args()
-    rows = bench(args.out, args.inn, args.batch)
+    with sparsec.config.patch(backend=args.backend):
+        rows = bench(args.out, args.inn, args.batch)
     budget = sparsec.config.grow_chunk_bytes
     body = "\n".join(
         [
             "## CPU path: sparse layers against nn.Linear",
             "",
             f"Measured {datetime.date.today().isoformat()} on {machine()}.",
-            f"Command: `python bench/bench_cpu_layers.py --out {args.out} --in {args.inn} --batch {args.batch}` "
+            f"Command: `python bench/bench_cpu_layers.py --out {args.out} --in {args.inn} --batch {args.batch} "
+            f"--backend {args.backend}` "
             f"(fp32, no bias, forward + backward of `sum()`, median of `torch.utils.benchmark`; "
             f"grow chunk budget {budget / 2**20:.0f} MiB).",
             "",
@@ -115,8 +118,11 @@ def main() -> None:
             "The armed step computes `|dY^T X|` chunk by chunk: the FLOPs of a dense weight gradient (RigL needs",
             "them) but not its memory. Grow extra peak is how far the armed backward's peak rises above the plain",
             "backward's; 0 means the selection fit under the backward's own peak.",
-            "The CPU path uses PyTorch's CSR kernels (`torch.sparse.mm`, `sampled_addmm`); N:M and block specs are",
-            "run through the same CSR product here, so they gain only from their density on this path.",
+            {
+                "cpu": "The cpu backend: PyTorch's CSR kernels (`torch.sparse.mm`, `sampled_addmm`), every structure.",
+                "cpp": "The cpp backend: sparsec's generated C++ kernels (rows for unstructured, N:M and fan-in; "
+                "micro-tiles for blocks).",
+            }[args.backend],
         ]
     )
     write_section("cpu-layers", body)
