@@ -149,6 +149,13 @@ def _scratch(n: int, like: torch.Tensor) -> torch.Tensor:
 TILE_DOTS_DENSITY = 0.03  # below: the dots read the step's tiles (measured: faster at 98-99%, slower at 90-95%)
 
 
+def dots_read_tiles(plan: CppPlan, values: torch.Tensor) -> bool:
+    """Whether ``cpp_grad_values`` reads the step's tiles for this layer (rows below TILE_DOTS_DENSITY;
+    blocks run their own micro-GEMMs): only then are they worth holding from forward to backward."""
+    out, inn = plan.shape
+    return plan.block is None and values.numel() < TILE_DOTS_DENSITY * out * inn
+
+
 def _made_of(tiles: Tiles | None, src: torch.Tensor) -> bool:
     return tiles is not None and tiles.made_of == (src.dtype, src.shape)
 
@@ -328,8 +335,7 @@ def cpp_grad_values(
             torch.get_num_threads(),
         )
         return grad.view(values.shape).to(values.dtype)
-    sparse_enough = values.numel() < TILE_DOTS_DENSITY * n_rows * n_x
-    if sparse_enough and _made_of(dy_tiles, g) and _made_of(x_tiles, xs):
+    if dots_read_tiles(plan, values) and _made_of(dy_tiles, g) and _made_of(x_tiles, xs):
         lib.sparsec_rows_sddmm_tiles(
             dy_tiles.data.data_ptr(),
             x_tiles.data.data_ptr(),

@@ -32,7 +32,6 @@ import warnings
 import weakref
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils import _python_dispatch
 
 from sparsec import config as settings
@@ -49,6 +48,7 @@ from sparsec.runtime.cpp import (
     cpp_grad_input_tiles,
     cpp_grad_values,
     cpp_problem,
+    dots_read_tiles,
 )
 from sparsec.runtime.cpu import CSRPlan, compute_dtype, csr_forward, csr_grad_input, csr_grad_values
 from sparsec.runtime.launch import Launcher
@@ -261,19 +261,22 @@ class _EagerTraining(torch.autograd.Function):
     def forward(ctx, x, values, bias, index, family, out_features, in_features):
         key = _key(values, family, out_features, in_features)
         plan = index_plan(key, "cpp", index)
-        keep = settings.cpp_keep_tiles and ctx.needs_input_grad[1]  # the values' gradient dots read them
+        # the tiles of x are held to the backward only where its values' dots read them
+        keep = settings.cpp_keep_tiles and ctx.needs_input_grad[1] and dots_read_tiles(plan, values)
         y, x_tiles = cpp_forward_tiles(plan, x, values, bias) if keep else (cpp_forward(plan, x, values, bias), None)
         ctx.save_for_backward(x, values, *index)
-        ctx.key, ctx.has_bias, ctx.x_tiles = key, bias is not None, x_tiles
+        ctx.layout_key, ctx.key = key, LayoutKey(family, out_features, in_features)  # ctx.key: as the op's
+        ctx.has_bias, ctx.x_tiles = bias is not None, x_tiles
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, values, *index = ctx.saved_tensors
-        x_tiles, ctx.x_tiles = ctx.x_tiles, None
+        x_tiles, ctx.x_tiles = ctx.x_tiles, None  # one backward reads them; a second one copies
+        if torch.is_grad_enabled():  # create_graph: the op's backward, which autograd can see (or refuse)
+            return (*_backward(ctx, dy)[:3], None, None, None, None)
         dy = dy.contiguous()
-        plan = index_plan(ctx.key, "cpp", index)
+        plan = index_plan(ctx.layout_key, "cpp", index)
         need_x, need_values, need_bias = ctx.needs_input_grad[:3]
         dx = dy_tiles = None
         if need_x and need_values and x_tiles is not None:

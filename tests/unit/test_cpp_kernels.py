@@ -428,3 +428,116 @@ def test_eager_training_hands_the_forwards_tiles_to_the_gradient_dots(dtype, mon
         torch.testing.assert_close(x.grad.double(), dx, **tol)
         with torch.no_grad():
             x.add_(1.0)  # the next step's input differs: its tiles are made again
+
+
+@needs_compiler
+@pytest.mark.parametrize("batch", [16, 17, 33, 129])  # one vector, one tile and a row, several tiles
+@pytest.mark.parametrize(
+    "spec,out,inn",
+    [
+        ("block(2x2, 95%)", 38, 46),
+        ("block(1x7, 60%)", 9, 49),
+        ("block(7x1, 60%)", 49, 9),
+        ("block(9x6, 50%)", 27, 36),
+        ("block(12x20, 0%)", 12, 20),
+    ],  # the last: one block covers the layer
+)
+def test_blocks_run_on_the_micro_tile_kernels_and_match(spec, out, inn, batch, monkeypatch):
+    from sparsec.runtime import cpp
+
+    layer, x = _case(spec, out, inn, batch, torch.float32)
+    lib = cpp._library("float", "float", "int32_t", "int32_t")
+    ran = []
+    for name in ("sparsec_block_spmm", "sparsec_block_sddmm"):
+        real = getattr(lib, name)
+        monkeypatch.setattr(lib, name, lambda *a, real=real, name=name: ran.append(name) or real(*a))
+    dy = torch.randn(batch, out)
+    with config.patch(backend="cpp"):
+        y = layer(x)
+        y.backward(dy)
+    plan = next(iter(layer.index_buffers().values()))._sparsec_plan.plan
+    assert plan.block == layer.layout.item and sorted(ran) == ["sparsec_block_sddmm", *["sparsec_block_spmm"] * 2]
+    w, x64, dy64 = layer.dense_weight().double(), x.detach().double(), dy.double()
+    tol = {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y.double(), x64 @ w.T + layer.bias.detach().double(), **tol)
+    torch.testing.assert_close(x.grad.double(), dy64 @ w, **tol)
+    expected = layer.layout.values_from_dense((dy64.T @ x64).view(layer.weight_shape), layer.positions())
+    torch.testing.assert_close(layer.values.grad.double(), expected, **tol)
+    torch.testing.assert_close(layer.bias.grad.double(), dy64.sum(0), **tol)
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec,held", [("99%", True), ("90%", False), ("block(4x8, 97%)", False)])
+def test_the_forwards_tiles_are_held_only_where_the_gradient_dots_read_them(spec, held):
+    layer, x = _case(spec, 40, 2048, 70, torch.float32)
+    with config.patch(backend="cpp"):
+        y = layer(x)
+    assert (y.grad_fn.x_tiles is not None) == held
+    y.sum().backward()
+    assert y.grad_fn.x_tiles is None  # released by the backward
+
+
+@needs_compiler
+def test_eager_training_differentiates_twice_as_the_op_does():
+    """create_graph: the eager Function's backward is the op's, so the bias gradient is differentiable
+    and grad_input's double backward is refused, as on the op path."""
+    results = []
+    for backend in ("cpp", "cpu"):  # cpu: through the custom op
+        layer, x = _case("90%", 21, 40, 33, torch.float32)
+        with config.patch(backend=backend):
+            loss = (layer(x) ** 2).sum()
+            (gb,) = torch.autograd.grad(loss, layer.bias, create_graph=True)
+            (ggx,) = torch.autograd.grad(gb.pow(2).sum(), x)
+            results.append(ggx)
+            with pytest.raises(RuntimeError):
+                loss = (layer(x) ** 2).sum()
+                (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+                torch.autograd.grad(gx.sum(), layer.values)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+    assert results[0].abs().sum() > 0
+
+
+BF16_WITHOUT_DOTS = """
+import sys
+import torch
+import sparsec
+from sparsec import config
+from sparsec.codegen import cpp
+from sparsec.runtime import cpp as kernels
+
+cpp.FLAGS = (*cpp.FLAGS, "-mno-avx512bf16")  # a CPU without AVX512-BF16: bf16 widened to fp32
+cpp._identity.cache_clear()
+assert kernels._library("float", "bf16", "uint16_t", "int32_t").sparsec_work_bytes() == 4
+worst = 0.0
+for spec, out, inn in [("block(3x5, 75%)", 21, 35), ("90%", 37, 53), ("99%", 40, 2100)]:
+    for batch in (1, 33, 70):
+        torch.manual_seed(batch)
+        layer = sparsec.SparseLinear(inn, out, spec=spec).to(torch.bfloat16)
+        x = torch.randn(batch, inn).to(torch.bfloat16).requires_grad_()
+        dy = torch.randn(batch, out).to(torch.bfloat16)
+        with config.patch(backend="cpp"):
+            y = layer(x)
+            y.backward(dy)
+        w, x64 = layer.dense_weight().double(), x.detach().double()
+        full = (dy.double().T @ x64).view(layer.weight_shape)
+        pairs = [(y, x64 @ w.T + layer.bias.detach().double()), (x.grad, dy.double() @ w),
+                 (layer.values.grad, layer.layout.values_from_dense(full, layer.positions()))]
+        for got, ref in pairs:
+            worst = max(worst, ((got.double() - ref).abs() / (ref.abs() + 1)).max().item())
+print("worst", worst)
+"""
+
+
+@needs_compiler
+@pytest.mark.slow  # a build for another CPU in a subprocess
+def test_bf16_on_a_cpu_without_bf16_dots_matches_the_reference(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SPARSEC_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", BF16_WITHOUT_DOTS], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) < 3e-2  # bf16 precision
