@@ -207,9 +207,12 @@ class SparseLayer(nn.Module):
         return self.layout.to_dense(self.values.detach(), self.positions()).view(self.weight_shape)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        """``x2d @ W^T + bias`` through the custom op ``sparsec::spmm``, on every step and backend.
+        """``x2d @ W^T + bias``: through the custom op ``sparsec::spmm`` wherever something traces or watches
+        the call (torch.compile, export, modes, torch.func); in plain eager code the same computation
+        without the op's dispatch (``runtime.ops.spmm_eager``, and for training on the cpp backend
+        ``spmm_eager_training``, which hands the step's batch tiles to its backward).
 
-        On a step armed for a grow update, the op's values gradient hands ``dY`` (the gradient at
+        On a step armed for a grow update, the values gradient hands ``dY`` (the gradient at
         ``x2d @ W^T + bias``) and ``X`` to the armed capture (``grow_capture``); the call is the same on
         every step, so a compiled graph serves armed and unarmed steps alike.
 

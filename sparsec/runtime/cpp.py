@@ -1,10 +1,11 @@
 """The cpp backend: generated C++ kernels (``kernels/cpu``) for the forward and both gradients on the CPU.
 
-Every structure is walked as rows of its kept items: ``Y = X W^T`` over the rows of ``W``, ``dX = dY W``
-over the rows of ``W^T`` (the kernel puts the stored values in that order once per call), and the kept
-values' gradient as one dot over the batch per kept position. The products copy their batch-major
-input batch-tile-major, so each kept weight is a register-blocked axpy over an L2-resident tile; the
-gradient dots run over feature-major copies (``kernels/cpu/rows.cpp.jinja`` says why each). bfloat16
+Unstructured, N:M and fan-in layers are walked as rows of their kept weights: ``Y = X W^T`` over the rows
+of ``W``, ``dX = dY W`` over the rows of ``W^T`` (the kernel puts the stored values in that order once
+per call), and the kept values' gradient as one dot over the batch per kept position. The products copy
+their batch-major input batch-tile-major, so each kept weight is a register-blocked axpy over an
+L2-resident tile; the gradient dots run over feature-major copies. Block layers run as dense micro-tiles:
+micro-GEMMs on the stored blocks (``kernels/cpu/rows.cpp.jinja`` says why each). bfloat16
 tensors go to the kernels as they are (read widened to float32, written rounded to nearest even, as
 ``.to(torch.bfloat16)`` rounds: half the bytes of the copies); float16 is widened to float32 before them.
 Index columns are 16-bit where they fit, value slots 32-bit. Threads: torch's intra-op count.
@@ -115,11 +116,11 @@ def _tiling(scalar: str) -> tuple[int, int]:
 def _library(scalar: str, io: str, index: str, slot: str) -> ctypes.CDLL:
     lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, io=io, index=index, slot=slot))
     lib.sparsec_rows_spmm.argtypes = [_P] * 10 + [_I64] * 3 + [_INT]
-    lib.sparsec_rows_sddmm_tiles.argtypes = [_P] * 6 + [_I64] * 3 + [_INT]
-    lib.sparsec_rows_sddmm_tiles.restype = None
     lib.sparsec_rows_spmm.restype = None
     lib.sparsec_rows_sddmm.argtypes = [_P] * 8 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_sddmm.restype = None
+    lib.sparsec_rows_sddmm_tiles.argtypes = [_P] * 6 + [_I64] * 3 + [_INT]
+    lib.sparsec_rows_sddmm_tiles.restype = None
     for query in (lib.sparsec_batch_tile, lib.sparsec_vector_lanes):
         query.argtypes, query.restype = [], _I64
     lib.sparsec_dots_ld.argtypes, lib.sparsec_dots_ld.restype = [_I64], _I64
@@ -315,7 +316,6 @@ def cpp_grad_values(
     b, n_rows = g.shape
     n_x = xs.shape[1]
     grad = g.new_empty(values.numel())
-    lib = _library(*KERNEL_TYPES[g.dtype], INDEX_TYPES[plan.cols.dtype], _slot_type(plan.order))
     blocks = _block_kernels(plan, g)
     if blocks is not None:  # micro-GEMMs per stored block over feature-major copies
         ld = blocks.sparsec_dots_ld(b)
@@ -335,6 +335,7 @@ def cpp_grad_values(
             torch.get_num_threads(),
         )
         return grad.view(values.shape).to(values.dtype)
+    lib = _library(*KERNEL_TYPES[g.dtype], INDEX_TYPES[plan.cols.dtype], _slot_type(plan.order))
     if dots_read_tiles(plan, values) and _made_of(dy_tiles, g) and _made_of(x_tiles, xs):
         lib.sparsec_rows_sddmm_tiles(
             dy_tiles.data.data_ptr(),
