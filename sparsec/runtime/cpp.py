@@ -117,6 +117,8 @@ def _library(scalar: str, io: str, index: str, slot: str) -> ctypes.CDLL:
     lib = load(render("cpu/rows.cpp.jinja", scalar=scalar, io=io, index=index, slot=slot))
     lib.sparsec_rows_spmm.argtypes = [_P] * 10 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_spmm.restype = None
+    lib.sparsec_rows_spmm_scatter.argtypes = [_P] * 6 + [_I64] * 3 + [_INT]
+    lib.sparsec_rows_spmm_scatter.restype = None
     lib.sparsec_rows_sddmm.argtypes = [_P] * 8 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_sddmm.restype = None
     lib.sparsec_rows_sddmm_tiles.argtypes = [_P] * 6 + [_I64] * 3 + [_INT]
@@ -291,9 +293,33 @@ def cpp_grad_input_tiles(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) 
             plan.block,
             True,
         )
+    elif plan.order is None and g.shape[0] < _tiling(KERNEL_TYPES[g.dtype][0])[1]:
+        dx, tiles = _scatter_product(g, v, plan), None  # W's rows, values in sequence: no order to read through
     else:
         dx, tiles = _spmm(g, v, plan.offsets_t, plan.cols_t, plan.order_t, None, plan.shape[1])
     return (dx if dx.dtype == dy.dtype else dx.to(dy.dtype)), tiles
+
+
+def _scatter_product(src: torch.Tensor, values: torch.Tensor, plan: CppPlan) -> torch.Tensor:
+    """``src @ W`` for a batch under one vector, walking W's rows in stored order (``sparsec_rows_spmm_scatter``)."""
+    b, (n_rows, n_out) = src.shape[0], plan.shape
+    scalar, io = KERNEL_TYPES[src.dtype]
+    lib = _library(scalar, io, INDEX_TYPES[plan.cols.dtype], "int32_t")
+    threads = torch.get_num_threads()
+    out, acc = src.new_empty(b, n_out), _scratch(threads * b * n_out, src)
+    lib.sparsec_rows_spmm_scatter(
+        src.data_ptr(),
+        values.data_ptr(),
+        plan.offsets.data_ptr(),
+        plan.cols.data_ptr(),
+        out.data_ptr(),
+        acc.data_ptr(),
+        b,
+        n_rows,
+        n_out,
+        threads,
+    )
+    return out
 
 
 def cpp_grad_input(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -350,7 +376,7 @@ def cpp_grad_values(
             torch.get_num_threads(),
         )
         return grad.view(values.shape).to(values.dtype)
-    ld = lib.sparsec_dots_ld(b)  # the batch padded so that feature rows do not alias in the caches
+    ld = 0 if b == 1 else lib.sparsec_dots_ld(b)  # padded: feature rows do not alias in the caches (1: no copies)
     dy_t, x_t = _work(lib, ld * n_rows, g), _work(lib, ld * n_x, g)  # held: the call reads their storage
     lib.sparsec_rows_sddmm(
         _ptr(g),
