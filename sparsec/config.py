@@ -86,6 +86,13 @@ SETTINGS: dict[str, _Setting] = {
         "eager training on the cpp backend hands each sparse layer's batch-tile copy of its input, made by the "
         "forward, to the same step's gradient dots (one more copy of the input per layer until its backward)",
     ),
+    "autotune": _Setting(
+        "SPARSEC_AUTOTUNE",
+        lambda: False,
+        _flag,
+        "under SPARSEC_BACKEND=auto, tune a layer program the first time it runs without a tuning entry for "
+        "its device (else the backend's default strategy runs; `sparsec tune` tunes ahead of time)",
+    ),
     "cache_dir": _Setting(
         "SPARSEC_CACHE_DIR",
         lambda: platformdirs.user_cache_dir("sparsec"),
@@ -104,6 +111,14 @@ def __getattr__(name: str) -> Any:
     if name in SETTINGS:
         return SETTINGS[name].read()
     raise AttributeError(f"sparsec.config has no setting {name!r}; known: {sorted(SETTINGS)}")
+
+
+def raw(name: str) -> object:
+    """A setting's override or its unparsed environment value (None: neither): a cheap memo key for code on
+    every call (``cache_dir``'s default alone costs microseconds to compute)."""
+    if name in _overrides:
+        return _overrides[name]
+    return os.environ.get(SETTINGS[name].env)
 
 
 @contextlib.contextmanager

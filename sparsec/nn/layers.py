@@ -16,7 +16,10 @@ from torch import nn
 
 from sparsec.errors import ShapeError, SparsecError
 from sparsec.formats import Layout, make_layout
-from sparsec.runtime import ops  # also registers the custom ops torch.ops.sparsec.*
+from sparsec.runtime import (
+    ops,  # also registers the custom ops torch.ops.sparsec.*
+    plans,
+)
 from sparsec.spec import Dense, Policy, Spec, describe_spec, parse_policy, parse_spec
 
 INITS = ("dense", "sparse")  # initial values: the dense init at the kept positions, or rescaled per kept fan-in
@@ -122,7 +125,7 @@ class SparseLayer(nn.Module):
         the kernels' index plan with them (in place: a captured CUDA graph replays the new mask)."""
         for name, tensor in self.layout.encode(flat).items():
             getattr(self, name).copy_(tensor)
-        ops.refresh_plan(list(self.index_buffers().values()))
+        plans.refresh_plan(list(self.index_buffers().values()))
 
     @torch.no_grad()
     def set_positions(self, flat: torch.Tensor, src: torch.Tensor) -> None:
@@ -236,7 +239,7 @@ class SparseLayer(nn.Module):
         if ops.eager_call_allowed(x2d, values, bias):  # skip the op's dispatch: eager, nothing to trace
             if not ops.records_graph(x2d, values, bias):  # inference
                 return ops.spmm_eager(x2d, values, bias, index, *self.layout.op_key)
-            if ops.backend_for(x2d) == "cpp":  # training: the step's tiles go from forward to backward
+            if ops.trains_eagerly(x2d, values, index, self.layout.op_key):  # the step's tiles go to its backward
                 return ops.spmm_eager_training(x2d, values, bias, index, self.layout.op_key)
         return torch.ops.sparsec.spmm(x2d, values, bias, index, *self.layout.op_key)
 

@@ -39,8 +39,10 @@ from sparsec import config
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
 from sparsec.formats import Layout
 from sparsec.formats.base import cdiv, pow2_at_least
-from sparsec.runtime.ops import backend_for, index_plan, kernel_launcher
+from sparsec.runtime.ops import backend_for
+from sparsec.runtime.plans import index_plan
 from sparsec.runtime.selection import GrowSelector, best_per_row, score_chunked
+from sparsec.runtime.strategies import kernel_launcher
 
 # Bytes of a chunk's working memory per key: the int64 key and, at most at once, the host's work on it
 # (tests/interpret/test_grow_kernel_memory.py measures it). Units of a row or less: a mask and topk's

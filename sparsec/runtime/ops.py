@@ -26,22 +26,16 @@ for CUDA tensors and cpp otherwise.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
-import weakref
 
 import torch
 from torch.utils import _python_dispatch
 
 from sparsec import config as settings
-from sparsec.dtypes import KERNEL_TORCH_DTYPES
-from sparsec.dtypes import name_of as dtype_name
 from sparsec.errors import SparsecError, SparsecWarning
-from sparsec.formats import Layout, LayoutKey, layout_of, layout_of_storage
-from sparsec.runtime.compile import compile_layer
+from sparsec.formats import Layout, LayoutKey, layout_of_storage
 from sparsec.runtime.cpp import (
-    CppPlan,
     cpp_forward,
     cpp_forward_tiles,
     cpp_grad_input,
@@ -50,12 +44,15 @@ from sparsec.runtime.cpp import (
     cpp_problem,
     dots_read_tiles,
 )
-from sparsec.runtime.cpu import CSRPlan, compute_dtype, csr_forward, csr_grad_input, csr_grad_values
-from sparsec.runtime.launch import Launcher
+from sparsec.runtime.cpu import compute_dtype
+from sparsec.runtime.plans import index_plan
+from sparsec.runtime.strategies import DEFAULT, PROGRAMS, STRATEGIES, Strategy
+from sparsec.runtime.tuner import choose
 
 
-def backend_for(t: torch.Tensor) -> str:
-    backend = settings.backend
+def backend_for(t: torch.Tensor, setting: str | None = None) -> str:
+    """The backend that runs a call on ``t`` (``setting``: ``SPARSEC_BACKEND`` as already read)."""
+    backend = settings.backend if setting is None else setting
     if backend == "auto":
         if t.is_cuda:
             return "triton"
@@ -84,88 +81,16 @@ def _warn_cpu_fallback(problem: str) -> None:
     )
 
 
-def index_plan(key: LayoutKey, backend: str, index: list[torch.Tensor]):
-    """The index plan for these buffers: the CSR structures of the cpu backend, or the tensors the format's
-    kernels read.
-
-    The plan is kept on the first index buffer, so it belongs to the layer: freed with its buffers, never
-    confused with another tensor that reuses an address. An in-place mask change (a new ``_version``)
-    rebuilds it into the same plan tensors where the shapes allow (they do for one layout), so a CUDA
-    graph captured before an update reads the new mask when it replays.
-    """
-    anchor = index[0]
-    versions = tuple(t._version for t in index)
-    held: _HeldPlan | None = getattr(anchor, _PLAN_ATTR, None)
-    if held is not None and held.serves(key, backend, index):
-        if held.versions != versions:
-            held.plan, held.versions = _refill(held.plan, _build_plan(key, backend, index)), versions
-        return held.plan
-    held = _HeldPlan(key, backend, [weakref.ref(t) for t in index], versions, _build_plan(key, backend, index))
-    setattr(anchor, _PLAN_ATTR, held)
-    return held.plan
-
-
-_PLAN_ATTR = "_sparsec_plan"
-
-
-def refresh_plan(index: list[torch.Tensor]) -> None:
-    """Rebuild the plan held on these index buffers now, in place, after their contents changed.
-
-    Called where a mask is written: a CUDA graph replays its kernels without running Python, so the
-    plan its kernels read must hold the new mask before the next replay, not at the next eager call.
-    Nothing is held (no call has run yet): nothing to do.
-    """
-    held: _HeldPlan | None = getattr(index[0], _PLAN_ATTR, None)
-    if held is not None and held.serves(held.key, held.backend, index):
-        index_plan(held.key, held.backend, index)
-
-
-@dataclasses.dataclass
-class _HeldPlan:
-    key: LayoutKey
-    backend: str
-    index: list[weakref.ref]  # weak: the plan hangs on index[0] and must not keep the others alive
-    versions: tuple[int, ...]
-    plan: object
-
-    def serves(self, key: LayoutKey, backend: str, index: list[torch.Tensor]) -> bool:
-        same = len(self.index) == len(index) and all(r() is t for r, t in zip(self.index, index, strict=False))
-        return same and (self.key, self.backend) == (key, backend)
-
-
-def _build_plan(key: LayoutKey, backend: str, index: list[torch.Tensor]):
-    layout = layout_of(*key)
-    buffers = {name: t for (name, _, _), t in zip(layout.buffers, index, strict=True)}
-    if backend == "cpu":
-        return CSRPlan.build(layout, layout.decode(buffers))
-    if backend == "cpp":
-        items = layout.decode(buffers)
-        return CppPlan.build(CSRPlan.build(layout, items), layout, items)
-    return layout.format.strategy(layout.spec).plan(layout, buffers)
-
-
-def _plan_tensors(plan) -> dict[str, torch.Tensor | None]:
-    if isinstance(plan, dict):
-        return plan
-    return {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
-
-
-def _refill(old, new):
-    """``old`` with ``new``'s contents copied into its tensors when every tensor matches in shape and dtype
-    (the plan's storage stays where a captured graph reads it); else ``new``."""
-    a, b = _plan_tensors(old), _plan_tensors(new)
-    matches = a.keys() == b.keys() and all(
-        (x is None and y is None)
-        or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and x.dtype == y.dtype)
-        or (not isinstance(x, torch.Tensor) and x == y)
-        for x, y in ((a[k], b[k]) for k in a)
-    )
-    if not matches:
-        return new
-    for k, x in a.items():
-        if isinstance(x, torch.Tensor):
-            x.copy_(b[k])
-    return old
+def strategy_for(
+    program: str, key: LayoutKey, t: torch.Tensor, values: torch.Tensor, index, bias=None
+) -> tuple[str, Strategy]:
+    """The backend and the strategy of a program's call on ``t``: the tuned choice under
+    ``SPARSEC_BACKEND=auto`` (``runtime.tuner.choose``), else the named backend's own strategy."""
+    setting = settings.backend
+    backend = backend_for(t, setting)
+    if setting == "auto":
+        return backend, choose(program, key, backend, values, t.shape[0], index, bias)
+    return backend, STRATEGIES[DEFAULT[backend]]
 
 
 _TAP_ATTR = "_sparsec_tap"
@@ -188,21 +113,6 @@ def _hand_to_tap(index: list[torch.Tensor], dy: torch.Tensor, x: torch.Tensor) -
         tap.observe(dy.detach().to(dt), x.detach().to(dt))
 
 
-def kernel_launcher(key: LayoutKey, values: torch.Tensor, bias: bool, backend: str) -> Launcher:
-    if values.dtype not in KERNEL_TORCH_DTYPES:
-        raise SparsecError(
-            f"the {backend} backend runs fp16, bf16 and fp32; this layer is {values.dtype}: "
-            f"use SPARSEC_BACKEND=cpu for float64"
-        )
-    return _cached_launcher(key, dtype_name(values.dtype), bias, backend == "interpret")
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_launcher(key: LayoutKey, dtype: str, bias: bool, interpret: bool) -> Launcher:
-    kernels = compile_layer(key.spec, key.in_features, key.out_features, dtype, bias, None)
-    return Launcher(kernels, layout_of(*key), interpret=interpret)
-
-
 def spmm_eager(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -216,15 +126,9 @@ def spmm_eager(
     no autograd graph and no trace (``eager_call_allowed`` and not ``records_graph``). A custom op's
     Python dispatch costs about 10 us, as long as the whole batch-1 product on a CPU."""
     key = _key(values, family, out_features, in_features)
-    backend = backend_for(x)
-    plan = index_plan(key, backend, index)
-    if backend == "cpu":
-        y = csr_forward(plan, x, values)
-        return y if bias is None else y + bias
-    if backend == "cpp":
-        return cpp_forward(plan, x, values, bias)
-    launcher = kernel_launcher(key, values, bias is not None, backend)
-    return launcher.run("forward", plan, x=x.contiguous(), values=values, bias=bias)
+    backend, strategy = strategy_for("forward", key, x, values, index, bias)
+    plan = index_plan(key, strategy.plan_kind(backend), index)
+    return strategy.forward(key, backend, plan, x, values, bias)
 
 
 def eager_call_allowed(*tensors: torch.Tensor | None) -> bool:
@@ -244,6 +148,18 @@ def records_graph(*tensors: torch.Tensor | None) -> bool:
 
 
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def trains_eagerly(x: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], layout_key: tuple) -> bool:
+    """Whether eager training runs ``spmm_eager_training``: on the cpp backend, where every program's strategy
+    is cpp (a tuned choice of another strategy runs through the op)."""
+    setting = settings.backend
+    if backend_for(x, setting) != "cpp":
+        return False
+    if setting != "auto":
+        return True
+    key = _key(values, *layout_key)
+    return all(choose(p, key, "cpp", values, x.shape[0], index).name == "cpp" for p in PROGRAMS)
 
 
 def spmm_eager_training(
@@ -317,13 +233,8 @@ def spmm_grad_input(
     dy: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], family: str, out_features: int, in_features: int
 ) -> torch.Tensor:
     key = _key(values, family, out_features, in_features)
-    backend = backend_for(dy)
-    plan = index_plan(key, backend, index)
-    if backend == "cpu":
-        return csr_grad_input(plan, dy, values)
-    if backend == "cpp":
-        return cpp_grad_input(plan, dy, values)
-    return kernel_launcher(key, values, False, backend).run("grad_input", plan, dz=dy.contiguous(), values=values)
+    backend, strategy = strategy_for("grad_input", key, dy, values, index)
+    return strategy.grad_input(key, backend, index_plan(key, strategy.plan_kind(backend), index), dy, values)
 
 
 @spmm_grad_input.register_fake
@@ -343,14 +254,8 @@ def spmm_grad_values(
 ) -> torch.Tensor:
     key = _key(values, family, out_features, in_features)
     _hand_to_tap(index, dy, x)
-    backend = backend_for(dy)
-    plan = index_plan(key, backend, index)
-    if backend == "cpu":
-        return csr_grad_values(plan, dy, x, values)
-    if backend == "cpp":
-        return cpp_grad_values(plan, dy, x, values)
-    launcher = kernel_launcher(key, values, False, backend)
-    return launcher.run("grad_values", plan, dz=dy.contiguous(), x=x.contiguous(), values=values)
+    backend, strategy = strategy_for("grad_values", key, dy, values, index)
+    return strategy.grad_values(key, backend, index_plan(key, strategy.plan_kind(backend), index), dy, x, values)
 
 
 @spmm_grad_values.register_fake

@@ -73,7 +73,7 @@ SLOW = pytest.mark.slow  # the quick tier checks one structure
 def test_an_update_rewrites_the_kernel_plan_in_place(spec):
     """What a CUDA graph captured before an update reads (tests/gpu checks the replay itself): after a RigL
     step the plan's tensors are the same objects, holding the plan of the new mask."""
-    from sparsec.runtime import ops
+    from sparsec.runtime import plans
 
     torch.manual_seed(0)
     # fresh-first regrowth: the update surely moves the mask (the default may regrow what it dropped)
@@ -82,7 +82,7 @@ def test_an_update_rewrites_the_kernel_plan_in_place(spec):
         with torch.no_grad():
             layer(torch.randn(33, 64))  # as a capture would: the plan is built, its tensors recorded
         index = list(layer.index_buffers().values())
-        plan = getattr(index[0], ops._PLAN_ATTR).plan
+        plan = plans.held_plan(index, "interpret")
         recorded = {name: (t, t.clone()) for name, t in plan.items()}
         opt = torch.optim.SGD(layer.parameters(), lr=0.5)
         updater = sparsec.MaskUpdater(layer, opt, total_steps=100)

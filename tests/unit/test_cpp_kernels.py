@@ -9,6 +9,7 @@ from torch import nn
 import sparsec
 from sparsec import config
 from sparsec.codegen.cpp import compiler
+from sparsec.runtime import plans
 
 needs_compiler = pytest.mark.skipif(compiler() is None, reason="no C++ compiler on this machine")
 
@@ -60,7 +61,7 @@ def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, bat
     with config.patch(backend="cpp"):
         y = layer(x)
         y.backward(dy)
-    plan = next(iter(layer.index_buffers().values()))._sparsec_plan.plan
+    plan = plans.held_plan(list(layer.index_buffers().values()), "cpp")
     assert plan.cols.dtype == width and plan.cols_t.dtype == width and plan.order_t.dtype == slots
     w = layer.dense_weight().double()
     x64, dy64 = x.detach().double(), dy.double()
@@ -172,7 +173,7 @@ def test_bfloat16_tensors_go_to_the_kernels_and_round_as_torch_does(spec, out, i
     v, bias = layer.values.detach(), layer.bias.detach()
     with config.patch(backend="cpp"):
         layer(xb)  # builds the layer's plan
-    plan = next(iter(layer.index_buffers().values()))._sparsec_plan.plan
+    plan = plans.held_plan(list(layer.index_buffers().values()), "cpp")
     bf, f32 = torch.bfloat16, torch.float32
     got = [
         cpp.cpp_forward(plan, xb, v, bias),
@@ -455,7 +456,7 @@ def test_blocks_run_on_the_micro_tile_kernels_and_match(spec, out, inn, batch, m
     with config.patch(backend="cpp"):
         y = layer(x)
         y.backward(dy)
-    plan = next(iter(layer.index_buffers().values()))._sparsec_plan.plan
+    plan = plans.held_plan(list(layer.index_buffers().values()), "cpp")
     assert plan.block == layer.layout.item and sorted(ran) == ["sparsec_block_sddmm", *["sparsec_block_spmm"] * 2]
     w, x64, dy64 = layer.dense_weight().double(), x.detach().double(), dy.double()
     tol = {"rtol": 1e-4, "atol": 1e-4}

@@ -10,7 +10,7 @@ from torch import nn
 
 import sparsec
 from sparsec.codegen.cpp import compiler
-from sparsec.runtime import ops
+from sparsec.runtime import ops, plans
 from sparsec.runtime.cpu import CSRPlan
 
 needs_compiler = pytest.mark.skipif(compiler() is None, reason="no C++ compiler on this machine")
@@ -74,7 +74,7 @@ def test_a_mask_write_refreshes_the_held_plan_before_any_call(backend, field, mo
     layer = sparsec.SparseLinear(12, 16, spec="75%")
     layer(torch.randn(2, 12))  # the op builds and holds the plan
     index = list(layer.index_buffers().values())
-    held = getattr(index[0], ops._PLAN_ATTR)
+    held = getattr(index[0], plans._PLAN_ATTR)[backend]
     col = getattr(held.plan, field)
     cols_before = col.clone()
     new = torch.randperm(12 * 16)[: layer.layout.n_items].sort().values

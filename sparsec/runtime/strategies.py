@@ -1,0 +1,125 @@
+"""The ways a layer's program can run, per device: what the tuner chooses between and the ops run.
+
+Each ``Strategy`` computes ``forward`` (``x @ W^T + bias``), ``grad_input`` (``dy @ W``) and ``grad_values``
+(``dy^T @ x`` at the kept positions, in stored order) from the index plan it reads (``plan_kind``):
+
+- ``cpp``: sparsec's generated C++ kernels (CPU);
+- ``triton``: sparsec's generated Triton kernels (CUDA; ``interpret``: the same in Triton's interpreter);
+- ``torch-csr``: PyTorch's CSR kernels (MKL on a CPU, cuSPARSE on a GPU);
+- ``dense``: the layer's weight decompressed for the call (one layer's, freed after it: the model stays
+  compressed) and a dense GEMM (BLAS, cuBLAS); its values gradient is the dense ``dy^T @ x`` sampled.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sparsec.dtypes import KERNEL_TORCH_DTYPES
+from sparsec.dtypes import name_of as dtype_name
+from sparsec.errors import SparsecError
+from sparsec.formats import LayoutKey, layout_of
+from sparsec.runtime.compile import compile_layer
+from sparsec.runtime.cpp import cpp_forward, cpp_grad_input, cpp_grad_values, cpp_problem
+from sparsec.runtime.cpu import CSRPlan, compute_dtype, csr_forward, csr_grad_input, csr_grad_values
+from sparsec.runtime.launch import Launcher
+
+PROGRAMS = ("forward", "grad_input", "grad_values")
+
+
+def kernel_launcher(key: LayoutKey, values: torch.Tensor, bias: bool, backend: str) -> Launcher:
+    if values.dtype not in KERNEL_TORCH_DTYPES:
+        raise SparsecError(
+            f"the {backend} backend runs fp16, bf16 and fp32; this layer is {values.dtype}: "
+            f"use SPARSEC_BACKEND=cpu for float64"
+        )
+    return _cached_launcher(key, dtype_name(values.dtype), bias, backend == "interpret")
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_launcher(key: LayoutKey, dtype: str, bias: bool, interpret: bool) -> Launcher:
+    kernels = compile_layer(key.spec, key.in_features, key.out_features, dtype, bias, None)
+    return Launcher(kernels, layout_of(*key), interpret=interpret)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    devices: tuple[str, ...]  # device types it runs on
+
+    def plan_kind(self, backend: str) -> str:
+        """Which index plan it reads (``runtime.ops.index_plan``'s backend argument)."""
+        return {"cpp": "cpp", "torch-csr": "cpu", "dense": "cpu"}.get(self.name, backend)
+
+    def problem(self, device_type: str) -> str | None:
+        """Why it cannot run on this device here (None: it can)."""
+        if device_type not in self.devices:
+            return f"{self.name} runs on {', '.join(self.devices)}"
+        if self.name == "cpp":
+            return cpp_problem()
+        return None
+
+    def forward(self, key, backend, plan, x, values, bias):
+        if self.name == "cpp":
+            return cpp_forward(plan, x, values, bias)
+        if self.name == "torch-csr":
+            y = csr_forward(plan, x, values)
+            return y if bias is None else y + bias
+        if self.name == "dense":
+            return _dense(plan, values, x.dtype, lambda w: F.linear(x, w, bias))
+        return kernel_launcher(key, values, bias is not None, backend).run(
+            "forward", plan, x=x.contiguous(), values=values, bias=bias
+        )
+
+    def grad_input(self, key, backend, plan, dy, values):
+        if self.name == "cpp":
+            return cpp_grad_input(plan, dy, values)
+        if self.name == "torch-csr":
+            return csr_grad_input(plan, dy, values)
+        if self.name == "dense":
+            return _dense(plan, values, dy.dtype, lambda w: dy @ w)
+        return kernel_launcher(key, values, False, backend).run("grad_input", plan, dz=dy.contiguous(), values=values)
+
+    def grad_values(self, key, backend, plan, dy, x, values):
+        if self.name == "cpp":
+            return cpp_grad_values(plan, dy, x, values)
+        if self.name == "torch-csr":
+            return csr_grad_values(plan, dy, x, values)
+        if self.name == "dense":
+            return _dense_sampled(plan, dy, x, values)
+        launcher = kernel_launcher(key, values, False, backend)
+        return launcher.run("grad_values", plan, dz=dy.contiguous(), x=x.contiguous(), values=values)
+
+
+STRATEGIES = {
+    s.name: s
+    for s in (
+        Strategy("cpp", ("cpu",)),
+        Strategy("triton", ("cuda",)),
+        Strategy("torch-csr", ("cpu", "cuda")),
+        Strategy("dense", ("cpu", "cuda")),
+    )
+}
+DEFAULT = {"cpp": "cpp", "cpu": "torch-csr", "triton": "triton", "interpret": "triton"}  # backend -> strategy
+
+
+def _dense(plan: CSRPlan, values: torch.Tensor, dtype: torch.dtype, product) -> torch.Tensor:
+    """``product(W)`` for this call's dense ``W`` (built, used, freed)."""
+    with torch.autocast(values.device.type, enabled=False):
+        w = plan.weight(values.to(compute_dtype(values))).to_dense().to(dtype)
+        return product(w)
+
+
+def _dense_sampled(plan: CSRPlan, dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(dy.device.type, enabled=False):
+        full = dy.t() @ x  # [out, in], for this call only
+        rows = torch.repeat_interleave(torch.arange(plan.shape[0], device=dy.device), plan.crow.diff())
+        sampled = full[rows, plan.col]  # CSR order
+        if plan.order is not None:
+            out = torch.empty_like(sampled)
+            out[plan.order] = sampled
+            sampled = out
+        return sampled.view(values.shape).to(values.dtype)

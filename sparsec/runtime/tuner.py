@@ -1,0 +1,301 @@
+"""The autotuner: the fastest correct strategy for one layer program on one device, stored and looked up.
+
+``tune_program`` takes a layer's program (forward, grad_input, grad_values) at a batch size through:
+
+1. candidates: every strategy that runs on the device (``runtime.strategies``);
+2. pruning: a candidate that cannot run here is rejected with its reason; the rest are ranked by a
+   bytes-moved model and only the ``top`` few are timed;
+3. timing and a correctness gate: each timed candidate's result is compared with the float64 product of
+   the same weights first, and a wrong one is never chosen however fast; then the median time (the
+   timer is injectable: tests drive the whole tuner with a fake one);
+4. the winner goes into the device's ``TuneCache``.
+
+``choose`` is the lookup the ops make on every call under ``SPARSEC_BACKEND=auto`` (memoised per process):
+the exact entry, else the nearest batch bucket's, else (``SPARSEC_AUTOTUNE=1``) tuning now, else the
+backend's default strategy, with one warning per kernel where this device has a tuning cache at all (a
+user who never tuned is not warned on every layer).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.benchmark import Timer as BenchTimer
+
+from sparsec import config
+from sparsec.codegen.render import render
+from sparsec.dtypes import name_of as dtype_name
+from sparsec.formats import Layout, LayoutKey, layout_of
+from sparsec.runtime.compile import compile_layer
+from sparsec.runtime.cpp import INDEX_TYPES, KERNEL_TYPES
+from sparsec.runtime.devices import Device, device_of
+from sparsec.runtime.plans import index_plan
+from sparsec.runtime.strategies import DEFAULT, PROGRAMS, STRATEGIES, Strategy
+from sparsec.runtime.tunecache import TuneCache, TuneKey, TuningWarning, batch_bucket, density_bucket
+
+Timer = Callable[[Callable[[], object]], float]  # a function's median seconds per call
+
+
+@dataclass(frozen=True)
+class Outcome:
+    strategy: str
+    status: str  # chosen, timed, wrong, failed, pruned, not timed
+    seconds: float | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    key: TuneKey
+    chosen: str | None  # the strategy stored, or None (no candidate was correct)
+    seconds: float | None
+    dense_seconds: float | None
+    outcomes: tuple[Outcome, ...]
+
+
+def tune_key(program: str, key: LayoutKey, dtype: torch.dtype, batch: int, backend: str) -> TuneKey:
+    layout = layout_of(*key)
+    density = layout.nnz / max(1, layout.out_features * layout.in_features)
+    return TuneKey(
+        program,
+        layout.op_key.spec,  # the structure without its count
+        density_bucket(density),
+        dtype_name(dtype),
+        layout.out_features,
+        layout.in_features,
+        batch_bucket(batch),
+        source_hash(key, dtype_name(dtype), backend),
+    )
+
+
+@functools.cache
+def source_hash(key: LayoutKey, dtype: str, backend: str) -> str:
+    """The hash of the generated source a layer's candidates run: a template change invalidates its entries."""
+    if backend in ("triton", "interpret"):
+        kernels = compile_layer(key.spec, key.in_features, key.out_features, dtype, False, None)
+        text = "".join(k.source for k in kernels.kernels.values())
+    else:
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}.get(dtype, torch.float64)
+        scalar, io = KERNEL_TYPES[torch_dtype]
+        text = "".join(
+            render("cpu/rows.cpp.jinja", scalar=scalar, io=io, index=index, slot="int32_t")
+            for index in INDEX_TYPES.values()
+            if index != "int64_t"
+        )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def candidates_for(device_type: str) -> list[Strategy]:
+    return [s for s in STRATEGIES.values() if device_type in s.devices]
+
+
+def estimated_bytes(strategy: Strategy, layout: Layout, batch: int, elem: int) -> float:
+    """The bytes a strategy moves for one program call: the ranking of the pruning step (a model, not a time)."""
+    dense = layout.out_features * layout.in_features * elem
+    acts = batch * (layout.out_features + layout.in_features) * elem
+    if strategy.name == "dense":
+        return 3 * dense + acts  # decompress (write, read) and the GEMM's read
+    index = {"cpp": 2, "torch-csr": 8}.get(strategy.name, 4)
+    return layout.nnz * (elem + index) + acts
+
+
+def default_timer(device_type: str) -> Timer:
+    if device_type == "cuda":
+        import triton.testing  # lazy: triton is optional (Linux only) and heavy; only GPU timing needs it
+
+        return lambda fn: triton.testing.do_bench(fn, return_mode="median") / 1e3  # L2 flushed between runs
+
+    def cpu_median(fn):
+        return (
+            BenchTimer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+            .blocked_autorange(min_run_time=0.2)
+            .median
+        )
+
+    return cpu_median
+
+
+def _run(strategy: Strategy, program: str, key: LayoutKey, backend: str, index, operands: dict) -> torch.Tensor:
+    plan = index_plan(key, strategy.plan_kind(backend), index)
+    v = operands["values"]
+    if program == "forward":
+        return strategy.forward(key, backend, plan, operands["x"], v, operands["bias"])
+    if program == "grad_input":
+        return strategy.grad_input(key, backend, plan, operands["dy"], v)
+    return strategy.grad_values(key, backend, plan, operands["dy"], operands["x"], v)
+
+
+def _reference(program: str, layout: Layout, index, operands: dict) -> torch.Tensor:
+    """The float64 result of the same weights (the correctness gate's)."""
+    buffers = {name: t for (name, _, _), t in zip(layout.buffers, index, strict=True)}
+    flat = layout.decode(buffers)
+    w = layout.to_dense(operands["values"].detach().double(), flat).view(layout.out_features, layout.in_features)
+    x, dy = operands["x"].double(), operands["dy"].double()
+    if program == "forward":
+        y = x @ w.T
+        return y if operands["bias"] is None else y + operands["bias"].double()
+    if program == "grad_input":
+        return dy @ w
+    return layout.values_from_dense(dy.T @ x, flat)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    if got.shape != want.shape:
+        return False
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    scale = want.abs().max().item() if want.numel() else 0.0
+    return bool(torch.allclose(got.double(), want, rtol=tol, atol=tol * max(scale, 1e-30)))
+
+
+def tune_program(
+    program: str,
+    key: LayoutKey,
+    index: list[torch.Tensor],
+    values: torch.Tensor,
+    batch: int,
+    *,
+    backend: str,
+    bias: torch.Tensor | None = None,
+    candidates: Sequence[Strategy] | None = None,
+    timer: Timer | None = None,
+    top: int = 4,
+    cache: TuneCache | None = None,
+    device: Device | None = None,
+) -> TuneResult:
+    """Tune ``program`` of the layer (``key``, its ``index`` buffers and ``values``) at ``batch`` rows; store
+    the winner in ``cache`` (default: the device's)."""
+    if program not in PROGRAMS:
+        raise ValueError(f"program {program!r} is not one of {PROGRAMS}")
+    layout, device_type = layout_of(*key), values.device.type
+    device = device if device is not None else device_of(values)
+    cache = cache if cache is not None else TuneCache(device)
+    timer = timer if timer is not None else default_timer(device_type)
+    tkey = tune_key(program, key, values.dtype, batch, backend)
+    outcomes: list[Outcome] = []
+    viable = []
+    for strategy in candidates if candidates is not None else candidates_for(device_type):
+        problem = strategy.problem(device_type)
+        if problem is not None:
+            outcomes.append(Outcome(strategy.name, "pruned", reason=problem))
+        else:
+            viable.append(strategy)
+    viable.sort(key=lambda s: estimated_bytes(s, layout, batch, values.element_size()))
+    outcomes += [Outcome(s.name, "not timed", reason=f"ranked below the top {top}") for s in viable[top:]]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    operands = {
+        "x": torch.randn(batch, layout.in_features, generator=gen).to(values.device, values.dtype),
+        "dy": torch.randn(batch, layout.out_features, generator=gen).to(values.device, values.dtype),
+        "values": values.detach(),
+        "bias": None if bias is None else bias.detach(),
+    }
+    want = _reference(program, layout, index, operands)
+    timed: dict[str, float] = {}
+    for strategy in viable[:top]:
+        try:
+            with torch.no_grad():
+                got = _run(strategy, program, key, backend, index, operands)
+        except Exception as e:  # a candidate that fails here is not chosen; the reason is reported
+            outcomes.append(Outcome(strategy.name, "failed", reason=f"{type(e).__name__}: {e}"[:200]))
+            continue
+        if not _close(got, want, values.dtype):
+            outcomes.append(Outcome(strategy.name, "wrong", reason="differs from the float64 product"))
+            continue
+
+        def call(strategy=strategy):
+            with torch.no_grad():
+                _run(strategy, program, key, backend, index, operands)
+
+        timed[strategy.name] = timer(call)
+    chosen = min(timed, key=timed.get) if timed else None
+    outcomes += [Outcome(n, "chosen" if n == chosen else "timed", s) for n, s in timed.items()]
+    result = TuneResult(tkey, chosen, timed.get(chosen), timed.get("dense"), tuple(outcomes))
+    if chosen is not None:
+        cache.store(
+            tkey,
+            {
+                "strategy": chosen,
+                "config": {},
+                "seconds": timed[chosen],
+                "dense_seconds": timed.get("dense"),
+                "timings": timed,
+                "rejected": {o.strategy: o.reason for o in outcomes if o.status in ("wrong", "failed", "pruned")},
+                "tuned": datetime.date.today().isoformat(),
+            },
+        )
+    forget_choices()
+    return result
+
+
+# --- lookup ------------------------------------------------------------------------------------------
+
+_chosen: dict[tuple, tuple[Strategy, str]] = {}
+
+
+def _SETTINGS_READ() -> tuple:  # noqa: N802  (what a memoised choice also depends on, read cheaply)
+    return config.raw("cache_dir"), config.raw("autotune")
+
+
+_warned: set[str] = set()
+
+
+def forget_choices() -> None:
+    """Drop the memoised lookups (after a store, an import, a changed cache directory)."""
+    _chosen.clear()
+
+
+def choose(
+    program: str,
+    key: LayoutKey,
+    backend: str,
+    values: torch.Tensor,
+    batch: int,
+    index: list[torch.Tensor] | None = None,
+    bias: torch.Tensor | None = None,
+) -> Strategy:
+    """The strategy ``program`` runs for this layer at ``batch`` rows (see the module docstring)."""
+    memo = (program, key, backend, values.dtype, values.device, batch_bucket(batch), *_SETTINGS_READ())
+    found = _chosen.get(memo)
+    if found is None:
+        found = _lookup(program, key, backend, values, batch, index, bias)
+        _chosen[memo] = found
+    return found[0]
+
+
+def explain_choice(program: str, key: LayoutKey, backend: str, values: torch.Tensor, batch: int) -> tuple[str, str]:
+    """(strategy, where the choice came from: exact entry, nearest batch bucket, default)."""
+    strategy, source = _lookup(program, key, backend, values, batch, None, None, warn=False)
+    return strategy.name, source
+
+
+def _lookup(program, key, backend, values, batch, index, bias, warn=True) -> tuple[Strategy, str]:
+    default = STRATEGIES[DEFAULT[backend]]
+    device_type = values.device.type
+    cache = TuneCache(device_of(values))
+    tkey = tune_key(program, key, values.dtype, batch, backend)
+    for source, entry in (("exact entry", cache.get(tkey)), ("nearest batch bucket", cache.nearest(tkey))):
+        strategy = STRATEGIES.get((entry or {}).get("strategy"))
+        if strategy is not None and strategy.problem(device_type) is None:
+            return strategy, source
+    if config.autotune and index is not None:
+        result = tune_program(program, key, index, values, batch, backend=backend, bias=bias, cache=cache)
+        if result.chosen is not None:
+            return STRATEGIES[result.chosen], "tuned now"
+    if warn and cache.path.exists() and tkey.text() not in _warned:
+        _warned.add(tkey.text())
+        warnings.warn(
+            f"no tuning entry for {program} of {key.spec} {key.out_features}x{key.in_features} "
+            f"({tkey.dtype}, batch bucket {tkey.batch}) on this device: running the default ({default.name}); "
+            f"`sparsec tune` or SPARSEC_AUTOTUNE=1 tunes it",
+            TuningWarning,
+            stacklevel=4,
+        )
+    return default, "default"
+
+
+__all__ = ["Outcome", "TuneResult", "choose", "explain_choice", "forget_choices", "tune_key", "tune_program"]

@@ -1,0 +1,296 @@
+"""The autotuner driven end to end with an injected timer and fake devices: buckets, keys, the persistent
+cache (invalidation, corruption, foreign files, concurrent writers), pruning, ranking, the correctness gate
+and the lookup chain the ops make."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import warnings
+
+import pytest
+import torch
+
+import sparsec
+from sparsec import config
+from sparsec.errors import SparsecError
+from sparsec.runtime import ops, tuner
+from sparsec.runtime.devices import Device, cpu_device
+from sparsec.runtime.strategies import STRATEGIES, Strategy
+from sparsec.runtime.tunecache import TuneCache, TuneKey, TuningWarning, batch_bucket, density_bucket
+
+FAKE = Device("cpu", "Fake CPU 9000", "avx2+fma", 2, (("cxx", "g++ 12"), ("torch", "2.13.0")))
+KEY = TuneKey("forward", "unstructured", "2^-3.5", "fp32", 64, 96, 16, "abc123")
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    tuner.forget_choices()
+    tuner._warned.clear()
+    yield
+    tuner.forget_choices()
+
+
+def test_buckets_by_hand():
+    assert [batch_bucket(b) for b in (0, 1, 2, 3, 4, 5, 255, 256, 257)] == [1, 1, 2, 4, 4, 8, 256, 256, 512]
+    assert density_bucket(0.1) == "2^-3.5"  # log2(0.1) = -3.32: the nearest half octave is -3.5
+    assert density_bucket(0.5) == "2^-1" and density_bucket(1.0) == "2^0" and density_bucket(0.01) == "2^-6.5"
+    assert density_bucket(0.0) == "empty"
+
+
+def test_a_key_round_trips_through_its_text():
+    assert TuneKey.parse(KEY.text()) == KEY
+
+
+def test_store_get_and_the_nearest_batch_bucket():
+    cache = TuneCache(FAKE)
+    cache.store(KEY, {"strategy": "dense"})
+    far = dataclasses.replace(KEY, batch=256)
+    cache.store(far, {"strategy": "cpp"})
+    assert cache.get(KEY) == {"strategy": "dense"}
+    assert cache.nearest(dataclasses.replace(KEY, batch=32)) == {"strategy": "dense"}  # 16 is nearer than 256
+    assert cache.nearest(dataclasses.replace(KEY, batch=128)) == {"strategy": "cpp"}
+    assert json.loads(cache.path.read_text())["device"] == FAKE.identity()
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(TuneKey)])
+def test_each_key_field_invalidates_an_entry(field):
+    cache = TuneCache(FAKE)
+    cache.store(KEY, {"strategy": "dense"})
+    value = getattr(KEY, field)
+    other = dataclasses.replace(KEY, **{field: value * 2 if isinstance(value, int) else value + "x"})
+    assert cache.get(other) is None
+    if field != "batch":  # another batch bucket is what `nearest` serves; every other field must match
+        assert cache.nearest(other) is None
+
+
+@pytest.mark.parametrize(
+    "change", ["name", "arch", "units", "torch", "cxx"]
+)  # every part of the device and toolchain identity
+def test_another_device_or_toolchain_never_reads_the_entry(change):
+    TuneCache(FAKE).store(KEY, {"strategy": "dense"})
+    tools = dict(FAKE.toolchain)
+    if change in tools:
+        tools[change] += "-other"
+        other = dataclasses.replace(FAKE, toolchain=tuple(sorted(tools.items())))
+    else:
+        value = getattr(FAKE, change)
+        other = dataclasses.replace(FAKE, **{change: value + 1 if isinstance(value, int) else value + " v2"})
+    assert TuneCache(other).path != TuneCache(FAKE).path
+    assert TuneCache(other).get(KEY) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"schema": 1, "device": ', "not json", '{"schema": 99, "entries": {}}', "[1, 2]"],
+    ids=["truncated", "corrupt", "foreign schema", "not a table"],
+)
+def test_an_unusable_file_is_ignored_with_one_warning_and_rewritten(content):
+    cache = TuneCache(FAKE)
+    cache.path.parent.mkdir(parents=True)
+    cache.path.write_text(content)
+    with pytest.warns(TuningWarning, match="is ignored"):
+        assert cache.get(KEY) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.get(KEY) is None  # one warning per problem, not one per lookup
+    cache.store(KEY, {"strategy": "cpp"})
+    assert TuneCache(FAKE).get(KEY) == {"strategy": "cpp"}
+
+
+def test_a_file_of_another_device_under_this_name_is_ignored():
+    cache = TuneCache(FAKE)
+    cache.path.parent.mkdir(parents=True)
+    foreign = dataclasses.replace(FAKE, name="Another CPU")
+    cache.path.write_text(json.dumps({"schema": 1, "device": foreign.identity(), "entries": {KEY.text(): {}}}))
+    with pytest.warns(TuningWarning, match="not this device"):
+        assert cache.get(KEY) is None
+
+
+def test_export_and_import_move_entries_and_refuse_foreign_ones(tmp_path):
+    TuneCache(FAKE).store(KEY, {"strategy": "dense"})
+    assert TuneCache(FAKE).export(tmp_path / "out.json") == 1
+    target = TuneCache(FAKE, root=tmp_path / "other")
+    assert target.import_(tmp_path / "out.json") == 1 and target.get(KEY) == {"strategy": "dense"}
+    with pytest.raises(SparsecError, match="not this device"):
+        TuneCache(dataclasses.replace(FAKE, units=64), root=tmp_path / "third").import_(tmp_path / "out.json")
+
+
+def _write_many(root: str, worker: int, start) -> None:
+    cache = TuneCache(FAKE, root=root)
+    start.wait()  # both processes are up (imports done): their stores overlap
+    for i in range(40):
+        cache.store(dataclasses.replace(KEY, out_features=1000 * worker + i), {"strategy": "cpp", "i": i})
+
+
+def test_two_processes_writing_at_once_leave_one_valid_file_holding_both(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    workers = [ctx.Process(target=_write_many, args=(str(tmp_path), w, start)) for w in (1, 2)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = TuneCache(FAKE, root=tmp_path).entries()
+    assert len(entries) == 80
+    assert {TuneKey.parse(k).out_features // 1000 for k in entries} == {1, 2}
+
+
+# --- the tuner ---------------------------------------------------------------------------------------
+
+
+def _layer(spec="75%", out=24, inn=40):
+    torch.manual_seed(0)
+    layer = sparsec.SparseLinear(inn, out, bias=False, spec=spec, policy=sparsec.static)
+    index = list(layer.index_buffers().values())
+    return layer, ops._key(layer.values, *layer.layout.op_key), index
+
+
+class WrongFast(Strategy):
+    """Fast and wrong: the correctness gate must never choose it."""
+
+    def plan_kind(self, backend):
+        return "cpu"
+
+    def forward(self, key, backend, plan, x, values, bias):
+        return STRATEGIES["torch-csr"].forward(key, backend, plan, x, values, bias) * 1.01
+
+
+class NeverRuns(Strategy):
+    def problem(self, device_type):
+        return "needs a device this machine lacks"
+
+    def forward(self, *args):
+        raise AssertionError("a pruned candidate ran")
+
+
+def _timer(seconds: dict[str, float], calls: list[str]):
+    """An injected timer: a fixed time per strategy; each timed function runs once (and is recorded)."""
+
+    def timer(fn):
+        fn()
+        name = fn.__defaults__[0].name
+        calls.append(name)
+        return seconds[name]
+
+    return timer
+
+
+def test_the_gate_rejects_a_wrong_but_fast_candidate_and_pruned_ones_never_run():
+    layer, key, index = _layer()
+    calls = []
+    seconds = {"wrong-fast": 1e-6, "torch-csr": 3e-3, "dense": 2e-3}
+    candidates = [
+        WrongFast("wrong-fast", ("cpu",)),
+        STRATEGIES["torch-csr"],
+        STRATEGIES["dense"],
+        NeverRuns("never", ("cpu",)),
+    ]
+    cache = TuneCache(FAKE)
+    result = tuner.tune_program(
+        "forward",
+        key,
+        index,
+        layer.values,
+        7,
+        backend="cpp",
+        candidates=candidates,
+        timer=_timer(seconds, calls),
+        cache=cache,
+        device=FAKE,
+    )
+    status = {o.strategy: o.status for o in result.outcomes}
+    assert status == {"wrong-fast": "wrong", "never": "pruned", "torch-csr": "timed", "dense": "chosen"}
+    assert result.chosen == "dense" and result.dense_seconds == 2e-3 and sorted(calls) == ["dense", "torch-csr"]
+    entry = cache.get(result.key)
+    assert entry["strategy"] == "dense" and entry["rejected"]["wrong-fast"] == "differs from the float64 product"
+    assert result.key.batch == 8 and result.key.program == "forward" and result.key.out_features == 24
+
+
+@pytest.mark.parametrize("program", ["forward", "grad_input", "grad_values"])
+def test_every_real_cpu_strategy_passes_the_gate_on_each_program(program):
+    layer, key, index = _layer("2:4", 16, 32)
+    calls = []
+    result = tuner.tune_program(
+        program,
+        key,
+        index,
+        layer.values,
+        5,
+        backend="cpp",
+        timer=_timer({"cpp": 1.0, "torch-csr": 2.0, "dense": 3.0}, calls),
+        cache=TuneCache(FAKE),
+        device=FAKE,
+    )
+    assert {o.strategy: o.status for o in result.outcomes} == {"cpp": "chosen", "torch-csr": "timed", "dense": "timed"}
+
+
+def test_ranking_times_only_the_top_candidates():
+    layer, key, index = _layer("99%", 64, 256)  # sparse: dense moves the most bytes, cpp the fewest
+    calls = []
+    result = tuner.tune_program(
+        "forward",
+        key,
+        index,
+        layer.values,
+        4,
+        backend="cpp",
+        top=2,
+        timer=_timer({"cpp": 2.0, "torch-csr": 1.0, "dense": 0.5}, calls),
+        cache=TuneCache(FAKE),
+        device=FAKE,
+    )
+    assert sorted(calls) == ["cpp", "torch-csr"] and result.chosen == "torch-csr"
+    assert {o.strategy: o.status for o in result.outcomes}["dense"] == "not timed"
+
+
+# --- the lookup the ops make -----------------------------------------------------------------------------
+
+
+def test_the_lookup_chain_exact_then_nearest_then_default_with_one_warning():
+    layer, key, index = _layer()
+    v = layer.values
+    assert tuner.explain_choice("forward", key, "cpp", v, 3) == ("cpp", "default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cache file for this device: nobody tuned, nobody is warned
+        assert tuner.choose("forward", key, "cpp", v, 3).name == "cpp"
+    cache = TuneCache(cpu_device())
+    cache.store(tuner.tune_key("forward", key, v.dtype, 3, "cpp"), {"strategy": "dense"})
+    tuner.forget_choices()
+    assert tuner.explain_choice("forward", key, "cpp", v, 3) == ("dense", "exact entry")
+    assert tuner.explain_choice("forward", key, "cpp", v, 64) == ("dense", "nearest batch bucket")
+    with pytest.warns(TuningWarning, match="no tuning entry for grad_input"):
+        assert tuner.choose("grad_input", key, "cpp", v, 3).name == "cpp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuner.forget_choices()
+        assert tuner.choose("grad_input", key, "cpp", v, 3).name == "cpp"  # one warning per kernel
+
+
+def test_a_stored_choice_runs_in_the_layer_and_computes_the_product(monkeypatch):
+    layer, key, index = _layer()
+    x = torch.randn(5, 40, dtype=torch.float64).float()
+    TuneCache(cpu_device()).store(tuner.tune_key("forward", key, layer.values.dtype, 5, "cpp"), {"strategy": "dense"})
+    ran, forward = [], Strategy.forward
+    monkeypatch.setattr(Strategy, "forward", lambda self, *a: ran.append(self.name) or forward(self, *a))
+    with config.patch(backend="auto"), torch.no_grad():
+        y = layer(x)
+    assert ran == ["dense"]
+    torch.testing.assert_close(y.double(), x.double() @ layer.dense_weight().double().T, rtol=1e-5, atol=1e-5)
+    with config.patch(backend="cpp"), torch.no_grad():
+        layer(x)  # a named backend is never overridden by a tuned choice
+    assert ran == ["dense", "cpp"]
+
+
+def test_autotune_on_first_use_tunes_and_stores(monkeypatch):
+    layer, key, index = _layer()
+    monkeypatch.setattr(
+        tuner, "default_timer", lambda device_type: _timer({"cpp": 3.0, "torch-csr": 1.0, "dense": 2.0}, [])
+    )
+    with config.patch(backend="auto", autotune=True), torch.no_grad():
+        layer(torch.randn(2, 40))
+    entry = TuneCache(cpu_device()).get(tuner.tune_key("forward", key, layer.values.dtype, 2, "cpp"))
+    assert entry["strategy"] == "torch-csr" and entry["timings"] == {"cpp": 3.0, "torch-csr": 1.0, "dense": 2.0}
