@@ -1,4 +1,5 @@
-"""The ``sparsec`` command line: ``sparsec explain SPEC --shape OUTxIN [--dtype] [--batch]``."""
+"""The ``sparsec`` command line: ``sparsec explain SPEC --shape OUTxIN [--dtype] [--batch]``, and ``sparsec tune``
+(``sparsec.tuning``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from sparsec.dtypes import KERNEL_DTYPES
 from sparsec.errors import SparsecError
 from sparsec.explainer import explain_spec
+from sparsec.runtime.strategies import PROGRAMS
+from sparsec.tuning import run as run_tune
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -29,7 +32,22 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--no-bias", action="store_true")
     ex.add_argument("--activation", choices=["relu", "gelu", "silu"])
     ex.add_argument("--no-source", action="store_true", help="leave out the generated Triton source")
+    tune = sub.add_parser("tune", help="tune every sparse layer of a model; move tuning caches between machines")
+    tune.add_argument("model", nargs="?", help="module:function returning the model (an nn.Module)")
+    tune.add_argument("--batch", type=int, nargs="+", default=[1, 256], help="batch sizes to tune (rows)")
+    tune.add_argument("--programs", nargs="+", choices=PROGRAMS, default=list(PROGRAMS))
+    tune.add_argument("--device", default="cpu", help="where the model runs while tuning: cpu, cuda, cuda:1")
+    tune.add_argument("--export", dest="export_file", help="write this device's tuning entries to FILE")
+    tune.add_argument("--import", dest="import_file", help="merge FILE's entries (refused unless from this device)")
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        if not (args.model or args.export_file or args.import_file):
+            parser.error("tune needs a model (module:function), --export FILE or --import FILE")
+        try:
+            return run_tune(args)
+        except SparsecError as e:
+            print(f"sparsec: error: {e}", file=sys.stderr)
+            return 2
     out, inn = args.shape
     try:
         print(

@@ -294,3 +294,33 @@ def test_autotune_on_first_use_tunes_and_stores(monkeypatch):
         layer(torch.randn(2, 40))
     entry = TuneCache(cpu_device()).get(tuner.tune_key("forward", key, layer.values.dtype, 2, "cpp"))
     assert entry["strategy"] == "torch-csr" and entry["timings"] == {"cpp": 3.0, "torch-csr": 1.0, "dense": 2.0}
+
+
+# --- sparsec tune ------------------------------------------------------------------------------------------
+
+
+def test_sparsec_tune_tunes_every_layer_and_moves_the_cache(tmp_path, monkeypatch, capsys):
+    from sparsec import cli
+
+    (tmp_path / "tiny_model_for_tune.py").write_text(
+        "import torch, sparsec\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(sparsec.SparseLinear(16, 24, spec='2:4'), torch.nn.ReLU(),\n"
+        "                               sparsec.SparseLinear(24, 8, spec='75%'))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seconds = {"cpp": 1e-3, "torch-csr": 2e-3, "dense": 4e-3}
+    monkeypatch.setattr(tuner, "default_timer", lambda device_type: _timer(seconds, []))
+    assert cli.main(["tune", "tiny_model_for_tune:build", "--batch", "3", "--export", str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 0 ") or line.startswith("| 2 ")]
+    assert len(rows) == 6  # two layers x three programs at one batch
+    assert all("| cpp | 1.000 | 4.00x |" in row for row in rows)
+    assert "exported 6 entries" in out
+    assert len(TuneCache(cpu_device()).entries()) == 6
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert cli.main(["tune", "--import", str(tmp_path / "t.json")]) == 0
+    assert len(TuneCache(cpu_device()).entries()) == 6
+    assert cli.main(["tune", "no_colon_here"]) == 2
+    assert "not module:function" in capsys.readouterr().err
