@@ -179,6 +179,14 @@ def _timer(seconds: dict[str, float], calls: list[str]):
     return timer
 
 
+def _tune(program, layer, key, index, batch, seconds, calls, **options):
+    """tune_program on the fake device with the injected timer and a cache of its own."""
+    options.setdefault("cache", TuneCache(FAKE))
+    return tuner.tune_program(
+        program, key, index, layer.values, batch, backend="cpp", timer=_timer(seconds, calls), device=FAKE, **options
+    )
+
+
 def test_the_gate_rejects_a_wrong_but_fast_candidate_and_pruned_ones_never_run():
     layer, key, index = _layer()
     calls = []
@@ -190,18 +198,7 @@ def test_the_gate_rejects_a_wrong_but_fast_candidate_and_pruned_ones_never_run()
         NeverRuns("never", ("cpu",)),
     ]
     cache = TuneCache(FAKE)
-    result = tuner.tune_program(
-        "forward",
-        key,
-        index,
-        layer.values,
-        7,
-        backend="cpp",
-        candidates=candidates,
-        timer=_timer(seconds, calls),
-        cache=cache,
-        device=FAKE,
-    )
+    result = _tune("forward", layer, key, index, 7, seconds, calls, candidates=candidates, cache=cache)
     status = {o.strategy: o.status for o in result.outcomes}
     assert status == {"wrong-fast": "wrong", "never": "pruned", "torch-csr": "timed", "dense": "chosen"}
     assert result.chosen == "dense" and result.dense_seconds == 2e-3 and sorted(calls) == ["dense", "torch-csr"]
@@ -214,35 +211,14 @@ def test_the_gate_rejects_a_wrong_but_fast_candidate_and_pruned_ones_never_run()
 def test_every_real_cpu_strategy_passes_the_gate_on_each_program(program):
     layer, key, index = _layer("2:4", 16, 32)
     calls = []
-    result = tuner.tune_program(
-        program,
-        key,
-        index,
-        layer.values,
-        5,
-        backend="cpp",
-        timer=_timer({"cpp": 1.0, "torch-csr": 2.0, "dense": 3.0}, calls),
-        cache=TuneCache(FAKE),
-        device=FAKE,
-    )
+    result = _tune(program, layer, key, index, 5, {"cpp": 1.0, "torch-csr": 2.0, "dense": 3.0}, calls)
     assert {o.strategy: o.status for o in result.outcomes} == {"cpp": "chosen", "torch-csr": "timed", "dense": "timed"}
 
 
 def test_ranking_times_only_the_top_candidates():
     layer, key, index = _layer("99%", 64, 256)  # sparse: dense moves the most bytes, cpp the fewest
     calls = []
-    result = tuner.tune_program(
-        "forward",
-        key,
-        index,
-        layer.values,
-        4,
-        backend="cpp",
-        top=2,
-        timer=_timer({"cpp": 2.0, "torch-csr": 1.0, "dense": 0.5}, calls),
-        cache=TuneCache(FAKE),
-        device=FAKE,
-    )
+    result = _tune("forward", layer, key, index, 4, {"cpp": 2.0, "torch-csr": 1.0, "dense": 0.5}, calls, top=2)
     assert sorted(calls) == ["cpp", "torch-csr"] and result.chosen == "torch-csr"
     assert {o.strategy: o.status for o in result.outcomes}["dense"] == "not timed"
 
