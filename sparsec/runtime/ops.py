@@ -21,7 +21,8 @@ Function with the op's forward and backward that hands the step's batch tiles to
 Backends (``SPARSEC_BACKEND``): ``triton`` (generated kernels on CUDA), ``interpret`` (the same
 kernels in Triton's interpreter, CPU), ``cpu`` (PyTorch's CSR kernels), ``cpp`` (generated C++ kernels
 on the CPU, compiled on first use; where they cannot build, cpu with one warning); ``auto`` picks triton
-for CUDA tensors and cpp otherwise.
+for CUDA tensors and cpp otherwise, and runs each program with the strategy tuned for it on the device
+(``runtime.strategies``, ``runtime.tuner``: the backend's own kernels, PyTorch's CSR kernels or a dense GEMM).
 """
 
 from __future__ import annotations

@@ -47,60 +47,95 @@ def _cached_launcher(key: LayoutKey, dtype: str, bias: bool, interpret: bool) ->
 
 @dataclass(frozen=True)
 class Strategy:
+    """One way of running a layer's programs; ``plan_kind`` names the index plan it reads
+    (``runtime.plans.index_plan``'s kind)."""
+
     name: str
     devices: tuple[str, ...]  # device types it runs on
 
     def plan_kind(self, backend: str) -> str:
-        """Which index plan it reads (``runtime.ops.index_plan``'s backend argument)."""
-        return {"cpp": "cpp", "torch-csr": "cpu", "dense": "cpu"}.get(self.name, backend)
+        return backend
 
     def problem(self, device_type: str) -> str | None:
         """Why it cannot run on this device here (None: it can)."""
-        if device_type not in self.devices:
-            return f"{self.name} runs on {', '.join(self.devices)}"
-        if self.name == "cpp":
-            return cpp_problem()
-        return None
+        return None if device_type in self.devices else f"{self.name} runs on {', '.join(self.devices)}"
 
     def forward(self, key, backend, plan, x, values, bias):
-        if self.name == "cpp":
-            return cpp_forward(plan, x, values, bias)
-        if self.name == "torch-csr":
-            y = csr_forward(plan, x, values)
-            return y if bias is None else y + bias
-        if self.name == "dense":
-            return _dense(plan, values, x.dtype, lambda w: F.linear(x, w, bias))
-        return kernel_launcher(key, values, bias is not None, backend).run(
-            "forward", plan, x=x.contiguous(), values=values, bias=bias
-        )
+        raise NotImplementedError
 
     def grad_input(self, key, backend, plan, dy, values):
-        if self.name == "cpp":
-            return cpp_grad_input(plan, dy, values)
-        if self.name == "torch-csr":
-            return csr_grad_input(plan, dy, values)
-        if self.name == "dense":
-            return _dense(plan, values, dy.dtype, lambda w: dy @ w)
+        raise NotImplementedError
+
+    def grad_values(self, key, backend, plan, dy, x, values):
+        raise NotImplementedError
+
+
+class Cpp(Strategy):
+    def plan_kind(self, backend):
+        return "cpp"
+
+    def problem(self, device_type):
+        return super().problem(device_type) or cpp_problem()
+
+    def forward(self, key, backend, plan, x, values, bias):
+        return cpp_forward(plan, x, values, bias)
+
+    def grad_input(self, key, backend, plan, dy, values):
+        return cpp_grad_input(plan, dy, values)
+
+    def grad_values(self, key, backend, plan, dy, x, values):
+        return cpp_grad_values(plan, dy, x, values)
+
+
+class Triton(Strategy):  # the plan of the backend it runs under: triton, or interpret
+    def forward(self, key, backend, plan, x, values, bias):
+        launcher = kernel_launcher(key, values, bias is not None, backend)
+        return launcher.run("forward", plan, x=x.contiguous(), values=values, bias=bias)
+
+    def grad_input(self, key, backend, plan, dy, values):
         return kernel_launcher(key, values, False, backend).run("grad_input", plan, dz=dy.contiguous(), values=values)
 
     def grad_values(self, key, backend, plan, dy, x, values):
-        if self.name == "cpp":
-            return cpp_grad_values(plan, dy, x, values)
-        if self.name == "torch-csr":
-            return csr_grad_values(plan, dy, x, values)
-        if self.name == "dense":
-            return _dense_sampled(plan, dy, x, values)
         launcher = kernel_launcher(key, values, False, backend)
         return launcher.run("grad_values", plan, dz=dy.contiguous(), x=x.contiguous(), values=values)
+
+
+class TorchCSR(Strategy):
+    def plan_kind(self, backend):
+        return "cpu"
+
+    def forward(self, key, backend, plan, x, values, bias):
+        y = csr_forward(plan, x, values)
+        return y if bias is None else y + bias
+
+    def grad_input(self, key, backend, plan, dy, values):
+        return csr_grad_input(plan, dy, values)
+
+    def grad_values(self, key, backend, plan, dy, x, values):
+        return csr_grad_values(plan, dy, x, values)
+
+
+class Dense(Strategy):
+    def plan_kind(self, backend):
+        return "cpu"  # the CSR structures: the weight is decompressed from them
+
+    def forward(self, key, backend, plan, x, values, bias):
+        return _dense(plan, values, x.dtype, lambda w: F.linear(x, w, bias))
+
+    def grad_input(self, key, backend, plan, dy, values):
+        return _dense(plan, values, dy.dtype, lambda w: dy @ w)
+
+    def grad_values(self, key, backend, plan, dy, x, values):
+        return _dense_sampled(plan, dy, x, values)
 
 
 STRATEGIES = {
     s.name: s
     for s in (
-        Strategy("cpp", ("cpu",)),
-        Strategy("triton", ("cuda",)),
-        Strategy("torch-csr", ("cpu", "cuda")),
-        Strategy("dense", ("cpu", "cuda")),
+        Cpp("cpp", ("cpu",)),
+        Triton("triton", ("cuda",)),
+        TorchCSR("torch-csr", ("cpu", "cuda")),
+        Dense("dense", ("cpu", "cuda")),
     )
 }
 DEFAULT = {"cpp": "cpp", "cpu": "torch-csr", "triton": "triton", "interpret": "triton"}  # backend -> strategy

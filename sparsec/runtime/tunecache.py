@@ -17,12 +17,12 @@ What invalidates an entry (each is in its key or its file's identity):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import filelock
@@ -50,7 +50,7 @@ def density_bucket(density: float) -> str:
     return f"2^{-round(-math.log2(density) * 2) / 2:g}"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TuneKey:
     program: str  # forward, grad_input, grad_values
     family: str  # the layout's structure without its count (Layout.op_key.family)
@@ -62,7 +62,7 @@ class TuneKey:
     source: str  # hash of the generated source the candidates run
 
     def text(self) -> str:
-        return "|".join(f"{k}={v}" for k, v in asdict(self).items())
+        return "|".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
 
     @staticmethod
     def parse(text: str) -> TuneKey:
@@ -90,25 +90,25 @@ class TuneCache:
     def get(self, key: TuneKey) -> dict | None:
         return self.entries().get(key.text())
 
-    def nearest(self, key: TuneKey) -> dict | None:
+    def nearest(self, key: TuneKey, entries: dict[str, dict] | None = None) -> dict | None:
         """The entry of the same layer and program at the nearest batch bucket (the smaller on a tie)."""
         best = None
-        for text, entry in self.entries().items():
+        for text, entry in (self.entries() if entries is None else entries).items():
             other = _parse(text)
-            if other is None or other.batch == key.batch:
-                continue
-            if (other.program, other.family, other.density, other.dtype, other.source) != (
-                key.program,
-                key.family,
-                key.density,
-                key.dtype,
-                key.source,
-            ) or (other.out_features, other.in_features) != (key.out_features, key.in_features):
+            if other is None or other.batch == key.batch or dataclasses.replace(other, batch=key.batch) != key:
                 continue
             distance = (abs(math.log2(other.batch) - math.log2(key.batch)), other.batch)
             if best is None or distance < best[0]:
                 best = (distance, entry)
         return None if best is None else best[1]
+
+    def lookup(self, key: TuneKey) -> tuple[dict | None, str]:
+        """(entry, where from): the exact entry, else the nearest batch bucket's, else (None, "none"); one read."""
+        entries = self.entries()
+        if key.text() in entries:
+            return entries[key.text()], "exact entry"
+        entry = self.nearest(key, entries)
+        return (entry, "nearest batch bucket") if entry is not None else (None, "none")
 
     # --- writing ---------------------------------------------------------------------------------
 

@@ -74,20 +74,28 @@ def tune_key(program: str, key: LayoutKey, dtype: torch.dtype, batch: int, backe
     )
 
 
-@functools.cache
 def source_hash(key: LayoutKey, dtype: str, backend: str) -> str:
     """The hash of the generated source a layer's candidates run: a template change invalidates its entries."""
     if backend in ("triton", "interpret"):
-        kernels = compile_layer(key.spec, key.in_features, key.out_features, dtype, False, None)
-        text = "".join(k.source for k in kernels.kernels.values())
-    else:
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}.get(dtype, torch.float64)
-        scalar, io = KERNEL_TYPES[torch_dtype]
-        text = "".join(
-            render("cpu/rows.cpp.jinja", scalar=scalar, io=io, index=index, slot="int32_t")
-            for index in INDEX_TYPES.values()
-            if index != "int64_t"
-        )
+        return _triton_source_hash(key, dtype)
+    return _cpp_source_hash(dtype)  # one translation unit per dtype serves every CPU layer
+
+
+@functools.cache
+def _triton_source_hash(key: LayoutKey, dtype: str) -> str:
+    kernels = compile_layer(key.spec, key.in_features, key.out_features, dtype, False, None)
+    return hashlib.sha256("".join(k.source for k in kernels.kernels.values()).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _cpp_source_hash(dtype: str) -> str:
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}.get(dtype, torch.float64)
+    scalar, io = KERNEL_TYPES[torch_dtype]
+    text = "".join(
+        render("cpu/rows.cpp.jinja", scalar=scalar, io=io, index=index, slot="int32_t")
+        for index in INDEX_TYPES.values()
+        if index != "int64_t"
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -237,7 +245,8 @@ def tune_program(
 _chosen: dict[tuple, tuple[Strategy, str]] = {}
 
 
-def _SETTINGS_READ() -> tuple:  # noqa: N802  (what a memoised choice also depends on, read cheaply)
+def _settings_read() -> tuple:
+    """What a memoised choice also depends on, read cheaply."""
     return config.raw("cache_dir"), config.raw("autotune")
 
 
@@ -259,7 +268,7 @@ def choose(
     bias: torch.Tensor | None = None,
 ) -> Strategy:
     """The strategy ``program`` runs for this layer at ``batch`` rows (see the module docstring)."""
-    memo = (program, key, backend, values.dtype, values.device, batch_bucket(batch), *_SETTINGS_READ())
+    memo = (program, key, backend, values.dtype, values.device, batch_bucket(batch), *_settings_read())
     found = _chosen.get(memo)
     if found is None:
         found = _lookup(program, key, backend, values, batch, index, bias)
@@ -278,10 +287,10 @@ def _lookup(program, key, backend, values, batch, index, bias, warn=True) -> tup
     device_type = values.device.type
     cache = TuneCache(device_of(values))
     tkey = tune_key(program, key, values.dtype, batch, backend)
-    for source, entry in (("exact entry", cache.get(tkey)), ("nearest batch bucket", cache.nearest(tkey))):
-        strategy = STRATEGIES.get((entry or {}).get("strategy"))
-        if strategy is not None and strategy.problem(device_type) is None:
-            return strategy, source
+    entry, source = cache.lookup(tkey)
+    strategy = STRATEGIES.get((entry or {}).get("strategy"))
+    if strategy is not None and strategy.problem(device_type) is None:
+        return strategy, source
     if config.autotune and index is not None:
         result = tune_program(program, key, index, values, batch, backend=backend, bias=bias, cache=cache)
         if result.chosen is not None:
