@@ -1,11 +1,13 @@
-"""CPU path benchmark: sparse layers against nn.Linear, side by side in one run.
+"""CPU path benchmark: sparse layers against nn.Linear and PyTorch's CSR, untuned and tuned, side by side.
 
-For each spec: forward+backward time of SparseLinear and of the dense nn.Linear of the same shape,
-the bytes the weights hold (values + index buffers against the dense weight), and the grow step:
-the extra time and peak extra memory of an armed backward (RigL candidate collection) against the
-size of the dense gradient it never builds. Writes the table into bench/RESULTS.md.
+For each spec and batch: forward+backward time of nn.Linear (dense), of SparseLinear on PyTorch's CSR kernels
+(the cpu backend), on sparsec's generated C++ kernels (cpp, untuned) and under ``SPARSEC_BACKEND=auto`` after
+``sparsec tune`` chose each program's strategy (tuned, into a fresh cache); the tuned time against the faster of
+(dense, CSR); the bytes the weights hold; and, on cpp, the grow step: the extra time and peak extra memory of an
+armed backward (RigL candidate collection) against the size of the dense gradient it never builds. Writes the
+table into bench/RESULTS.md.
 
-    python bench/bench_cpu_layers.py [--out 4096] [--in 4096] [--batch 256] [--backend cpp|cpu]
+    python bench/bench_cpu_layers.py [--out 4096] [--in 4096] [--batch 1 256]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import tempfile
 
 import torch
 from results import machine, write_section
@@ -21,17 +24,33 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
 import sparsec
+from sparsec.tuning import tune_model
 
-SPECS = ["90%", "95%", "99%", "2:4", "block(32x32, 90%)", "fanin(90%)"]
+# (spec, dtype): the structures in fp32, and 2:4 in bf16, where nn.Linear runs on bf16 dot instructions too
+CASES = [(s, torch.float32) for s in ["90%", "95%", "99%", "2:4", "block(32x32, 90%)", "fanin(90%)"]]
+CASES.append(("2:4", torch.bfloat16))
+SHORT = {"forward": "f", "grad_input": "gi", "grad_values": "gv"}
 
 
-def median_ms(fn) -> float:
+def median_ms(fn, min_run_time: float = 1.0) -> float:
     return (
         Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        .blocked_autorange(min_run_time=1.0)
+        .blocked_autorange(min_run_time=min_run_time)
         .median
         * 1e3
     )
+
+
+def interleaved_ms(steps: dict[str, tuple[str | None, object]], rounds: int = 3) -> dict[str, float]:
+    """Each step's best median over ``rounds`` rounds that time every step in turn (this machine's speed
+    drifts between seconds: side by side, each column sees the same drift). A step is (backend or None, fn)."""
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, (backend, fn) in steps.items():
+            with sparsec.config.patch(**({} if backend is None else {"backend": backend})):
+                fn()  # builds the backend's plans (and compiles its kernels)
+                best[name] = min(best[name], median_ms(fn, 0.4))
+    return best
 
 
 def peak_bytes(fn) -> int:
@@ -51,78 +70,90 @@ def held_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def bench(out: int, inn: int, batch: int) -> list[str]:
+def bench(out: int, inn: int, batch: int) -> tuple[list[str], list[float]]:
     torch.manual_seed(0)
-    x = torch.randn(batch, inn, requires_grad=True)
-    dense = nn.Linear(inn, out, bias=False)
+    rows, tuned_ratios = [], []
+    for spec, dtype in CASES:
+        x = torch.randn(batch, inn, dtype=dtype, requires_grad=True)
+        dense = nn.Linear(inn, out, bias=False, dtype=dtype)
+        dense_bytes = out * inn * x.element_size()
+        layer = sparsec.SparseLinear(inn, out, bias=False, spec=spec, policy=sparsec.rigl(delta_t=1), dtype=dtype)
 
-    def dense_step():
-        dense(x).sum().backward()
-
-    t_dense = median_ms(dense_step)
-    dense_bytes = held_bytes(dense)
-    rows = []
-    for spec in SPECS:
-        layer = sparsec.SparseLinear(inn, out, bias=False, spec=spec, policy=sparsec.rigl(delta_t=1))
-
-        def step(layer=layer):
+        def step(layer=layer, x=x):
             layer(x).sum().backward()
 
-        step()  # builds the cached plan (and compiles the kernels)
-        t_sparse = median_ms(step)
-        plain_peak = peak_bytes(step)
-        sparsec.MaskUpdater(layer, None, total_steps=10**6)  # arms the layer for a grow step
-        capture = layer.grow_capture
+        tuned = tune_model(layer, [batch], progress=False)
+        choice = "/".join(f"{SHORT[program]}:{result.chosen}" for _, program, _, result in tuned)
+        t = interleaved_ms(
+            {
+                "dense": (None, lambda dense=dense, x=x: dense(x).sum().backward()),
+                "csr": ("cpu", step),
+                "cpp": ("cpp", step),
+                "tuned": ("auto", step),
+            }
+        )
+        best = min(t["dense"], t["csr"])
+        tuned_ratios.append(best / t["tuned"])
+        with sparsec.config.patch(backend="cpp"):
+            plain_peak = peak_bytes(step)
+            sparsec.MaskUpdater(layer, None, total_steps=10**6)  # arms the layer for a grow step
+            capture = layer.grow_capture
 
-        def armed_step(layer=layer, capture=capture):
-            layer.grow_capture = capture
-            step()
+            def armed_step(layer=layer, capture=capture, step=step):
+                layer.grow_capture = capture
+                step()
 
-        t_armed = median_ms(armed_step)
-        armed_peak = peak_bytes(armed_step)
+            t_armed = median_ms(armed_step)
+            armed_peak = peak_bytes(armed_step)
+        name = "fp32" if dtype == torch.float32 else "bf16"
         rows.append(
-            f"| `{spec}` | {layer.layout.nnz / (out * inn):.1%} | {t_dense:.1f} | {t_sparse:.1f} | "
-            f"{t_dense / t_sparse:.2f}x | {held_bytes(layer) / dense_bytes:.3f} | {t_armed:.1f} | "
-            f"{max(0, armed_peak - plain_peak) / 2**20:.1f} | {out * inn * 4 / 2**20:.0f} |"
+            f"| `{spec}` | {name} | {batch} | {layer.layout.nnz / (out * inn):.1%} | {t['dense']:.2f} | "
+            f"{t['csr']:.2f} | {t['cpp']:.2f} | {t['tuned']:.2f} | {t['dense'] / t['tuned']:.2f}x | "
+            f"**{best / t['tuned']:.2f}x** | {choice} | {held_bytes(layer) / dense_bytes:.3f} | {t_armed:.2f} | "
+            f"{max(0, armed_peak - plain_peak) / 2**20:.1f} | {dense_bytes / 2**20:.0f} |"
         )
         print(rows[-1], flush=True)
-    return rows
+    return rows, tuned_ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=int, default=4096)
     parser.add_argument("--in", dest="inn", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--backend", choices=["cpu", "cpp"], default="cpp", help="the CPU backend to measure")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     args = parser.parse_args()
-    with sparsec.config.patch(backend=args.backend):
-        rows = bench(args.out, args.inn, args.batch)
+    rows, ratios = [], []
+    with tempfile.TemporaryDirectory() as cache, sparsec.config.patch(cache_dir=cache):  # tuned from scratch
+        for batch in args.batch:
+            r, q = bench(args.out, args.inn, batch)
+            rows += r
+            ratios += q
     budget = sparsec.config.grow_chunk_bytes
     body = "\n".join(
         [
-            "## CPU path: sparse layers against nn.Linear",
+            "## CPU path: sparse layers against nn.Linear and PyTorch's CSR, untuned and tuned",
             "",
             f"Measured {datetime.date.today().isoformat()} on {machine()}.",
-            f"Command: `python bench/bench_cpu_layers.py --out {args.out} --in {args.inn} --batch {args.batch} "
-            f"--backend {args.backend}` "
-            f"(fp32, no bias, forward + backward of `sum()`, median of `torch.utils.benchmark`; "
-            f"grow chunk budget {budget / 2**20:.0f} MiB).",
+            f"Command: `python bench/bench_cpu_layers.py --out {args.out} --in {args.inn} "
+            f"--batch {' '.join(map(str, args.batch))}` (no bias, forward + backward of `sum()`, median of "
+            f"`torch.utils.benchmark`; grow chunk budget {budget / 2**20:.0f} MiB).",
             "",
-            "| spec | density | dense fwd+bwd ms | sparse fwd+bwd ms | speed-up | weight bytes vs dense | "
-            "armed (grow) fwd+bwd ms | grow extra peak MiB | dense gradient MiB (never built) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| spec | dtype | batch | density | dense ms | torch CSR ms | cpp ms | tuned ms | tuned vs dense | "
+            "**tuned vs best of (dense, CSR)** | tuned choice | weight bytes vs dense | armed (grow) ms | "
+            "grow extra peak MiB | dense gradient MiB (never built) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
-            "Speed-up is dense time / sparse time in the same run. Weight bytes count values and index buffers.",
-            "The armed step computes `|dY^T X|` chunk by chunk: the FLOPs of a dense weight gradient (RigL needs",
-            "them) but not its memory. Grow extra peak is how far the armed backward's peak rises above the plain",
-            "backward's; 0 means the selection fit under the backward's own peak.",
-            {
-                "cpu": "The cpu backend: PyTorch's CSR kernels (`torch.sparse.mm`, `sampled_addmm`), every structure.",
-                "cpp": "The cpp backend: sparsec's generated C++ kernels (rows for unstructured, N:M and fan-in; "
-                "micro-tiles for blocks).",
-            }[args.backend],
+            f"Tuned against the faster of (dense, CSR): worst {min(ratios):.2f}x over {len(ratios)} rows.",
+            "",
+            "Times are one forward + backward. dense: nn.Linear; torch CSR: `SPARSEC_BACKEND=cpu` (`torch.sparse.mm`,",
+            "`sampled_addmm`); cpp: `SPARSEC_BACKEND=cpp`, sparsec's generated C++ kernels (rows for unstructured,",
+            "N:M and fan-in; micro-tiles for blocks); tuned: `SPARSEC_BACKEND=auto` after `sparsec tune` timed each",
+            "program's candidates (cpp, torch-csr, dense: the layer's weight decompressed per call) and stored the",
+            "fastest correct one (the choice column: forward / grad_input / grad_values). Weight bytes count values",
+            "and index buffers. The armed step (cpp) computes `|dY^T X|` chunk by chunk: the FLOPs of a dense",
+            "weight gradient (RigL needs them) but not its memory; grow extra peak is how far the armed backward's",
+            "peak rises above the plain backward's.",
         ]
     )
     write_section("cpu-layers", body)

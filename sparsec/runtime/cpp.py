@@ -123,6 +123,8 @@ def _library(scalar: str, io: str, index: str, slot: str) -> ctypes.CDLL:
     lib.sparsec_rows_sddmm.restype = None
     lib.sparsec_rows_sddmm_tiles.argtypes = [_P] * 6 + [_I64] * 3 + [_INT]
     lib.sparsec_rows_sddmm_tiles.restype = None
+    for dense_io in (lib.sparsec_rows_densify, lib.sparsec_rows_sample):
+        dense_io.argtypes, dense_io.restype = [_P] * 5 + [_I64] * 2 + [_INT], None
     for query in (lib.sparsec_batch_tile, lib.sparsec_vector_lanes):
         query.argtypes, query.restype = [], _I64
     lib.sparsec_dots_ld.argtypes, lib.sparsec_dots_ld.restype = [_I64], _I64
@@ -392,6 +394,38 @@ def cpp_grad_values(
         n_x,
         torch.get_num_threads(),  # torch's intra-op count (torch.set_num_threads holds)
     )
+    return grad.view(values.shape).to(values.dtype)
+
+
+def _rows_io(plan: CppPlan, dtype: torch.dtype) -> tuple[ctypes.CDLL, torch.dtype]:
+    dt = dtype if dtype in KERNEL_TYPES else torch.float32  # float16: through float32
+    return _library(*KERNEL_TYPES[dt], INDEX_TYPES[plan.cols.dtype], _slot_type(plan.order)), dt
+
+
+def cpp_densify(
+    plan: CppPlan, values: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The dense ``[out, in]`` weight in ``dtype``: zeros, and the kept values (``sparsec_rows_densify``),
+    written into ``out`` where given (contiguous, of the kernels' dtype)."""
+    lib, dt = _rows_io(plan, dtype)
+    v = values.to(dt).contiguous()
+    w = v.new_empty(plan.shape) if out is None or out.dtype != dt else out
+    lib.sparsec_rows_densify(
+        v.data_ptr(), plan.offsets.data_ptr(), plan.cols.data_ptr(), _ptr(plan.order), w.data_ptr(),
+        *plan.shape, torch.get_num_threads(),
+    )  # fmt: skip
+    return w if dt == dtype else w.to(dtype)
+
+
+def cpp_sample(plan: CppPlan, dense: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The kept positions of the dense ``[out, in]`` product ``dense``, in stored value order, as ``values``."""
+    lib, dt = _rows_io(plan, dense.dtype)
+    d = dense.to(dt).contiguous()
+    grad = d.new_empty(values.numel())
+    lib.sparsec_rows_sample(
+        d.data_ptr(), plan.offsets.data_ptr(), plan.cols.data_ptr(), _ptr(plan.order), grad.data_ptr(),
+        *plan.shape, torch.get_num_threads(),
+    )  # fmt: skip
     return grad.view(values.shape).to(values.dtype)
 
 

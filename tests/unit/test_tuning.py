@@ -16,6 +16,7 @@ import sparsec
 from sparsec import config
 from sparsec.errors import SparsecError
 from sparsec.runtime import ops, tuner
+from sparsec.runtime.cpp import CppPlan, cpp_densify, cpp_sample
 from sparsec.runtime.devices import Device, cpu_device
 from sparsec.runtime.strategies import STRATEGIES, Strategy
 from sparsec.runtime.tunecache import TuneCache, TuneKey, TuningWarning, batch_bucket, density_bucket
@@ -208,11 +209,41 @@ def test_the_gate_rejects_a_wrong_but_fast_candidate_and_pruned_ones_never_run()
 
 
 @pytest.mark.parametrize("program", ["forward", "grad_input", "grad_values"])
-def test_every_real_cpu_strategy_passes_the_gate_on_each_program(program):
-    layer, key, index = _layer("2:4", 16, 32)
+@pytest.mark.parametrize(
+    "spec, dtype",
+    [
+        ("2:4", torch.float32),
+        ("75%", torch.bfloat16),
+        ("block(4x4, 50%)", torch.float32),
+        ("fanin(50%)", torch.float16),
+    ],
+)
+def test_every_real_cpu_strategy_passes_the_gate_on_each_program(program, spec, dtype):
+    # block layouts store values out of row order (the cpp plan's order): dense's decompress and sampling
+    # read through it; the gate compares each with the float64 product of layout.to_dense
+    layer, key, index = _layer(spec, 16, 32)
+    layer.to(dtype)
+    key = ops._key(layer.values, *layer.layout.op_key)
     calls = []
     result = _tune(program, layer, key, index, 5, {"cpp": 1.0, "torch-csr": 2.0, "dense": 3.0}, calls)
     assert {o.strategy: o.status for o in result.outcomes} == {"cpp": "chosen", "torch-csr": "timed", "dense": "timed"}
+
+
+def test_the_dense_strategy_decompresses_and_samples_through_the_value_order_by_hand():
+    # two rows of W (2 x 3): row 0 keeps columns 0 and 2, row 1 keeps column 1; entry e's value is stored
+    # at slot order[e] = (2, 0, 1), so the values (10, 20, 30) put 30 at (0, 0), 10 at (0, 2), 20 at (1, 1)
+    offsets = torch.tensor([0, 2, 3])
+    cols = torch.tensor([0, 2, 1], dtype=torch.int32)
+    order = torch.tensor([2, 0, 1], dtype=torch.int32)
+    plan = CppPlan(offsets, cols, order, offsets, cols, order, (2, 3))
+    values = torch.tensor([10.0, 20.0, 30.0])
+    want = torch.tensor([[30.0, 0.0, 10.0], [0.0, 20.0, 0.0]])
+    torch.testing.assert_close(cpp_densify(plan, values, torch.float32), want)
+    reused = torch.full((2, 3), 7.0)
+    assert cpp_densify(plan, values, torch.float32, reused) is reused and torch.equal(reused, want)
+    torch.testing.assert_close(cpp_densify(plan, values, torch.bfloat16), want.bfloat16())
+    dense = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    torch.testing.assert_close(cpp_sample(plan, dense, values), torch.tensor([3.0, 5.0, 1.0]))
 
 
 def test_ranking_times_only_the_top_candidates():
