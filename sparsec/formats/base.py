@@ -323,6 +323,12 @@ class Strategy(ABC):
     def tiles(self, program: str, dtype: str) -> dict[str, int]:
         """Default tile sizes (kernel constexprs) of one program's product."""
 
+    def tile_space(self, program: str, dtype: str) -> dict[str, tuple[int, ...]]:
+        """The sizes the autotuner may give each tunable tile constexpr of one program's kernel (every
+        value valid for the template; the default's among them); a size not named keeps its default.
+        grow_scores is not tuned: its segment width is the grow step's unit."""
+        return {}
+
     def plan(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The device-side index tensors the kernels read, by parameter name, built once per mask."""
         return row_plan(layout, layout.decode(buffers))

@@ -56,6 +56,10 @@ class BlockDot(Strategy):
         half = self.precision(program, dtype) == "tensor"
         return {"BLOCK_B": 64 if half else 32, "BH": pow2_at_least(self.rows), "BW": pow2_at_least(self.cols)}
 
+    def tile_space(self, program: str, dtype: str) -> dict[str, tuple[int, ...]]:
+        # the block sides are the blocks' (padded for tl.dot): only the batch tile is free
+        return {"BLOCK_B": (16, 32, 64, 128)} if program in ("forward", "grad_input", "grad_values") else {}
+
     def call(
         self,
         program: str,

@@ -60,6 +60,14 @@ class Gather(Strategy):
             return {"BLOCK_E": 32, "BLOCK_B": 16}
         return {"BLOCK_B": 16, "BLOCK_O": 16, "BLOCK_J": 16}
 
+    def tile_space(self, program: str, dtype: str) -> dict[str, tuple[int, ...]]:
+        # no tl.dot: any power of two; small batch tiles for decode-sized batches
+        if program == "grad_values":
+            return {"BLOCK_E": (32, 64, 128, 256), "BLOCK_B": (8, 16, 32)}
+        if program in ("forward", "grad_input"):
+            return {"BLOCK_B": (4, 16, 32, 64), "BLOCK_O": (16, 32, 64), "BLOCK_J": (8, 16, 32)}
+        return {}
+
     def call(
         self,
         program: str,

@@ -55,6 +55,13 @@ class DecompressDot(Strategy):
             return {"BLOCK_B": 32, "BLOCK_O": rows, "BLOCK_K": k}
         return {"BLOCK_B": rows, "BLOCK_O": 32, "BLOCK_K": k}
 
+    def tile_space(self, program: str, dtype: str) -> dict[str, tuple[int, ...]]:
+        # every dot side at least 16 (tl.dot's minimum); BLOCK_K whole groups of M
+        if program not in ("forward", "grad_input", "grad_values"):
+            return {}
+        sides = (16, 32, 64, 128)
+        return {"BLOCK_B": sides, "BLOCK_O": sides, "BLOCK_K": tuple(sorted({max(k, self.m) for k in (32, 64, 128)}))}
+
     def plan(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"POS": buffers["nm_positions"]}  # the kernels read the stored positions directly
 

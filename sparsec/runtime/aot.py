@@ -34,6 +34,16 @@ from sparsec.spec import parse_spec
 
 # Compute capability, the arch ptxas names, and the opt-in shared memory limit per block (bytes).
 ARCHS = {"sm_80": (80, "sm_80", 166912), "sm_90a": (90, "sm_90a", 232448)}
+# The opt-in shared memory per block of each compute capability (CUDA programming guide, table 21)
+SHARED_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+def arch_of(cc: int) -> tuple[int, str, int]:
+    """(cc, the arch ptxas names, shared limit) for a GPU of compute capability ``cc`` (86 for 8.6)."""
+    if cc not in SHARED_LIMITS:
+        raise ValueError(f"no shared-memory limit known for compute capability {cc}: add it to SHARED_LIMITS")
+    return cc, "sm_90a" if cc == 90 else f"sm_{cc}", SHARED_LIMITS[cc]
+
 
 # Every format's example cases, on shapes that are not multiples of any tile: the interpreter tests
 # run these same cases (tests/interpret/test_kernels.py), and AOT compiles them at the default tiles.
@@ -64,18 +74,22 @@ class RecordedCall:
     template: str
     args: dict  # tensors and sizes by parameter name, in signature order
     constexprs: dict
+    options: dict  # num_warps, num_stages where a configuration sets them
 
 
-def record_calls(spec: str, out: int, inn: int, dtype: str, batch: int = 19) -> list[RecordedCall]:
+def record_calls(
+    spec: str, out: int, inn: int, dtype: str, batch: int = 19, configs: dict | None = None
+) -> list[RecordedCall]:
     """The kernel calls of the four programs of one layer, recorded, not launched (grow_scores only where
-    the format's strategy grows on a kernel)."""
+    the format's strategy grows on a kernel); ``configs``: a ``LaunchConfig`` per program (else defaults)."""
     calls: list[RecordedCall] = []
+    configs = configs or {}
 
     class Recorder(Launcher):
-        def _launch(self, program, grid, args, constexprs):
+        def _launch(self, program, grid, args, constexprs, options):
             src = self.kernels.kernels[program]
             label = f"{program} (listed tiles)" if constexprs.get("LISTED") else program
-            calls.append(RecordedCall(label, src.source, src.template, args, constexprs))
+            calls.append(RecordedCall(label, src.source, src.template, args, constexprs, options))
 
     torch_dtype = DTYPES[dtype].torch
     layout = make_layout(parse_spec(spec), out, inn)
@@ -85,9 +99,9 @@ def record_calls(spec: str, out: int, inn: int, dtype: str, batch: int = 19) -> 
     values = torch.zeros(layout.values_shape, dtype=torch_dtype)
     bias = torch.zeros(out, dtype=torch_dtype)
     x, dz = torch.zeros(batch, inn, dtype=torch_dtype), torch.zeros(batch, out, dtype=torch_dtype)
-    launcher.run("forward", plan, x=x, values=values, bias=bias)
-    launcher.run("grad_input", plan, dz=dz, values=values)
-    launcher.run("grad_values", plan, dz=dz, x=x, values=values)
+    launcher.run("forward", plan, configs.get("forward"), x=x, values=values, bias=bias)
+    launcher.run("grad_input", plan, configs.get("grad_input"), dz=dz, values=values)
+    launcher.run("grad_values", plan, configs.get("grad_values"), dz=dz, x=x, values=values)
     if launcher.strategy.grows_on_kernel:
         drop = torch.zeros(layout.n_items, dtype=torch.uint8)
         launcher.run("grow_scores", plan, dz=dz, x=x, drop=drop, kc=2)
@@ -114,17 +128,20 @@ def _signature(fn, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
     return signature, dict(constexprs), attrs
 
 
-def compile_call(call: RecordedCall, arch: str) -> dict:
-    """Compile one recorded call for ``arch``; returns the report fields (ptxas log parsed)."""
+def compile_call(call: RecordedCall, arch: str | int) -> dict:
+    """Compile one recorded call for ``arch`` (a name of ARCHS, or a compute capability); returns the
+    report fields (ptxas log parsed)."""
     import triton  # lazy: triton is optional (Linux only) and heavy; only AOT compilation needs it
     from triton.backends.compiler import GPUTarget  # lazy, as above
     from triton.compiler import ASTSource  # lazy, as above
 
-    cc, ptx_arch, limit = ARCHS[arch]
+    cc, ptx_arch, limit = ARCHS[arch] if isinstance(arch, str) else arch_of(arch)
     fn = load_kernel_module(call.source).kernel
     signature, constexprs, attrs = _signature(fn, call.args, call.constexprs)
     compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", cc, 32)
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", cc, 32),
+        options=call.options or None,
     )
     ptx = compiled.asm["ptx"]
     text = ptxas_report(ptx, cc, ptx_arch)

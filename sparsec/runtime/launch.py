@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +28,32 @@ from sparsec.codegen.cache import interpreting, load_kernel_module
 from sparsec.errors import ShapeError, SparsecError
 from sparsec.formats import Layout
 from sparsec.runtime.compile import LayerKernels
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """A tuned kernel configuration: tile constexprs over the program's defaults (``Strategy.tile_space``),
+    and Triton's ``num_warps`` / ``num_stages`` (None: Triton's defaults)."""
+
+    tile: tuple[tuple[str, int], ...] = ()
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"tile": dict(self.tile), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @staticmethod
+    def from_dict(d: Mapping) -> LaunchConfig:
+        return LaunchConfig(tuple(sorted(d.get("tile", {}).items())), d.get("num_warps"), d.get("num_stages"))
+
+    def text(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.tile]
+        parts += [f"{name}={v}" for name, v in (("warps", self.num_warps), ("stages", self.num_stages)) if v]
+        return ",".join(parts) or "defaults"
+
+    def options(self) -> dict[str, int]:
+        """The launch (and compile) options it sets."""
+        return {k: v for k, v in (("num_warps", self.num_warps), ("num_stages", self.num_stages)) if v is not None}
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> None:
@@ -93,8 +120,15 @@ class Launcher:
         self.strategy = layout.format.strategy(layout.spec)
         self._parameters: dict[str, tuple[tuple[str, bool], ...]] = {}
 
-    def tile(self, program: str) -> dict[str, int]:
-        return self.kernels.kernels[program].tile
+    def tile(self, program: str, config: LaunchConfig | None = None) -> dict[str, int]:
+        """The program's tile: its defaults, with ``config``'s sizes over them."""
+        tile = self.kernels.kernels[program].tile
+        if config is None or not config.tile:
+            return tile
+        unknown = dict(config.tile).keys() - tile.keys()
+        if unknown:
+            raise SparsecError(f"{program} has no tile sizes {sorted(unknown)}; its tile is {sorted(tile)}")
+        return {**tile, **dict(config.tile)}
 
     def plan(self, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The index plan the kernels read for these index buffers (``runtime.ops.index_plan`` caches it)."""
@@ -104,10 +138,12 @@ class Launcher:
         """Width of the segments grow_scores keeps candidates of; None when it scores whole items (blocks)."""
         return self.strategy.grow_segment(self.tile("grow_scores"))
 
-    def run(self, program: str, plan: Mapping[str, torch.Tensor], **operands) -> torch.Tensor:
+    def run(
+        self, program: str, plan: Mapping[str, torch.Tensor], config: LaunchConfig | None = None, **operands
+    ) -> torch.Tensor:
         """Run ``program``'s kernel on its operands (``x``, ``dz``, ``values``, ``bias``, ``drop``, ``kc``,
-        ``r0``, ``r1``, ``tiles``); returns its new output: ``Y``, ``dX``, ``dV``, or the grow scores
-        (``Strategy.grow_output``)."""
+        ``r0``, ``r1``, ``tiles``), at ``config`` (a tuned configuration; None: the defaults); returns its
+        new output: ``Y``, ``dX``, ``dV``, or the grow scores (``Strategy.grow_output``)."""
         lay = self.layout
         x, dz, values = operands.get("x"), operands.get("dz"), operands.get("values")
         like = values if values is not None else x
@@ -116,7 +152,7 @@ class Launcher:
             _check("dz", dz, (batch, lay.out_features), like)
         if x is not None:
             _check("x", x, (batch, lay.in_features), like)
-        tile = self.tile(program)
+        tile = self.tile(program, config)
         rows = listed = None  # grow_scores: rows of the launch; tiles listed (the second run), or None
         if program == "grow_scores":
             operands = {"r0": 0, "r1": lay.grid[0], **operands}
@@ -148,10 +184,10 @@ class Launcher:
         assert not named.keys() & own.keys(), f"{program}: the format rebinds {sorted(named.keys() & own.keys())}"
         grid, flat = launch_grid(call.grid)
         flat.setdefault("SWAP", False)
-        self._bind(program, grid, {**named, **own, **flat})
+        self._bind(program, grid, {**named, **own, **flat}, config.options() if config is not None else {})
         return out
 
-    def _bind(self, program: str, grid: tuple[int, ...], named: dict[str, object]) -> None:
+    def _bind(self, program: str, grid: tuple[int, ...], named: dict[str, object], options: dict) -> None:
         if program not in self._parameters:
             self._parameters[program] = kernel_parameters(self._kernel(program))
         params = self._parameters[program]
@@ -159,17 +195,17 @@ class Launcher:
         assert not missing, f"{program}: nothing to bind to kernel parameters {missing}; have {sorted(named)}"
         args = {name: named[name] for name, constexpr in params if not constexpr}
         constexprs = {name: named[name] for name, constexpr in params if constexpr}
-        self._launch(program, grid, args, constexprs)
+        self._launch(program, grid, args, constexprs, options)
 
     def _kernel(self, program: str):
         return load_kernel_module(self.kernels.kernels[program].source).kernel
 
-    def _launch(self, program: str, grid: tuple[int, ...], args: dict[str, object], constexprs: dict) -> None:
+    def _launch(self, program: str, grid: tuple[int, ...], args: dict[str, object], constexprs: dict, options: dict):
         """The one place a kernel runs, every argument by name: ``args`` (tensors and sizes, in signature
-        order) and ``constexprs``, on the device of its output. The AOT recorder overrides this to record the
-        call instead."""
+        order), ``constexprs`` and the launch ``options`` (num_warps, num_stages), on the device of its output.
+        The AOT recorder overrides this to record the call instead."""
         with device_guard(args["OUT"].device):
-            self._kernel(program)[grid](**args, **constexprs)
+            self._kernel(program)[grid](**args, **constexprs, **options)
 
 
-__all__ = ["MAX_GRID_X", "MAX_GRID_Y", "Launcher", "kernel_parameters", "launch_grid"]
+__all__ = ["MAX_GRID_X", "MAX_GRID_Y", "LaunchConfig", "Launcher", "kernel_parameters", "launch_grid"]

@@ -12,6 +12,7 @@ Each ``Strategy`` computes ``forward`` (``x @ W^T + bias``), ``grad_input`` (``d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from sparsec.runtime.cpp import (
     cpp_sample,
 )
 from sparsec.runtime.cpu import CSRPlan, compute_dtype, csr_forward, csr_grad_input, csr_grad_values
-from sparsec.runtime.launch import Launcher
+from sparsec.runtime.launch import LaunchConfig, Launcher
 
 PROGRAMS = ("forward", "grad_input", "grad_values")
 
@@ -61,6 +62,19 @@ class Strategy:
 
     name: str
     devices: tuple[str, ...]  # device types it runs on
+
+    @property
+    def config(self) -> LaunchConfig | None:
+        """Its kernel configuration (None: it has none, or runs its defaults)."""
+        return None
+
+    @property
+    def label(self) -> str:
+        """Its name, with its configuration where it has one (the tuner's reports and timings)."""
+        return self.name if self.config is None else f"{self.name}[{self.config.text()}]"
+
+    def with_config(self, config: LaunchConfig | None) -> Strategy:
+        return self
 
     def plan_kind(self, backend: str) -> str:
         return backend
@@ -96,17 +110,28 @@ class Cpp(Strategy):
         return cpp_grad_values(plan, dy, x, values)
 
 
+@dataclass(frozen=True)
 class Triton(Strategy):  # the plan of the backend it runs under: triton, or interpret
+    launch: LaunchConfig | None = None  # a tuned configuration of its kernels (None: the defaults)
+
+    @property
+    def config(self):
+        return self.launch
+
+    def with_config(self, config):
+        return dataclasses.replace(self, launch=config)
+
     def forward(self, key, backend, plan, x, values, bias):
         launcher = kernel_launcher(key, values, bias is not None, backend)
-        return launcher.run("forward", plan, x=x.contiguous(), values=values, bias=bias)
+        return launcher.run("forward", plan, self.launch, x=x.contiguous(), values=values, bias=bias)
 
     def grad_input(self, key, backend, plan, dy, values):
-        return kernel_launcher(key, values, False, backend).run("grad_input", plan, dz=dy.contiguous(), values=values)
+        launcher = kernel_launcher(key, values, False, backend)
+        return launcher.run("grad_input", plan, self.launch, dz=dy.contiguous(), values=values)
 
     def grad_values(self, key, backend, plan, dy, x, values):
         launcher = kernel_launcher(key, values, False, backend)
-        return launcher.run("grad_values", plan, dz=dy.contiguous(), x=x.contiguous(), values=values)
+        return launcher.run("grad_values", plan, self.launch, dz=dy.contiguous(), x=x.contiguous(), values=values)
 
 
 class TorchCSR(Strategy):

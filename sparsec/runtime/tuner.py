@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,15 +30,19 @@ import torch
 from torch.utils.benchmark import Timer as BenchTimer
 
 from sparsec import config
+from sparsec.codegen.cache import interpreting
 from sparsec.codegen.render import render
 from sparsec.dtypes import name_of as dtype_name
-from sparsec.formats import Layout, LayoutKey, layout_of
+from sparsec.formats import Layout, LayoutKey, format_of, layout_of
+from sparsec.runtime.aot import compile_call, record_calls
 from sparsec.runtime.compile import compile_layer
 from sparsec.runtime.cpp import INDEX_TYPES, KERNEL_TYPES
 from sparsec.runtime.devices import Device, device_of
+from sparsec.runtime.launch import LaunchConfig
 from sparsec.runtime.plans import index_plan
-from sparsec.runtime.strategies import DEFAULT, PROGRAMS, STRATEGIES, Strategy
+from sparsec.runtime.strategies import DEFAULT, PROGRAMS, STRATEGIES, Strategy, Triton
 from sparsec.runtime.tunecache import TuneCache, TuneKey, TuningWarning, batch_bucket, density_bucket
+from sparsec.spec import parse_spec
 
 Timer = Callable[[Callable[[], object]], float]  # a function's median seconds per call
 
@@ -101,6 +106,87 @@ def _cpp_source_hash(dtype: str) -> str:
 
 def candidates_for(device_type: str) -> list[Strategy]:
     return [s for s in STRATEGIES.values() if device_type in s.devices]
+
+
+# --- the Triton configuration space ------------------------------------------------------------------
+
+WARPS, STAGES = (2, 4, 8), (2, 3, 4)
+TRITON_DEFAULTS = (4, 3)  # Triton's num_warps, num_stages where a launch sets neither
+
+
+def launch_configs(program: str, key: LayoutKey, dtype: torch.dtype) -> list[LaunchConfig]:
+    """The configurations tried for a program's Triton kernel: the defaults first, then each tunable tile
+    size (``formats.Strategy.tile_space``) moved alone to each of its other values, then num_warps x
+    num_stages at the default tile. A coordinate search around the default (about 16 configurations), not
+    the full grid: every configuration is compiled before any is timed, and on a GPU that is the cost."""
+    spec = parse_spec(key.spec)
+    default = compile_layer(key.spec, key.in_features, key.out_features, dtype_name(dtype), False, None)
+    tile = default.kernels[program].tile
+    space = format_of(spec).strategy(spec).tile_space(program, dtype_name(dtype))
+    configs = [LaunchConfig()]
+    configs += [LaunchConfig(((name, v),)) for name, values in space.items() for v in values if v != tile[name]]
+    configs += [LaunchConfig((), w, st) for w in WARPS for st in STAGES if (w, st) != TRITON_DEFAULTS]
+    return configs
+
+
+def variants(strategy: Strategy, program: str, key: LayoutKey, dtype: torch.dtype) -> list[Strategy]:
+    """A strategy's candidates for one program: one per configuration where it has a space (Triton)."""
+    if not isinstance(strategy, Triton):
+        return [strategy]
+    return [strategy.with_config(c) for c in launch_configs(program, key, dtype)]
+
+
+def compile_problem(
+    program: str, key: LayoutKey, dtype: torch.dtype, batch: int, config: LaunchConfig, cc: int
+) -> str | None:
+    """Why a configuration is rejected before timing (None: kept), from its ahead-of-time compile for
+    compute capability ``cc`` (``runtime.aot``): ptxas spills registers, the kernel needs more shared memory
+    than a block may have, or it lost the tensor-core instructions (mma.sync, wgmma) the default config's
+    compile has."""
+    try:
+        report = _compile_report(program, key, dtype_name(dtype), batch, config, cc)
+    except Exception as e:  # a configuration Triton cannot compile is rejected with its reason
+        return f"does not compile for sm_{cc}: {type(e).__name__}: {e}"[:200]
+    if report["spill_bytes"]:
+        return f"ptxas spills {report['spill_bytes']} bytes of registers for sm_{cc}"
+    if report["shared_bytes"] > report["shared_limit"]:
+        return f"needs {report['shared_bytes']} bytes of shared memory; sm_{cc} gives a block {report['shared_limit']}"
+    base = _compile_report(program, key, dtype_name(dtype), batch, LaunchConfig(), cc)
+    if base["wgmma"] and not report["wgmma"]:
+        return f"loses wgmma on sm_{cc} (the default config has {base['wgmma']})"
+    if base["mma_sync"] + base["wgmma"] and not report["mma_sync"] + report["wgmma"]:
+        return f"loses the tensor-core mma instructions on sm_{cc}"
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_report(program: str, key: LayoutKey, dtype: str, batch: int, config: LaunchConfig, cc: int) -> dict:
+    calls = record_calls(key.spec, key.out_features, key.in_features, dtype, batch, {program: config})
+    return compile_call(next(c for c in calls if c.program == program), cc)
+
+
+def aot_pruning(device: Device) -> int | None:
+    """The compute capability configurations are compiled for before timing, or None where they cannot be
+    (not a GPU, or this process runs Triton's interpreter, which replaces the compiler)."""
+    if device.kind != "cuda" or interpreting() or not device.arch.startswith("sm_"):
+        return None
+    return int(device.arch[3:])
+
+
+def config_cost(
+    program: str, layout: Layout, config: LaunchConfig | None, batch: int, dtype: torch.dtype, units: int
+) -> float:
+    """The ranking model of a configuration (not a time): the bytes its launch moves, with the weight read
+    again by every batch tile, over the share of the GPU its grid fills (under two programs per SM, the
+    units left idle are lost)."""
+    strategy = layout.format.strategy(layout.spec)
+    elem, default = dtype.itemsize, strategy.tiles(program, dtype_name(dtype))
+    tile = {**default, **dict(config.tile if config is not None else ())}
+    grid = strategy.call(program, layout, tile, {}, batch).grid
+    programs = math.prod(grid)
+    batch_tiles = math.ceil(batch / tile["BLOCK_B"]) if program != "grad_values" and "BLOCK_B" in tile else 1
+    moved = layout.nnz * (elem + 4) * batch_tiles + batch * (layout.out_features + layout.in_features) * elem
+    return moved / min(1.0, programs / (2 * max(1, units)))
 
 
 def estimated_bytes(strategy: Strategy, layout: Layout, batch: int, elem: int) -> float:
@@ -173,6 +259,7 @@ def tune_program(
     candidates: Sequence[Strategy] | None = None,
     timer: Timer | None = None,
     top: int = 4,
+    top_configs: int = 8,
     cache: TuneCache | None = None,
     device: Device | None = None,
 ) -> TuneResult:
@@ -186,15 +273,38 @@ def tune_program(
     timer = timer if timer is not None else default_timer(device_type)
     tkey = tune_key(program, key, values.dtype, batch, backend)
     outcomes: list[Outcome] = []
-    viable = []
+    families: dict[str, list[Strategy]] = {}
+    cc = aot_pruning(device)
     for strategy in candidates if candidates is not None else candidates_for(device_type):
         problem = strategy.problem(device_type)
         if problem is not None:
-            outcomes.append(Outcome(strategy.name, "pruned", reason=problem))
-        else:
-            viable.append(strategy)
-    viable.sort(key=lambda s: estimated_bytes(s, layout, batch, values.element_size()))
-    outcomes += [Outcome(s.name, "not timed", reason=f"ranked below the top {top}") for s in viable[top:]]
+            outcomes.append(Outcome(strategy.label, "pruned", reason=problem))
+            continue
+        for variant in variants(strategy, program, key, values.dtype):
+            problem = (
+                None
+                if cc is None or variant.config is None
+                else compile_problem(program, key, values.dtype, batch, variant.config, cc)
+            )
+            if problem is not None:
+                outcomes.append(Outcome(variant.label, "pruned", reason=problem))
+            else:
+                families.setdefault(strategy.name, []).append(variant)
+    elem, units = values.element_size(), device.units
+    for members in families.values():  # configurations ranked within their strategy
+        members.sort(
+            key=lambda s: config_cost(program, layout, s.config, batch, values.dtype, units) if s.config else 0.0
+        )
+    ranked = sorted(families.values(), key=lambda m: estimated_bytes(m[0], layout, batch, elem))
+    viable = [s for members in ranked[:top] for s in members[:top_configs]]
+    outcomes += [
+        Outcome(s.label, "not timed", reason=f"ranked below the top {top}") for members in ranked[top:] for s in members
+    ]
+    outcomes += [
+        Outcome(s.label, "not timed", reason=f"ranked below its strategy's top {top_configs} configurations")
+        for members in ranked[:top]
+        for s in members[top_configs:]
+    ]
     gen = torch.Generator(device="cpu").manual_seed(0)
     operands = {
         "x": torch.randn(batch, layout.in_features, generator=gen).to(values.device, values.dtype),
@@ -204,31 +314,34 @@ def tune_program(
     }
     want = _reference(program, layout, index, operands)
     timed: dict[str, float] = {}
-    for strategy in viable[:top]:
+    by_label: dict[str, Strategy] = {}
+    for strategy in viable:
         try:
             with torch.no_grad():
                 got = _run(strategy, program, key, backend, index, operands)
         except Exception as e:  # a candidate that fails here is not chosen; the reason is reported
-            outcomes.append(Outcome(strategy.name, "failed", reason=f"{type(e).__name__}: {e}"[:200]))
+            outcomes.append(Outcome(strategy.label, "failed", reason=f"{type(e).__name__}: {e}"[:200]))
             continue
         if not _close(got, want, values.dtype):
-            outcomes.append(Outcome(strategy.name, "wrong", reason="differs from the float64 product"))
+            outcomes.append(Outcome(strategy.label, "wrong", reason="differs from the float64 product"))
             continue
 
         def call(strategy=strategy):
             with torch.no_grad():
                 _run(strategy, program, key, backend, index, operands)
 
-        timed[strategy.name] = timer(call)
+        timed[strategy.label] = timer(call)
+        by_label[strategy.label] = strategy
     chosen = min(timed, key=timed.get) if timed else None
     outcomes += [Outcome(n, "chosen" if n == chosen else "timed", s) for n, s in timed.items()]
+    winner = by_label.get(chosen)
     result = TuneResult(tkey, chosen, timed.get(chosen), timed.get("dense"), tuple(outcomes))
-    if chosen is not None:
+    if winner is not None:
         cache.store(
             tkey,
             {
-                "strategy": chosen,
-                "config": {},
+                "strategy": winner.name,
+                "config": winner.config.as_dict() if winner.config is not None else {},
                 "seconds": timed[chosen],
                 "dense_seconds": timed.get("dense"),
                 "timings": timed,
@@ -290,11 +403,16 @@ def _lookup(program, key, backend, values, batch, index, bias, warn=True) -> tup
     entry, source = cache.lookup(tkey)
     strategy = STRATEGIES.get((entry or {}).get("strategy"))
     if strategy is not None and strategy.problem(device_type) is None:
-        return strategy, source
+        config = entry.get("config")
+        return strategy.with_config(LaunchConfig.from_dict(config) if config else None), source
     if config.autotune and index is not None:
         result = tune_program(program, key, index, values, batch, backend=backend, bias=bias, cache=cache)
         if result.chosen is not None:
-            return STRATEGIES[result.chosen], "tuned now"
+            entry = cache.get(tkey) or {}
+            config = entry.get("config")
+            return STRATEGIES[entry["strategy"]].with_config(LaunchConfig.from_dict(config) if config else None), (
+                "tuned now"
+            )
     if warn and cache.path.exists() and tkey.text() not in _warned:
         _warned.add(tkey.text())
         warnings.warn(
