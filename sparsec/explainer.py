@@ -8,15 +8,22 @@ Triton source.
 from __future__ import annotations
 
 import sympy
+import torch
 from torch import nn
 
+from sparsec.dtypes import DTYPES
 from sparsec.dtypes import name_of as dtype_name
+from sparsec.formats import make_layout
 from sparsec.ir.build import build_programs
 from sparsec.ir.graph import BATCH, IN, OUT
 from sparsec.ir.printer import print_program
 from sparsec.nn.layers import SparseLayer
 from sparsec.passes.cost import GPUS, roofline
 from sparsec.runtime.compile import compile_layer
+from sparsec.runtime.devices import cpu_device
+from sparsec.runtime.ops import backend_for
+from sparsec.runtime.strategies import PROGRAMS
+from sparsec.runtime.tuner import explain_choice
 from sparsec.spec import Spec, parse_spec
 
 
@@ -37,6 +44,22 @@ def _table(kernels, dtype: str, batch: int, out: int, inn: int) -> list[str]:
             )
         if "worst_flops" in cost:
             lines.append(f"  {name}: one run of |dY^T X|; a layer-wide unit may score some tiles twice (worst case 2x)")
+    return lines
+
+
+def _choices(spec: Spec, out: int, inn: int, dtype: str, batch: int) -> list[str]:
+    """What each program runs on this machine under SPARSEC_BACKEND=auto, and where the choice came from."""
+    values = torch.empty(0, dtype=DTYPES[dtype].torch)  # the lookup reads its dtype and device
+    backend = backend_for(values, "auto")
+    key = make_layout(spec, out, inn).key
+    lines = [f"strategy chosen on this machine ({cpu_device().name}, batch {batch}, SPARSEC_BACKEND=auto):"]
+    for program in PROGRAMS:
+        label, source = explain_choice(program, key, backend, values, batch)
+        lines.append(f"  {program:<12} {label:<40} {source}")
+    if all(explain_choice(p, key, backend, values, batch)[1] == "default" for p in PROGRAMS):
+        lines.append(
+            "  (no tuning entry: `sparsec tune` or SPARSEC_AUTOTUNE=1 times the candidates and stores the fastest)"
+        )
     return lines
 
 
@@ -76,6 +99,7 @@ def explain_spec(
             "",
         ]
     lines += _table(kernels, dtype, batch, out_features, in_features) + [""]
+    lines += _choices(spec, out_features, in_features, dtype, batch) + [""]
     if source:
         for name, k in kernels.kernels.items():
             lines += [f"== {name}: generated Triton source ({k.template})", k.source]

@@ -390,9 +390,15 @@ def choose(
 
 
 def explain_choice(program: str, key: LayoutKey, backend: str, values: torch.Tensor, batch: int) -> tuple[str, str]:
-    """(strategy, where the choice came from: exact entry, nearest batch bucket, default)."""
+    """(strategy with its configuration, where the choice came from: exact entry, nearest batch bucket,
+    default)."""
     strategy, source = _lookup(program, key, backend, values, batch, None, None, warn=False)
-    return strategy.name, source
+    return strategy.label, source
+
+
+def _stored_config(entry: dict) -> LaunchConfig | None:
+    stored = entry.get("config")
+    return LaunchConfig.from_dict(stored) if stored else None
 
 
 def _lookup(program, key, backend, values, batch, index, bias, warn=True) -> tuple[Strategy, str]:
@@ -403,16 +409,12 @@ def _lookup(program, key, backend, values, batch, index, bias, warn=True) -> tup
     entry, source = cache.lookup(tkey)
     strategy = STRATEGIES.get((entry or {}).get("strategy"))
     if strategy is not None and strategy.problem(device_type) is None:
-        config = entry.get("config")
-        return strategy.with_config(LaunchConfig.from_dict(config) if config else None), source
+        return strategy.with_config(_stored_config(entry)), source
     if config.autotune and index is not None:
         result = tune_program(program, key, index, values, batch, backend=backend, bias=bias, cache=cache)
         if result.chosen is not None:
             entry = cache.get(tkey) or {}
-            config = entry.get("config")
-            return STRATEGIES[entry["strategy"]].with_config(LaunchConfig.from_dict(config) if config else None), (
-                "tuned now"
-            )
+            return STRATEGIES[entry["strategy"]].with_config(_stored_config(entry)), "tuned now"
     if warn and cache.path.exists() and tkey.text() not in _warned:
         _warned.add(tkey.text())
         warnings.warn(

@@ -90,7 +90,7 @@ def test_a_tuned_configuration_is_stored_looked_up_and_run_by_the_layer(monkeypa
         return run(self, program, plan, cfg, **operands)
 
     monkeypatch.setattr(Launcher, "run", recording)
-    assert tuner.explain_choice("forward", key, "interpret", layer.values, 5) == ("triton", "exact entry")
+    assert tuner.explain_choice("forward", key, "interpret", layer.values, 5) == ("triton[BLOCK_J=8]", "exact entry")
     chosen = tuner.choose("forward", key, "interpret", layer.values, 5)
     assert chosen.config == fast
     x = torch.randn(5, 53)

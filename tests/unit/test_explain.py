@@ -7,7 +7,12 @@ from torch import nn
 
 import sparsec
 from sparsec.cli import main
-from sparsec.explainer import explain
+from sparsec.explainer import explain, explain_spec
+from sparsec.formats import make_layout
+from sparsec.runtime import tuner
+from sparsec.runtime.devices import cpu_device
+from sparsec.runtime.tunecache import TuneCache
+from sparsec.spec import parse_spec
 
 
 def test_explain_cli_shows_every_stage(capsys):
@@ -67,3 +72,17 @@ def test_step_flops_counts_the_products_a_step_runs():
     assert model[0].layout.nnz == kept
     flops = sparsec.step_flops(model, rows=100)
     assert flops == {"sparse": 3 * 2 * 100 * kept, "dense": 3 * 2 * 100 * 512 * 10, "grow": 2 * 100 * 128 * 512}
+
+
+def test_explain_shows_each_programs_choice_and_where_it_came_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    tuner.forget_choices()
+    text = explain_spec("2:4", 64, 128, "fp32", 8, source=False)
+    assert "forward      cpp" in text and "no tuning entry" in text
+    key = make_layout(parse_spec("2:4"), 64, 128).key
+    TuneCache(cpu_device()).store(tuner.tune_key("grad_input", key, torch.float32, 8, "cpp"), {"strategy": "dense"})
+    tuner.forget_choices()
+    lines = explain_spec("2:4", 64, 128, "fp32", 8, source=False).splitlines()
+    choice = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("  grad_")}
+    assert choice["grad_input"] == ["dense", "exact", "entry"] and choice["grad_values"] == ["cpp", "default"]
+    assert not any("no tuning entry" in line for line in lines)
