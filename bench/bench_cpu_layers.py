@@ -83,7 +83,7 @@ def bench(out: int, inn: int, batch: int) -> tuple[list[str], list[tuple[float, 
             layer(x).sum().backward()
 
         tuned = tune_model(layer, [batch], progress=False)
-        choice = "/".join(f"{SHORT[program]}:{result.chosen}" for _, program, _, result in tuned)
+        choice = "/".join(f"{SHORT[program]}:{result.chosen}" for _, program, _, result, _ in tuned)
         t = interleaved_ms(
             {
                 "dense": (None, lambda dense=dense, x=x: dense(x).sum().backward()),

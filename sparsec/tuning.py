@@ -15,9 +15,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from sparsec.dtypes import KERNEL_DTYPES
 from sparsec.errors import SparsecError
 from sparsec.nn.layers import SparseLayer
+from sparsec.passes.cost import peak_of, roofline
 from sparsec.runtime import ops
+from sparsec.runtime.compile import compile_layer
 from sparsec.runtime.devices import cpu_device, device_of
 from sparsec.runtime.strategies import PROGRAMS
 from sparsec.runtime.tunecache import TuneCache
@@ -38,7 +41,7 @@ def load_model(target: str) -> nn.Module:
 
 
 def tune_model(model: nn.Module, batches: list[int], programs=PROGRAMS, timer=None, progress=True) -> list[tuple]:
-    """Tune every sparse layer of ``model``; returns (layer name, program, batch, TuneResult) rows."""
+    """Tune every sparse layer of ``model``; returns (layer name, program, batch, TuneResult, spec) rows."""
     layers = [(name or "<model>", m) for name, m in model.named_modules() if isinstance(m, SparseLayer)]
     if not layers:
         raise SparsecError("the model has no sparse layers: sparsify it first (sparsec.sparsify)")
@@ -50,20 +53,35 @@ def tune_model(model: nn.Module, batches: list[int], programs=PROGRAMS, timer=No
         key = ops._key(values, *layer.layout.op_key)
         backend = ops.backend_for(values)
         result = tune_program(program, key, index, values, batch, backend=backend, bias=layer.bias, timer=timer)
-        rows.append((name, program, batch, result))
+        rows.append((name, program, batch, result, str(layer.spec)))
     return rows
 
 
-def summary(rows: list[tuple[str, str, int, TuneResult]]) -> str:
+def roofline_share(spec: str, r: TuneResult, batch: int, gpu: str | None) -> str:
+    """The roofline cap's time over the measured time of a tuned program on a GPU (the cost model's FLOPs and
+    bytes against the GPU's datasheet peaks: ``passes.cost``); "-" off a GPU or for a GPU not listed there."""
+    peak = peak_of(gpu) if gpu else None
+    if peak is None or not r.seconds or r.key.dtype not in KERNEL_DTYPES:
+        return "-"
+    k = r.key
+    kernels = compile_layer(spec, k.in_features, k.out_features, k.dtype, False, None).kernels[k.program].program
+    cost = dict(next(kernels.node(n) for n in kernels.order() if kernels.node(n).attr("cost")).attr("cost"))
+    cap = roofline(cost, k.dtype, peak, batch, k.out_features, k.in_features)["t_sparse"]
+    return f"{cap / r.seconds:.0%}"
+
+
+def summary(rows: list[tuple[str, str, int, TuneResult, str]], gpu: str | None = None) -> str:
+    """The table of a tuning run; ``gpu``: the device's name, for the share of the roofline cap."""
     lines = [
-        "| layer | program | batch | chosen | time ms | vs dense |",
-        "|---|---|---|---|---|---|",
+        "| layer | program | batch | chosen | time ms | vs dense | share of the roofline cap |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, program, batch, r in rows:
+    for name, program, batch, r, spec in rows:
         chosen = r.chosen or "none correct"
         time = f"{r.seconds * 1e3:.3f}" if r.seconds is not None else "-"
         speed = f"{r.dense_seconds / r.seconds:.2f}x" if r.seconds and r.dense_seconds else "-"
-        lines.append(f"| {name} | {program} | {batch} | {chosen} | {time} | {speed} |")
+        share = roofline_share(spec, r, batch, gpu)
+        lines.append(f"| {name} | {program} | {batch} | {chosen} | {time} | {speed} | {share} |")
     return "\n".join(lines)
 
 
@@ -74,7 +92,8 @@ def run(args) -> int:
         print(f"imported {cache.import_(args.import_file)} entries into {cache.path}")
     if args.model:
         model = load_model(args.model).to(args.device)
-        print(summary(tune_model(model, args.batch, programs=args.programs)))
+        rows = tune_model(model, args.batch, programs=args.programs)
+        print(summary(rows, device.name if device.kind == "cuda" else None))
     if args.export_file:
         print(f"exported {cache.export(args.export_file)} entries of {cache.path} to {args.export_file}")
     return 0

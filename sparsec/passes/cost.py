@@ -44,7 +44,13 @@ class Peak:
 GPUS = {
     "A100": Peak("A100 SXM", 312e12, 19.5e12, 2.04e12),
     "H100": Peak("H100 SXM", 989e12, 67e12, 3.35e12),
+    "H200": Peak("H200 SXM", 989e12, 67e12, 4.8e12),
 }
+
+
+def peak_of(device_name: str) -> Peak | None:
+    """The datasheet peaks of a GPU by its name (``torch.cuda.get_device_name``), None for one not listed."""
+    return next((p for key, p in GPUS.items() if key in device_name.upper()), None)
 
 
 def _nnz(weight) -> sympy.Expr:

@@ -7,7 +7,9 @@ Each ``Strategy`` computes ``forward`` (``x @ W^T + bias``), ``grad_input`` (``d
 - ``triton``: sparsec's generated Triton kernels (CUDA; ``interpret``: the same in Triton's interpreter);
 - ``torch-csr``: PyTorch's CSR kernels (MKL on a CPU, cuSPARSE on a GPU);
 - ``dense``: the layer's weight decompressed for the call (one layer's, freed after it: the model stays
-  compressed) and a dense GEMM (BLAS, cuBLAS); its values gradient is the dense ``dy^T @ x`` sampled.
+  compressed) and a dense GEMM (BLAS, cuBLAS); its values gradient is the dense ``dy^T @ x`` sampled;
+- ``semi-structured``: a 2:4 layer's forward on the GPU's sparse tensor cores (PyTorch's semi-structured
+  tensors), compressed for the call.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.sparse import to_sparse_semi_structured
 
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
 from sparsec.dtypes import name_of as dtype_name
@@ -82,6 +85,10 @@ class Strategy:
     def problem(self, device_type: str) -> str | None:
         """Why it cannot run on this device here (None: it can)."""
         return None if device_type in self.devices else f"{self.name} runs on {', '.join(self.devices)}"
+
+    def fits(self, program: str, key: LayoutKey, values: torch.Tensor) -> str | None:
+        """Why it cannot run this program of this layer (None: it can)."""
+        return None
 
     def forward(self, key, backend, plan, x, values, bias):
         raise NotImplementedError
@@ -185,6 +192,41 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
+class SemiStructured(Strategy):
+    """PyTorch's semi-structured 2:4 product on the GPU's sparse tensor cores (cuSPARSELt or CUTLASS), for the
+    forward of a 2:4 layer: the weight is compressed for the call from the layer's values (as dense
+    decompresses it; the tuner's time includes the compression)."""
+
+    def plan_kind(self, backend):
+        return "cpu"  # the CSR structures: the dense weight it compresses is built from them
+
+    def problem(self, device_type):
+        found = super().problem(device_type)
+        if found is not None:
+            return found
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+            return "semi-structured sparsity needs sparse tensor cores (compute capability 8.0 or newer)"
+        return None
+
+    def fits(self, program, key, values):
+        if program != "forward":
+            return f"{self.name} runs the forward only (PyTorch's semi-structured tensors have no {program} here)"
+        if key.spec != "2:4":
+            return f"{self.name} runs 2:4 layers; this one is {key.spec}"
+        if values.dtype not in (torch.float16, torch.bfloat16):
+            return f"{self.name} runs fp16 and bf16 here; this layer is {values.dtype}"
+        if key.out_features % 64 or key.in_features % 64:
+            return (
+                f"{self.name} needs both weight sides multiples of 64; this one is {key.out_features}x{key.in_features}"
+            )
+        return None
+
+    def forward(self, key, backend, plan, x, values, bias):
+        with torch.autocast(values.device.type, enabled=False):
+            w = plan.weight(values).to_dense().to(x.dtype)
+            return F.linear(x, to_sparse_semi_structured(w), bias)
+
+
 STRATEGIES = {
     s.name: s
     for s in (
@@ -192,6 +234,7 @@ STRATEGIES = {
         Triton("triton", ("cuda",)),
         TorchCSR("torch-csr", ("cpu", "cuda")),
         Dense("dense", ("cpu", "cuda")),
+        SemiStructured("semi-structured", ("cuda",)),
     )
 }
 DEFAULT = {"cpp": "cpp", "cpu": "torch-csr", "triton": "triton", "interpret": "triton"}  # backend -> strategy

@@ -276,7 +276,7 @@ def tune_program(
     families: dict[str, list[Strategy]] = {}
     cc = aot_pruning(device)
     for strategy in candidates if candidates is not None else candidates_for(device_type):
-        problem = strategy.problem(device_type)
+        problem = strategy.problem(device_type) or strategy.fits(program, key, values)
         if problem is not None:
             outcomes.append(Outcome(strategy.label, "pruned", reason=problem))
             continue
@@ -408,7 +408,7 @@ def _lookup(program, key, backend, values, batch, index, bias, warn=True) -> tup
     tkey = tune_key(program, key, values.dtype, batch, backend)
     entry, source = cache.lookup(tkey)
     strategy = STRATEGIES.get((entry or {}).get("strategy"))
-    if strategy is not None and strategy.problem(device_type) is None:
+    if strategy is not None and (strategy.problem(device_type) or strategy.fits(program, key, values)) is None:
         return strategy.with_config(_stored_config(entry)), source
     if config.autotune and index is not None:
         result = tune_program(program, key, index, values, batch, backend=backend, bias=bias, cache=cache)

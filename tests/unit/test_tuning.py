@@ -15,11 +15,14 @@ import torch
 import sparsec
 from sparsec import config
 from sparsec.errors import SparsecError
+from sparsec.passes.cost import GPUS, roofline
 from sparsec.runtime import ops, tuner
+from sparsec.runtime.compile import compile_layer
 from sparsec.runtime.cpp import CppPlan, cpp_densify, cpp_sample
 from sparsec.runtime.devices import Device, cpu_device
 from sparsec.runtime.strategies import STRATEGIES, Strategy
 from sparsec.runtime.tunecache import TuneCache, TuneKey, TuningWarning, batch_bucket, density_bucket
+from sparsec.tuning import summary
 
 FAKE = Device("cpu", "Fake CPU 9000", "avx2+fma", 2, (("cxx", "g++ 12"), ("torch", "2.13.0")))
 KEY = TuneKey("forward", "unstructured", "2^-3.5", "fp32", 64, 96, 16, "abc123")
@@ -333,3 +336,35 @@ def test_sparsec_tune_tunes_every_layer_and_moves_the_cache(tmp_path, monkeypatc
     assert len(TuneCache(cpu_device()).entries()) == 6
     assert cli.main(["tune", "no_colon_here"]) == 2
     assert "not module:function" in capsys.readouterr().err
+
+
+def test_semi_structured_runs_only_the_forward_of_half_2_4_layers_on_sparse_tensor_cores():
+    semi = STRATEGIES["semi-structured"]
+    layer, key, _ = _layer("2:4", 64, 128)
+    half = layer.values.detach().half()
+    assert semi.fits("forward", key, half) is None
+    assert "forward only" in semi.fits("grad_input", key, half)
+    assert "fp16 and bf16" in semi.fits("forward", key, layer.values)
+    _, key90, _ = _layer("90%", 64, 128)
+    assert "runs 2:4 layers" in semi.fits("forward", key90, half)
+    _, odd, _ = _layer("2:4", 24, 40)
+    assert "multiples of 64" in semi.fits("forward", odd, half)
+    assert semi.problem("cpu") == "semi-structured runs on cuda"
+    calls = []
+    result = _tune("forward", layer, key, list(layer.index_buffers().values()), 4, {"cpp": 1.0, "torch-csr": 2.0,
+                   "dense": 3.0}, calls, candidates=[STRATEGIES["cpp"], semi])  # fmt: skip
+    assert {o.strategy: o.status for o in result.outcomes} == {"cpp": "chosen", "semi-structured": "pruned"}
+
+
+def test_the_summary_gives_the_share_of_the_roofline_cap_on_a_listed_gpu():
+    layer, key, index = _layer("2:4", 64, 128)
+    tkey = tuner.tune_key("forward", key, torch.float16, 8, "cpp")
+    result = tuner.TuneResult(tkey, "triton", 2e-6, 4e-6, ())
+    program = compile_layer("2:4", 128, 64, "fp16", False, None).kernels["forward"].program
+    cost = dict(next(program.node(n) for n in program.order() if program.node(n).attr("cost")).attr("cost"))
+    cap = roofline(cost, "fp16", GPUS["H100"], 8, 64, 128)["t_sparse"]
+    assert 0 < cap < 2e-6
+    row = summary([("fc", "forward", 8, result, "2:4")], "NVIDIA H100 80GB HBM3").splitlines()[-1]
+    assert row == f"| fc | forward | 8 | triton | 0.002 | 2.00x | {cap / 2e-6:.0%} |"
+    assert summary([("fc", "forward", 8, result, "2:4")], None).splitlines()[-1].endswith("| 2.00x | - |")
+    assert summary([("fc", "forward", 8, result, "2:4")], "Some GPU").splitlines()[-1].endswith("| - |")
