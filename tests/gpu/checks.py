@@ -8,6 +8,8 @@
   invariants after every step.
 - ``autocast``: a dense layer's fp16 activation into a sparse layer under CUDA autocast.
 - ``second_device``: a layer on cuda:1 while cuda:0 is current (skipped with one GPU).
+- ``tuner``: the autotuner end to end (configurations, pruning, cuSPARSE, cuBLAS, semi-structured 2:4), and
+  the layer running its choices.
 - ``cuda_graphs``: a forward captured in a CUDA graph, replayed after mask updates (a RigL step, then a
   mask written directly): the replay computes with the new mask.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import torch
 from torch import nn
@@ -27,6 +30,9 @@ from helpers import assert_kernel_close  # noqa: E402
 import sparsec  # noqa: E402
 from sparsec import config  # noqa: E402
 from sparsec.formats import KERNEL_CASES  # noqa: E402
+from sparsec.runtime.devices import device_of  # noqa: E402
+from sparsec.runtime.tunecache import TuneCache  # noqa: E402
+from sparsec.tuning import summary, tune_model  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STRUCTURES = ["90%", "2:4", "1:8", "block(16x16, 75%)", "fanin(90%)"]
@@ -139,12 +145,44 @@ def cuda_graphs() -> None:
         print("ok cuda_graphs", spec)
 
 
+def tuner() -> None:
+    """The tuner end to end on the GPU, into a fresh cache: every program of each layer gets a correct choice
+    among Triton configurations (pruned by their AOT compile for this GPU), cuSPARSE, cuBLAS dense and, for the
+    2:4 forward, semi-structured; the layer then runs the choices under SPARSEC_BACKEND=auto and matches
+    float64; the cache file holds the entries."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp, config.patch(cache_dir=tmp):
+        for spec in ("2:4", "90%", "block(16x16, 75%)"):
+            layer = sparsec.SparseLinear(256, 512, spec=spec, device="cuda", dtype=torch.float16)
+            rows = tune_model(layer, [64], progress=False)
+            print(summary(rows, torch.cuda.get_device_name()))
+            for _, program, _, result, _ in rows:
+                status = {o.strategy: o.status for o in result.outcomes}
+                assert result.chosen is not None, (spec, program, status)
+                assert any(name.startswith("triton[") for name in status), status  # configurations were tried
+                assert "wrong" not in status.values(), status
+                if spec == "2:4" and program == "forward" and torch.cuda.get_device_capability() >= (8, 0):
+                    assert status["semi-structured"] in ("chosen", "timed"), status
+            x = torch.randn(64, 256, device="cuda", dtype=torch.float16, requires_grad=True)
+            with config.patch(backend="auto"):
+                y = layer(x)
+                y.float().square().sum().backward()
+            w = layer.dense_weight().double()
+            assert_kernel_close(y, x.double() @ w.t() + layer.bias.double(), torch.float16, f"{spec} tuned forward")
+            dy = 2 * y.detach().double()
+            assert_kernel_close(x.grad, dy @ w, torch.float16, f"{spec} tuned dX")
+            entries = TuneCache(device_of(layer.values)).entries()
+            assert len(entries) >= 3, entries.keys()
+            print("ok tuner", spec)
+
+
 CHECKS = {
     "kernels": kernels,
     "rigl": rigl,
     "autocast": autocast,
     "second_device": second_device,
     "cuda_graphs": cuda_graphs,
+    "tuner": tuner,
 }
 
 if __name__ == "__main__":

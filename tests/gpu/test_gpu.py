@@ -27,6 +27,7 @@ CHECKS = Path(__file__).with_name("checks.py")
         ("autocast",),
         ("second_device",),
         ("cuda_graphs",),
+        ("tuner",),
     ],
     ids="-".join,
 )
