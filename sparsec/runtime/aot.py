@@ -42,7 +42,7 @@ def arch_of(cc: int) -> tuple[int, str, int]:
     """(cc, the arch ptxas names, shared limit) for a GPU of compute capability ``cc`` (86 for 8.6)."""
     if cc not in SHARED_LIMITS:
         raise ValueError(f"no shared-memory limit known for compute capability {cc}: add it to SHARED_LIMITS")
-    return cc, "sm_90a" if cc == 90 else f"sm_{cc}", SHARED_LIMITS[cc]
+    return cc, f"sm_{cc}a" if cc >= 90 else f"sm_{cc}", SHARED_LIMITS[cc]  # as Triton targets cc >= 90
 
 
 # Every format's example cases, on shapes that are not multiples of any tile: the interpreter tests

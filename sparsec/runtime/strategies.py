@@ -29,6 +29,7 @@ from sparsec.errors import SparsecError
 from sparsec.formats import LayoutKey, layout_of
 from sparsec.runtime.compile import compile_layer
 from sparsec.runtime.cpp import (
+    KERNEL_TYPES,
     CppPlan,
     cpp_densify,
     cpp_forward,
@@ -170,7 +171,11 @@ class Dense(Strategy):
     def grad_values(self, key, backend, plan, dy, x, values):
         if isinstance(plan, CppPlan):
             with torch.autocast(dy.device.type, enabled=False):
-                full = torch.matmul(dy.t(), x, out=_workspace(plan.shape, dy.dtype))  # for this call only
+                full = (
+                    dy.t() @ x
+                    if dy.dtype not in KERNEL_TYPES
+                    else torch.matmul(dy.t(), x, out=_workspace(plan.shape, dy.dtype))
+                )
                 return cpp_sample(plan, full, values)
         return _dense_sampled(plan, dy, x, values)
 
@@ -188,7 +193,8 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     n = shape[0] * shape[1]
     buf = held.get(dtype)
     if buf is None or buf.numel() < n:
-        buf = held[dtype] = torch.empty(n, dtype=dtype)
+        with torch.inference_mode(False):  # a buffer made in inference mode could not be written outside it
+            buf = held[dtype] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 
 
@@ -224,7 +230,7 @@ class SemiStructured(Strategy):
     def forward(self, key, backend, plan, x, values, bias):
         with torch.autocast(values.device.type, enabled=False):
             w = plan.weight(values).to_dense().to(x.dtype)
-            return F.linear(x, to_sparse_semi_structured(w), bias)
+            return F.linear(x.contiguous(), to_sparse_semi_structured(w), bias)
 
 
 STRATEGIES = {
@@ -244,7 +250,8 @@ def _dense(plan: CSRPlan | CppPlan, values: torch.Tensor, dtype: torch.dtype, pr
     """``product(W)`` for this call's dense ``W`` (built, used, freed)."""
     with torch.autocast(values.device.type, enabled=False):
         if isinstance(plan, CppPlan):  # the result of product never aliases W, so the workspace is free after it
-            return product(cpp_densify(plan, values, dtype, _workspace(plan.shape, dtype)))
+            reused = _workspace(plan.shape, dtype) if dtype in KERNEL_TYPES else None  # fp16: through fp32
+            return product(cpp_densify(plan, values, dtype, reused))
         return product(plan.weight(values.to(compute_dtype(values))).to_dense().to(dtype))
 
 

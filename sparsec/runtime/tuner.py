@@ -34,7 +34,7 @@ from sparsec.codegen.cache import interpreting
 from sparsec.codegen.render import render
 from sparsec.dtypes import name_of as dtype_name
 from sparsec.formats import Layout, LayoutKey, format_of, layout_of
-from sparsec.runtime.aot import compile_call, record_calls
+from sparsec.runtime.aot import SHARED_LIMITS, compile_call, record_calls
 from sparsec.runtime.compile import compile_layer
 from sparsec.runtime.cpp import INDEX_TYPES, KERNEL_TYPES
 from sparsec.runtime.devices import Device, device_of
@@ -151,7 +151,10 @@ def compile_problem(
         return f"ptxas spills {report['spill_bytes']} bytes of registers for sm_{cc}"
     if report["shared_bytes"] > report["shared_limit"]:
         return f"needs {report['shared_bytes']} bytes of shared memory; sm_{cc} gives a block {report['shared_limit']}"
-    base = _compile_report(program, key, dtype_name(dtype), batch, LaunchConfig(), cc)
+    try:
+        base = _compile_report(program, key, dtype_name(dtype), batch, LaunchConfig(), cc)
+    except Exception:  # no baseline to compare tensor-core use with
+        return None
     if base["wgmma"] and not report["wgmma"]:
         return f"loses wgmma on sm_{cc} (the default config has {base['wgmma']})"
     if base["mma_sync"] + base["wgmma"] and not report["mma_sync"] + report["wgmma"]:
@@ -170,7 +173,8 @@ def aot_pruning(device: Device) -> int | None:
     (not a GPU, or this process runs Triton's interpreter, which replaces the compiler)."""
     if device.kind != "cuda" or interpreting() or not device.arch.startswith("sm_"):
         return None
-    return int(device.arch[3:])
+    cc = int(device.arch[3:])
+    return cc if cc in SHARED_LIMITS else None  # an unlisted GPU: its configurations are timed unpruned
 
 
 def config_cost(
@@ -259,7 +263,7 @@ def tune_program(
     candidates: Sequence[Strategy] | None = None,
     timer: Timer | None = None,
     top: int = 4,
-    top_configs: int = 8,
+    top_configs: int = 16,
     cache: TuneCache | None = None,
     device: Device | None = None,
 ) -> TuneResult:
@@ -281,9 +285,9 @@ def tune_program(
             outcomes.append(Outcome(strategy.label, "pruned", reason=problem))
             continue
         for variant in variants(strategy, program, key, values.dtype):
-            problem = (
+            problem = (  # the defaults are what the untuned path runs: timed whatever their report says
                 None
-                if cc is None or variant.config is None
+                if cc is None or variant.config in (None, LaunchConfig())
                 else compile_problem(program, key, values.dtype, batch, variant.config, cc)
             )
             if problem is not None:
@@ -341,7 +345,7 @@ def tune_program(
             tkey,
             {
                 "strategy": winner.name,
-                "config": winner.config.as_dict() if winner.config is not None else {},
+                "config": _resolved(winner.config, program, key, values.dtype),
                 "seconds": timed[chosen],
                 "dense_seconds": timed.get("dense"),
                 "timings": timed,
@@ -396,9 +400,29 @@ def explain_choice(program: str, key: LayoutKey, backend: str, values: torch.Ten
     return strategy.label, source
 
 
-def _stored_config(entry: dict) -> LaunchConfig | None:
+def _resolved(config: LaunchConfig | None, program: str, key: LayoutKey, dtype: torch.dtype) -> dict:
+    """What is stored of a winning configuration: every tile size it ran with (not a change over defaults
+    that a later release may move), and its launch options."""
+    if config is None:
+        return {}
+    default = compile_layer(key.spec, key.in_features, key.out_features, dtype_name(dtype), False, None)
+    tile = {**default.kernels[program].tile, **dict(config.tile)}
+    return {**config.as_dict(), "tile": tile}
+
+
+def _stored_config(entry: dict, program: str, key: LayoutKey, dtype: torch.dtype) -> LaunchConfig | None:
+    """The entry's configuration, or None where it names tile sizes this program's kernel lacks (or is
+    malformed): then the entry is not used."""
     stored = entry.get("config")
-    return LaunchConfig.from_dict(stored) if stored else None
+    if not stored:
+        return None
+    try:
+        config = LaunchConfig.from_dict(stored)
+        default = compile_layer(key.spec, key.in_features, key.out_features, dtype_name(dtype), False, None)
+        names = default.kernels[program].tile.keys()
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+    return config if dict(config.tile).keys() <= names else None
 
 
 def _lookup(program, key, backend, values, batch, index, bias, warn=True) -> tuple[Strategy, str]:
@@ -408,13 +432,17 @@ def _lookup(program, key, backend, values, batch, index, bias, warn=True) -> tup
     tkey = tune_key(program, key, values.dtype, batch, backend)
     entry, source = cache.lookup(tkey)
     strategy = STRATEGIES.get((entry or {}).get("strategy"))
-    if strategy is not None and (strategy.problem(device_type) or strategy.fits(program, key, values)) is None:
-        return strategy.with_config(_stored_config(entry)), source
+    stored = _stored_config(entry, program, key, values.dtype) if strategy is not None else None
+    usable = strategy is not None and (stored is not None or not entry.get("config"))
+    if usable and (strategy.problem(device_type) or strategy.fits(program, key, values)) is None:
+        return strategy.with_config(stored), source
     if config.autotune and index is not None:
         result = tune_program(program, key, index, values, batch, backend=backend, bias=bias, cache=cache)
         if result.chosen is not None:
             entry = cache.get(tkey) or {}
-            return STRATEGIES[entry["strategy"]].with_config(_stored_config(entry)), "tuned now"
+            return STRATEGIES[entry["strategy"]].with_config(_stored_config(entry, program, key, values.dtype)), (
+                "tuned now"
+            )
     if warn and cache.path.exists() and tkey.text() not in _warned:
         _warned.add(tkey.text())
         warnings.warn(

@@ -368,3 +368,18 @@ def test_the_summary_gives_the_share_of_the_roofline_cap_on_a_listed_gpu():
     assert row == f"| fc | forward | 8 | triton | 0.002 | 2.00x | {cap / 2e-6:.0%} |"
     assert summary([("fc", "forward", 8, result, "2:4")], None).splitlines()[-1].endswith("| 2.00x | - |")
     assert summary([("fc", "forward", 8, result, "2:4")], "Some GPU").splitlines()[-1].endswith("| - |")
+
+
+@pytest.mark.parametrize("stored", [{"tile": {"NO_SUCH_TILE": 32}}, {"tile": "not a mapping"}])
+def test_an_entry_whose_configuration_no_longer_applies_is_not_used(stored):
+    layer, key, _ = _layer()
+    v = layer.values
+    TuneCache(cpu_device()).store(
+        tuner.tune_key("forward", key, v.dtype, 3, "cpp"), {"strategy": "dense", "config": stored}
+    )
+    assert tuner.explain_choice("forward", key, "cpp", v, 3) == ("cpp", "default")
+    TuneCache(cpu_device()).store(
+        tuner.tune_key("forward", key, v.dtype, 3, "cpp"), {"strategy": "dense", "config": {"tile": {"BLOCK_B": 32}}}
+    )
+    tuner.forget_choices()
+    assert tuner.explain_choice("forward", key, "cpp", v, 3) == ("dense", "exact entry")  # a size the kernel has
