@@ -10,7 +10,7 @@ SPARSEC_BACKEND=cpu on CUDA tensors (PyTorch's CSR: cuSPARSE); BSR = ``torch.spa
 on the layer's blocks (forward only: it has no backward); semi-structured = ``to_sparse_semi_structured`` of the
 2:4 weight, compressed once (forward only, as inference runs it). Writes the table into bench/RESULTS.md.
 ``--dry-run`` runs it all on the CPU (Triton's interpreter, a tiny layer, wall-clock timing; tuned and the
-GPU-only columns left out) and writes nothing: tests/unit/test_bench_gpu_script.py keeps the script working.
+GPU-only columns left out) and writes nothing: tests/unit/test_gpu_scripts.py keeps the script working.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
     python bench/gpu_check.py [--size 4096] [--tokens 8192] [--skip-tests]
 
 ``--dry-run`` runs the timing code on the CPU (Triton's interpreter, a tiny layer, wall-clock timing) and
-writes nothing: tests/unit/test_gpu_check_script.py keeps the script working where no GPU is.
+writes nothing: tests/unit/test_gpu_scripts.py keeps the script working where no GPU is.
 """
 
 from __future__ import annotations

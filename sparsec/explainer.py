@@ -53,10 +53,9 @@ def _choices(spec: Spec, out: int, inn: int, dtype: str, batch: int) -> list[str
     backend = backend_for(values, "auto")
     key = make_layout(spec, out, inn).key
     lines = [f"strategy chosen on this machine ({cpu_device().name}, batch {batch}, SPARSEC_BACKEND=auto):"]
-    for program in PROGRAMS:
-        label, source = explain_choice(program, key, backend, values, batch)
-        lines.append(f"  {program:<12} {label:<40} {source}")
-    if all(explain_choice(p, key, backend, values, batch)[1] == "default" for p in PROGRAMS):
+    choices = {program: explain_choice(program, key, backend, values, batch) for program in PROGRAMS}
+    lines += [f"  {program:<12} {label:<40} {source}" for program, (label, source) in choices.items()]
+    if all(source == "default" for _, source in choices.values()):
         lines.append(
             "  (no tuning entry: `sparsec tune` or SPARSEC_AUTOTUNE=1 times the candidates and stores the fastest)"
         )

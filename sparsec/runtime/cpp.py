@@ -402,6 +402,12 @@ def _rows_io(plan: CppPlan, dtype: torch.dtype) -> tuple[ctypes.CDLL, torch.dtyp
     return _library(*KERNEL_TYPES[dt], INDEX_TYPES[plan.cols.dtype], _slot_type(plan.order)), dt
 
 
+def _rows_copy(kernel, src: torch.Tensor, plan: CppPlan, dst: torch.Tensor) -> None:
+    """``kernel(SRC, offsets, cols, order, DST, n_rows, n_cols, threads)``: densify or sample over W's rows."""
+    kernel(src.data_ptr(), plan.offsets.data_ptr(), plan.cols.data_ptr(), _ptr(plan.order), dst.data_ptr(),
+           *plan.shape, torch.get_num_threads())  # fmt: skip
+
+
 def cpp_densify(
     plan: CppPlan, values: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -410,10 +416,7 @@ def cpp_densify(
     lib, dt = _rows_io(plan, dtype)
     v = values.to(dt).contiguous()
     w = v.new_empty(plan.shape) if out is None or out.dtype != dt else out
-    lib.sparsec_rows_densify(
-        v.data_ptr(), plan.offsets.data_ptr(), plan.cols.data_ptr(), _ptr(plan.order), w.data_ptr(),
-        *plan.shape, torch.get_num_threads(),
-    )  # fmt: skip
+    _rows_copy(lib.sparsec_rows_densify, v, plan, w)
     return w if dt == dtype else w.to(dtype)
 
 
@@ -422,10 +425,7 @@ def cpp_sample(plan: CppPlan, dense: torch.Tensor, values: torch.Tensor) -> torc
     lib, dt = _rows_io(plan, dense.dtype)
     d = dense.to(dt).contiguous()
     grad = d.new_empty(values.numel())
-    lib.sparsec_rows_sample(
-        d.data_ptr(), plan.offsets.data_ptr(), plan.cols.data_ptr(), _ptr(plan.order), grad.data_ptr(),
-        *plan.shape, torch.get_num_threads(),
-    )  # fmt: skip
+    _rows_copy(lib.sparsec_rows_sample, d, plan, grad)
     return grad.view(values.shape).to(values.dtype)
 
 

@@ -120,13 +120,19 @@ def launch_configs(program: str, key: LayoutKey, dtype: torch.dtype) -> list[Lau
     num_stages at the default tile. A coordinate search around the default (about 16 configurations), not
     the full grid: every configuration is compiled before any is timed, and on a GPU that is the cost."""
     spec = parse_spec(key.spec)
-    default = compile_layer(key.spec, key.in_features, key.out_features, dtype_name(dtype), False, None)
-    tile = default.kernels[program].tile
+    tile = default_tile(program, key, dtype)
     space = format_of(spec).strategy(spec).tile_space(program, dtype_name(dtype))
     configs = [LaunchConfig()]
     configs += [LaunchConfig(((name, v),)) for name, values in space.items() for v in values if v != tile[name]]
     configs += [LaunchConfig((), w, st) for w in WARPS for st in STAGES if (w, st) != TRITON_DEFAULTS]
     return configs
+
+
+def default_tile(program: str, key: LayoutKey, dtype: torch.dtype) -> dict[str, int]:
+    """The tile a program's generated kernel runs at untuned (the tiling pass's)."""
+    return (
+        compile_layer(key.spec, key.in_features, key.out_features, dtype_name(dtype), False, None).kernels[program].tile
+    )
 
 
 def variants(strategy: Strategy, program: str, key: LayoutKey, dtype: torch.dtype) -> list[Strategy]:
@@ -184,8 +190,8 @@ def config_cost(
     again by every batch tile, over the share of the GPU its grid fills (under two programs per SM, the
     units left idle are lost)."""
     strategy = layout.format.strategy(layout.spec)
-    elem, default = dtype.itemsize, strategy.tiles(program, dtype_name(dtype))
-    tile = {**default, **dict(config.tile if config is not None else ())}
+    elem = dtype.itemsize
+    tile = {**default_tile(program, layout.key, dtype), **dict(config.tile if config is not None else ())}
     grid = strategy.call(program, layout, tile, {}, batch).grid
     programs = math.prod(grid)
     batch_tiles = math.ceil(batch / tile["BLOCK_B"]) if program != "grad_values" and "BLOCK_B" in tile else 1
@@ -405,8 +411,7 @@ def _resolved(config: LaunchConfig | None, program: str, key: LayoutKey, dtype: 
     that a later release may move), and its launch options."""
     if config is None:
         return {}
-    default = compile_layer(key.spec, key.in_features, key.out_features, dtype_name(dtype), False, None)
-    tile = {**default.kernels[program].tile, **dict(config.tile)}
+    tile = {**default_tile(program, key, dtype), **dict(config.tile)}
     return {**config.as_dict(), "tile": tile}
 
 
@@ -418,8 +423,7 @@ def _stored_config(entry: dict, program: str, key: LayoutKey, dtype: torch.dtype
         return None
     try:
         config = LaunchConfig.from_dict(stored)
-        default = compile_layer(key.spec, key.in_features, key.out_features, dtype_name(dtype), False, None)
-        names = default.kernels[program].tile.keys()
+        names = default_tile(program, key, dtype).keys()
     except (AttributeError, TypeError, ValueError, KeyError):
         return None
     return config if dict(config.tile).keys() <= names else None
