@@ -329,6 +329,16 @@ class Strategy(ABC):
         grow_scores is not tuned: its segment width is the grow step's unit."""
         return {}
 
+    # programs whose kernels walk a two-axis tile grid and take GROUP (grad_values' always takes SPLIT)
+    grouped: ClassVar[tuple[str, ...]] = ("forward", "grad_input")
+
+    def grid_space(self, program: str) -> dict[str, tuple[int, ...]]:
+        """The sizes the autotuner may give the constexprs that shape a program's grid (``runtime.launch``):
+        ``GROUP`` (tile rows walked together, 1: the plain grid) and grad_values' ``SPLIT`` (batch shares
+        summed apart, 1: none). Their defaults are 1; grow_scores has neither (not tuned)."""
+        space = {"GROUP": (1, 4, 8)} if program in self.grouped else {}
+        return {**space, "SPLIT": (1, 2, 4, 8)} if program == "grad_values" else space
+
     def plan(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The device-side index tensors the kernels read, by parameter name, built once per mask."""
         return row_plan(layout, layout.decode(buffers))

@@ -55,6 +55,8 @@ class DecompressDot(Strategy):
             return {"BLOCK_B": 32, "BLOCK_O": rows, "BLOCK_K": k}
         return {"BLOCK_B": rows, "BLOCK_O": 32, "BLOCK_K": k}
 
+    grouped = ("forward", "grad_input", "grad_values")  # grad_values' grid is (output tiles, input tiles)
+
     def tile_space(self, program: str, dtype: str) -> dict[str, tuple[int, ...]]:
         # every dot side at least 16 (tl.dot's minimum); BLOCK_K whole groups of M
         if program not in ("forward", "grad_input", "grad_values"):

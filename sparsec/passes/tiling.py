@@ -1,7 +1,8 @@
 """tile: attach the tile sizes (kernel constexprs) and the dot precision of every product.
 
-Defaults, not tuned values: sparsec has no autotuner yet, so every kernel runs at these. The weight's format picks them
-for its strategy, program and dtype (``Strategy.tiles``, ``Strategy.precision``).
+The defaults, which the untuned path runs and the autotuner (``runtime.tuner``) searches around: the weight's format
+picks them for its strategy, program and dtype (``Strategy.tiles``, ``Strategy.precision``), and the grid-shaping
+constexprs start at 1 (``Strategy.grid_space``: no grouping, no batch split).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def tile(program: Program) -> Program:
         node = program.node(nid)
         if node.op in PRODUCTS:
             name = PRODUCTS[node.op]
-            sizes = strategy.tiles(name, w.dtype)
+            sizes = {**strategy.tiles(name, w.dtype), **dict.fromkeys(strategy.grid_space(name), 1)}
             precision = strategy.precision(name, w.dtype)
             program = program.replace_node(nid, node.with_attrs(tile=tuple(sorted(sizes.items())), precision=precision))
     return program

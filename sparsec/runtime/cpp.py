@@ -212,10 +212,11 @@ def _spmm(src, values, offsets, cols, order, bias, n_rows: int) -> tuple[torch.T
     return out, None if src_t is None else Tiles(src_t, (src.dtype, src.shape))
 
 
-def _block_kernels(plan: CppPlan, src: torch.Tensor) -> ctypes.CDLL | None:
-    """The library whose block micro-tile kernels serve this call, or None: not a block layout, a batch under
-    one vector (the rows gather), or bf16 layers on bf16 dots (their tiles are bf16 pairs: rows)."""
-    if plan.block is None:
+def _block_kernels(plan: CppPlan, src: torch.Tensor, micro_tiles: bool) -> ctypes.CDLL | None:
+    """The library whose block micro-tile kernels serve this call, or None: not a block layout, rows asked
+    for (``micro_tiles=False``: the tuner's other candidate), a batch under one vector (the rows gather), or
+    bf16 layers on bf16 dots (their tiles are bf16 pairs: rows)."""
+    if plan.block is None or not micro_tiles:
         return None
     scalar, io = KERNEL_TYPES[src.dtype]
     lib = _library(scalar, io, "int32_t", "int32_t")
@@ -258,11 +259,12 @@ def _inputs(*tensors):
 
 
 def cpp_forward_tiles(
-    plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None
+    plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, micro_tiles: bool = True
 ) -> tuple[torch.Tensor, Tiles | None]:
-    """``x @ W^T + bias``, and the batch tiles of ``x`` it made (for the step's gradient dots)."""
+    """``x @ W^T + bias``, and the batch tiles of ``x`` it made (for the step's gradient dots); a block layer
+    runs micro-tiles on its blocks unless ``micro_tiles`` is False (then its rows, as any layer's)."""
     xs, v, b = _inputs(x, values, bias)
-    blocks = _block_kernels(plan, xs)
+    blocks = _block_kernels(plan, xs, micro_tiles)
     if blocks is not None:  # dense micro-tiles over the stored blocks
         y, tiles = _block_product(
             blocks, xs, v, plan.block_offsets, plan.block_cols, None, b, plan.shape[0], plan.block, False
@@ -272,16 +274,20 @@ def cpp_forward_tiles(
     return (y if y.dtype == x.dtype else y.to(x.dtype)), tiles
 
 
-def cpp_forward(plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def cpp_forward(
+    plan: CppPlan, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, micro_tiles: bool = True
+) -> torch.Tensor:
     """``x @ W^T + bias``."""
-    return cpp_forward_tiles(plan, x, values, bias)[0]
+    return cpp_forward_tiles(plan, x, values, bias, micro_tiles)[0]
 
 
-def cpp_grad_input_tiles(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, Tiles | None]:
+def cpp_grad_input_tiles(
+    plan: CppPlan, dy: torch.Tensor, values: torch.Tensor, micro_tiles: bool = True
+) -> tuple[torch.Tensor, Tiles | None]:
     """``dy @ W`` (the rows of ``W^T``; the kernel puts the stored values in their order once per call),
     and the batch tiles of ``dy`` it made."""
     g, v = _inputs(dy, values)
-    blocks = _block_kernels(plan, g)
+    blocks = _block_kernels(plan, g, micro_tiles)
     if blocks is not None:  # the blocks by block column, each read transposed
         dx, tiles = _block_product(
             blocks,
@@ -324,9 +330,9 @@ def _scatter_product(src: torch.Tensor, values: torch.Tensor, plan: CppPlan) -> 
     return out
 
 
-def cpp_grad_input(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def cpp_grad_input(plan: CppPlan, dy: torch.Tensor, values: torch.Tensor, micro_tiles: bool = True) -> torch.Tensor:
     """``dy @ W``."""
-    return cpp_grad_input_tiles(plan, dy, values)[0]
+    return cpp_grad_input_tiles(plan, dy, values, micro_tiles)[0]
 
 
 def cpp_grad_values(
@@ -336,6 +342,7 @@ def cpp_grad_values(
     values: torch.Tensor,
     dy_tiles: Tiles | None = None,
     x_tiles: Tiles | None = None,
+    micro_tiles: bool = True,
 ) -> torch.Tensor:
     """``(dy^T @ x)`` at the kept positions, in stored value order: from the step's batch tiles of ``dy`` and
     ``x`` where both are given (made of these very tensors) and the layer is sparse enough that copying
@@ -344,7 +351,7 @@ def cpp_grad_values(
     b, n_rows = g.shape
     n_x = xs.shape[1]
     grad = g.new_empty(values.numel())
-    blocks = _block_kernels(plan, g)
+    blocks = _block_kernels(plan, g, micro_tiles)
     if blocks is not None:  # micro-GEMMs per stored block over feature-major copies
         ld = blocks.sparsec_dots_ld(b)
         dy_t, x_t = _work(blocks, ld * n_rows, g), _work(blocks, ld * n_x, g)  # held: the call reads them

@@ -10,6 +10,12 @@ A grow_scores launch covers item-grid rows ``r0 .. r1`` (default: all), or, give
 program per listed (row tile, column tile) pair, ``tiles [n, 2]`` (``LISTED``: the segment kernel's
 second run).
 
+Two tile constexprs shape the grid rather than a tile: ``GROUP`` > 1 launches a two-axis tile grid as one
+axis walked GROUP tiles of its first axis at a time (``tl.swizzle2d``: inputs shared by neighbouring
+programs stay in L2), and grad_values' ``SPLIT`` > 1 adds a grid axis over SPLIT shares of the batch, each
+writing float32 partial sums ``[SPLIT, *values]`` that the launcher adds (split-batch: a layer whose
+gradient has few tiles still fills the GPU on a long batch; deterministic, no atomics).
+
 Operands are 2-D row-major tensors. With ``poison=True`` outputs start as NaN (grow keys as -2), so
 an element a kernel forgets to write cannot pass a test by luck.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -83,21 +90,34 @@ def launch_grid(grid: tuple[int, ...]) -> tuple[tuple[int, ...], dict[str, bool]
     A strategy's grid may have two axes (batch tiles x output tiles, ...), and the second can pass CUDA's
     65,535 limit on axis y (a 128k-vocabulary head in 1x32 blocks, a million outputs in 16-row tiles):
     then the axes are swapped, and the kernel, compiled with ``SWAP=True``, reads them swapped (a
-    constexpr: no instruction is added to the usual variant).
+    constexpr: no instruction is added to the usual variant). A third axis (split-batch shares) stays z.
     """
     if len(grid) == 1:
         if grid[0] > MAX_GRID_X:
             raise SparsecError(f"a launch of {grid[0]} programs passes CUDA's {MAX_GRID_X} on grid axis x")
         return grid, {}
-    first, second = grid
+    first, second, *rest = grid
     swap = second > MAX_GRID_Y
     x, y = (second, first) if swap else (first, second)
-    if x > MAX_GRID_X or y > MAX_GRID_Y:
+    if x > MAX_GRID_X or y > MAX_GRID_Y or any(z > MAX_GRID_Y for z in rest):
         raise SparsecError(
-            f"a launch of {first} x {second} programs does not fit CUDA's grid ({MAX_GRID_X} x {MAX_GRID_Y}); "
-            f"split the batch into smaller calls"
+            f"a launch of {' x '.join(map(str, grid))} programs does not fit CUDA's grid "
+            f"({MAX_GRID_X} x {MAX_GRID_Y} x {MAX_GRID_Y}); split the batch into smaller calls"
         )
-    return (x, y), {"SWAP": swap}
+    return (x, y, *rest), {"SWAP": swap}
+
+
+def batch_split(program: str, tile: Mapping[str, int]) -> int:
+    """The number of batch shares a launch of ``program`` at ``tile`` sums separately (1: none)."""
+    return tile.get("SPLIT", 1) if program == "grad_values" else 1
+
+
+def tile_grid(grid: tuple[int, ...], tile: Mapping[str, int], split: int) -> tuple[int, ...]:
+    """A strategy's tile grid as launched: flattened to one axis where the tile groups it (the second axis
+    kept, of one program, so a split axis stays where the kernel reads it), the split axis appended."""
+    if tile.get("GROUP", 1) > 1 and len(grid) == 2:
+        grid = (grid[0] * grid[1], 1)
+    return (*grid, split) if split > 1 else grid
 
 
 def device_guard(device: torch.device):
@@ -165,18 +185,19 @@ class Launcher:
             outputs = {"forward": (batch, lay.out_features), "grad_input": (batch, lay.in_features)}
             outputs["grad_values"] = lay.values_shape
             shape, dtype, poison = outputs[program], like.dtype, float("nan")
-        out = torch.empty(shape, dtype=dtype, device=like.device)
+        split = batch_split(program, tile)
+        partial = (split, *shape) if split > 1 else shape  # float32 partial sums, added below
+        out = torch.empty(partial, dtype=torch.float32 if split > 1 else dtype, device=like.device)
         if self.poison:
             out.fill_(poison)
         call = self.strategy.call(program, lay, tile, plan, batch, rows)
-        if listed is not None:
-            call = dataclasses.replace(call, grid=(listed,))
-        elif program == "grow_scores":
-            operands["tiles"] = torch.empty(0, dtype=torch.int32, device=like.device)  # never read
+        call = dataclasses.replace(call, grid=tile_grid((listed,) if listed is not None else call.grid, tile, split))
         if program == "grow_scores":
+            if listed is None:
+                operands["tiles"] = torch.empty(0, dtype=torch.int32, device=like.device)  # never read
             operands["listed"] = listed is not None
         own = {name.upper(): value for name, value in operands.items() if value is not None}
-        own.update(B=batch, O=lay.out_features, KIN=lay.in_features, OUT=out)
+        own.update(B=batch, O=lay.out_features, KIN=lay.in_features, OUT=out, PART=math.prod(shape))
         if values is not None:
             own.setdefault("BIAS", values)  # a kernel reads BIAS only when rendered with bias=True
         # call.args after the tile: a strategy may bind a tile's name to another value (block sides)
@@ -185,7 +206,7 @@ class Launcher:
         grid, flat = launch_grid(call.grid)
         flat.setdefault("SWAP", False)
         self._bind(program, grid, {**named, **own, **flat}, config.options() if config is not None else {})
-        return out
+        return out.sum(0, dtype=torch.float32).to(dtype) if split > 1 else out
 
     def _bind(self, program: str, grid: tuple[int, ...], named: dict[str, object], options: dict) -> None:
         if program not in self._parameters:
@@ -208,4 +229,13 @@ class Launcher:
             self._kernel(program)[grid](**args, **constexprs, **options)
 
 
-__all__ = ["MAX_GRID_X", "MAX_GRID_Y", "LaunchConfig", "Launcher", "kernel_parameters", "launch_grid"]
+__all__ = [
+    "MAX_GRID_X",
+    "MAX_GRID_Y",
+    "LaunchConfig",
+    "Launcher",
+    "batch_split",
+    "kernel_parameters",
+    "launch_grid",
+    "tile_grid",
+]

@@ -3,7 +3,8 @@
 Each ``Strategy`` computes ``forward`` (``x @ W^T + bias``), ``grad_input`` (``dy @ W``) and ``grad_values``
 (``dy^T @ x`` at the kept positions, in stored order) from the index plan it reads (``plan_kind``):
 
-- ``cpp``: sparsec's generated C++ kernels (CPU);
+- ``cpp``: sparsec's generated C++ kernels (CPU); ``cpp-rows``: the same on a block layer's rows instead of
+  micro-tiles on its blocks (faster for some block sizes, batches and programs: the tuner times both);
 - ``triton``: sparsec's generated Triton kernels (CUDA; ``interpret``: the same in Triton's interpreter);
 - ``torch-csr``: PyTorch's CSR kernels (MKL on a CPU, cuSPARSE on a GPU);
 - ``dense``: the layer's weight decompressed for the call (one layer's, freed after it: the model stays
@@ -101,21 +102,29 @@ class Strategy:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
 class Cpp(Strategy):
+    micro_tiles: bool = True  # block layers: micro-tiles on the blocks (False: their rows, as other layers)
+
     def plan_kind(self, backend):
         return "cpp"
 
     def problem(self, device_type):
         return super().problem(device_type) or cpp_problem()
 
+    def fits(self, program, key, values):
+        if not self.micro_tiles and layout_of(*key).item == (1, 1):  # items of one weight: no blocks
+            return f"{self.name} differs from cpp on block layers only; this one is {key.spec}"
+        return None
+
     def forward(self, key, backend, plan, x, values, bias):
-        return cpp_forward(plan, x, values, bias)
+        return cpp_forward(plan, x, values, bias, self.micro_tiles)
 
     def grad_input(self, key, backend, plan, dy, values):
-        return cpp_grad_input(plan, dy, values)
+        return cpp_grad_input(plan, dy, values, self.micro_tiles)
 
     def grad_values(self, key, backend, plan, dy, x, values):
-        return cpp_grad_values(plan, dy, x, values)
+        return cpp_grad_values(plan, dy, x, values, micro_tiles=self.micro_tiles)
 
 
 @dataclass(frozen=True)
@@ -237,6 +246,7 @@ STRATEGIES = {
     s.name: s
     for s in (
         Cpp("cpp", ("cpu",)),
+        Cpp("cpp-rows", ("cpu",), micro_tiles=False),
         Triton("triton", ("cuda",)),
         TorchCSR("torch-csr", ("cpu", "cuda")),
         Dense("dense", ("cpu", "cuda")),

@@ -38,7 +38,7 @@ from sparsec.runtime.aot import SHARED_LIMITS, compile_call, record_calls
 from sparsec.runtime.compile import compile_layer
 from sparsec.runtime.cpp import INDEX_TYPES, KERNEL_TYPES
 from sparsec.runtime.devices import Device, device_of
-from sparsec.runtime.launch import LaunchConfig
+from sparsec.runtime.launch import LaunchConfig, batch_split
 from sparsec.runtime.plans import index_plan
 from sparsec.runtime.strategies import DEFAULT, PROGRAMS, STRATEGIES, Strategy, Triton
 from sparsec.runtime.tunecache import TuneCache, TuneKey, TuningWarning, batch_bucket, density_bucket
@@ -116,12 +116,14 @@ TRITON_DEFAULTS = (4, 3)  # Triton's num_warps, num_stages where a launch sets n
 
 def launch_configs(program: str, key: LayoutKey, dtype: torch.dtype) -> list[LaunchConfig]:
     """The configurations tried for a program's Triton kernel: the defaults first, then each tunable tile
-    size (``formats.Strategy.tile_space``) moved alone to each of its other values, then num_warps x
-    num_stages at the default tile. A coordinate search around the default (about 16 configurations), not
-    the full grid: every configuration is compiled before any is timed, and on a GPU that is the cost."""
+    size and grid constexpr (``formats.Strategy.tile_space``, ``grid_space``) moved alone to each of its
+    other values, then num_warps x num_stages at the default tile. A coordinate search around the default
+    (about 20 configurations), not the full grid: every configuration is compiled before any is timed, and
+    on a GPU that is the cost."""
     spec = parse_spec(key.spec)
     tile = default_tile(program, key, dtype)
-    space = format_of(spec).strategy(spec).tile_space(program, dtype_name(dtype))
+    strategy = format_of(spec).strategy(spec)
+    space = {**strategy.tile_space(program, dtype_name(dtype)), **strategy.grid_space(program)}
     configs = [LaunchConfig()]
     configs += [LaunchConfig(((name, v),)) for name, values in space.items() for v in values if v != tile[name]]
     configs += [LaunchConfig((), w, st) for w in WARPS for st in STAGES if (w, st) != TRITON_DEFAULTS]
@@ -187,15 +189,17 @@ def config_cost(
     program: str, layout: Layout, config: LaunchConfig | None, batch: int, dtype: torch.dtype, units: int
 ) -> float:
     """The ranking model of a configuration (not a time): the bytes its launch moves, with the weight read
-    again by every batch tile, over the share of the GPU its grid fills (under two programs per SM, the
-    units left idle are lost)."""
+    again by every batch tile and a split-batch's float32 partial sums written and read back, over the
+    share of the GPU its grid fills (under two programs per SM, the units left idle are lost). Grouping
+    (``GROUP``) moves the same bytes in this model: what it saves is L2 misses, which only timing sees."""
     strategy = layout.format.strategy(layout.spec)
     elem = dtype.itemsize
     tile = {**default_tile(program, layout.key, dtype), **dict(config.tile if config is not None else ())}
-    grid = strategy.call(program, layout, tile, {}, batch).grid
-    programs = math.prod(grid)
+    split = batch_split(program, tile)
+    programs = math.prod(strategy.call(program, layout, tile, {}, batch).grid) * split
     batch_tiles = math.ceil(batch / tile["BLOCK_B"]) if program != "grad_values" and "BLOCK_B" in tile else 1
     moved = layout.nnz * (elem + 4) * batch_tiles + batch * (layout.out_features + layout.in_features) * elem
+    moved += 2 * split * layout.nnz * 4 if split > 1 else 0
     return moved / min(1.0, programs / (2 * max(1, units)))
 
 
@@ -205,7 +209,7 @@ def estimated_bytes(strategy: Strategy, layout: Layout, batch: int, elem: int) -
     acts = batch * (layout.out_features + layout.in_features) * elem
     if strategy.name == "dense":
         return 3 * dense + acts  # decompress (write, read) and the GEMM's read
-    index = {"cpp": 2, "torch-csr": 8}.get(strategy.name, 4)
+    index = {"cpp": 2, "cpp-rows": 2, "torch-csr": 8}.get(strategy.name, 4)
     return layout.nnz * (elem + index) + acts
 
 

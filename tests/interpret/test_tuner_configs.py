@@ -46,8 +46,12 @@ def test_the_space_starts_at_the_defaults_and_moves_one_size_at_a_time():
     assert configs[0] == LaunchConfig() and len(set(configs)) == len(configs)
     tiles = [dict(c.tile) for c in configs if c.tile]
     assert tiles and all(len(t) == 1 for t in tiles)
-    assert {name for t in tiles for name in t} == {"BLOCK_B", "BLOCK_O", "BLOCK_K"}
-    assert all(v % 4 == 0 and v >= 16 for t in tiles for v in t.values())  # dot sides, whole 2:4 groups
+    assert {name for t in tiles for name in t} == {"BLOCK_B", "BLOCK_O", "BLOCK_K", "GROUP"}
+    sides = [v for t in tiles for name, v in t.items() if name != "GROUP"]
+    assert all(v % 4 == 0 and v >= 16 for v in sides)  # dot sides, whole 2:4 groups
+    assert {dict(c.tile).get("GROUP") for c in configs} == {None, 4, 8}
+    sddmm = {name for c in tuner.launch_configs("grad_values", key, torch.float32) for name in dict(c.tile)}
+    assert {"GROUP", "SPLIT"} <= sddmm
     launch = [(c.num_warps, c.num_stages) for c in configs if c.num_warps]
     assert len(launch) == 8 and (4, 3) not in launch  # Triton's own defaults are the first config
 
@@ -78,7 +82,12 @@ def test_a_tuned_configuration_is_stored_looked_up_and_run_by_its_strategy(monke
     # 37 outputs in 64-row tiles leave the fake device's 2 units short of programs: ranked out, never run
     assert status["triton[BLOCK_O=64]"] == "not timed" and status["triton[defaults]"] == "timed"
     entry = cache.get(result.key)
-    assert entry["strategy"] == "triton" and entry["config"]["tile"] == {"BLOCK_B": 16, "BLOCK_O": 16, "BLOCK_J": 8}
+    assert entry["strategy"] == "triton" and entry["config"]["tile"] == {
+        "BLOCK_B": 16,
+        "BLOCK_O": 16,
+        "BLOCK_J": 8,
+        "GROUP": 1,
+    }
     # the layer's lookup (the real CPU device's cache) reads the entry back with its configuration
     TuneCache(tuner.device_of(layer.values)).store(result.key, entry)
     monkeypatch.setitem(tuner.STRATEGIES, "triton", TRITON_ON_CPU)  # the interpreter's Triton runs on the CPU
@@ -91,11 +100,11 @@ def test_a_tuned_configuration_is_stored_looked_up_and_run_by_its_strategy(monke
 
     monkeypatch.setattr(Launcher, "run", recording)
     assert tuner.explain_choice("forward", key, "interpret", layer.values, 5) == (
-        "triton[BLOCK_B=16,BLOCK_J=8,BLOCK_O=16]",
+        "triton[BLOCK_B=16,BLOCK_J=8,BLOCK_O=16,GROUP=1]",
         "exact entry",
     )
     chosen = tuner.choose("forward", key, "interpret", layer.values, 5)
-    assert chosen.config == LaunchConfig((("BLOCK_B", 16), ("BLOCK_J", 8), ("BLOCK_O", 16)))
+    assert chosen.config == LaunchConfig((("BLOCK_B", 16), ("BLOCK_J", 8), ("BLOCK_O", 16), ("GROUP", 1)))
     x = torch.randn(5, 53)
     plan = ops.index_plan(key, chosen.plan_kind("interpret"), index)
     with torch.no_grad():

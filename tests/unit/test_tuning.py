@@ -228,8 +228,30 @@ def test_every_real_cpu_strategy_passes_the_gate_on_each_program(program, spec, 
     layer.to(dtype)
     key = ops._key(layer.values, *layer.layout.op_key)
     calls = []
-    result = _tune(program, layer, key, index, 5, {"cpp": 1.0, "torch-csr": 2.0, "dense": 3.0}, calls)
-    assert {o.strategy: o.status for o in result.outcomes} == {"cpp": "chosen", "torch-csr": "timed", "dense": "timed"}
+    seconds = {"cpp": 1.0, "cpp-rows": 1.5, "torch-csr": 2.0, "dense": 3.0}
+    result = _tune(program, layer, key, index, 5, seconds, calls)
+    rows = "timed" if spec.startswith("block") else "pruned"  # rows of a block layer; elsewhere cpp itself
+    want = {"cpp": "chosen", "cpp-rows": rows, "torch-csr": "timed", "dense": "timed"}
+    assert {o.strategy: o.status for o in result.outcomes} == want
+
+
+@pytest.mark.parametrize("program", ["forward", "grad_input", "grad_values"])
+def test_cpp_rows_runs_a_block_layer_on_its_rows_not_its_micro_tiles(program, monkeypatch):
+    import sparsec.runtime.cpp as cpp
+
+    layer, key, index = _layer("block(4x4, 50%)", 16, 32)
+    micro = []
+    real = cpp._block_kernels
+    monkeypatch.setattr(cpp, "_block_kernels", lambda plan, src, tiles: micro.append(tiles) or real(plan, src, tiles))
+    used = []
+    for name in ("cpp", "cpp-rows"):
+        calls = []
+        result = _tune(program, layer, key, index, 64, {name: 1.0}, calls, candidates=[STRATEGIES[name]])
+        assert result.chosen == name  # through the float64 gate
+        used.append(set(micro))
+        micro.clear()
+    assert used == [{True}, {False}]
+    assert real(ops.index_plan(key, "cpp", index), torch.zeros(64, 32), True) is not None  # cpp really has tiles here
 
 
 def test_the_dense_strategy_decompresses_and_samples_through_the_value_order_by_hand():
@@ -285,9 +307,9 @@ def test_a_stored_choice_runs_in_the_layer_and_computes_the_product(monkeypatch)
     x = torch.randn(5, 40, dtype=torch.float64).float()
     TuneCache(cpu_device()).store(tuner.tune_key("forward", key, layer.values.dtype, 5, "cpp"), {"strategy": "dense"})
     ran = []
-    for strategy in STRATEGIES.values():  # record which strategy's forward runs
-        forward = type(strategy).forward
-        monkeypatch.setattr(type(strategy), "forward", lambda self, *a, f=forward: ran.append(self.name) or f(self, *a))
+    for kind in {type(s) for s in STRATEGIES.values()}:  # record which strategy's forward runs
+        forward = kind.forward
+        monkeypatch.setattr(kind, "forward", lambda self, *a, f=forward: ran.append(self.name) or f(self, *a))
     with config.patch(backend="auto"), torch.no_grad():
         y = layer(x)
     assert ran == ["dense"]
@@ -383,3 +405,17 @@ def test_an_entry_whose_configuration_no_longer_applies_is_not_used(stored):
     )
     tuner.forget_choices()
     assert tuner.explain_choice("forward", key, "cpp", v, 3) == ("dense", "exact entry")  # a size the kernel has
+
+
+def test_the_ranking_model_prices_a_batch_split_by_its_fill_and_its_partial_sums():
+    layer, _, _ = _layer("90%", 64, 96)  # 615 kept: 20 programs of 32 entries for the SDDMM (BLOCK_E=32)
+    lay, batch = layer.layout, 4096
+    split = tuner.LaunchConfig((("SPLIT", 8),))
+    acts = batch * (64 + 96) * 4
+    assert lay.nnz == 615
+    plain = (615 * 8 + acts) / (20 / 264)  # a GPU of 132 units: 20 programs fill 20 of its 264 places
+    split_cost = (615 * 8 + acts + 2 * 8 * 615 * 4) / (160 / 264)  # 8 shares: 160 programs, partials out and in
+    cost = lambda c, units: tuner.config_cost("grad_values", lay, c, batch, torch.float32, units)  # noqa: E731
+    assert cost(None, 132) == pytest.approx(plain) and cost(split, 132) == pytest.approx(split_cost)
+    assert cost(split, 132) < cost(None, 132)  # a short layer on a long batch: the split fills the GPU
+    assert cost(split, 2) > cost(None, 2)  # already full (2 units): the partial sums are pure cost
