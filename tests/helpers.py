@@ -85,3 +85,11 @@ def assert_interpret_matches_cpu(layer, x: torch.Tensor) -> None:
         results[backend] = (y.detach(), x.grad.clone(), layer.values.grad.clone(), layer.bias.grad.clone())
     for what, a, b in zip(("y", "dx", "dvalues", "dbias"), results["interpret"], results["cpu"], strict=True):
         assert_kernel_close(a, b, torch.float32, what)
+
+
+def largest_allocation_bytes(fn) -> int:
+    """Bytes of the largest single CPU tensor allocation while ``fn`` runs (the profiler's memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    return max(sizes, default=0)

@@ -34,6 +34,7 @@ import sympy
 import torch
 
 from sparsec.errors import ShapeError
+from sparsec.formats.sampling import random_subsets
 from sparsec.spec.specs import Spec
 
 # The symbols every IR shape, rule and cost is written in: batch rows, out features, in features.
@@ -177,14 +178,9 @@ class Layout:
     # --- construction helpers --------------------------------------------------------------------
 
     def random_positions(self, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """Uniformly random sorted flat positions satisfying the spec (the RigL initial topology)."""
-        if self.n_units == 1:
-            flat = torch.randperm(self.unit_size, generator=generator)[: self.kept_per_unit]
-        else:
-            scores = torch.rand(self.n_units, self.unit_size, generator=generator)
-            local = scores.argsort(dim=1)[:, : self.kept_per_unit]
-            flat = (torch.arange(self.n_units)[:, None] * self.unit_size + local).reshape(-1)
-        return flat.sort().values.to(device)
+        """Uniformly random sorted flat positions satisfying the spec (the RigL initial topology), drawn in
+        O(kept) time and memory (``formats.sampling``): never a tensor of every position."""
+        return random_subsets(self.n_units, self.unit_size, self.kept_per_unit, generator).to(device)
 
     def element_positions(self, flat: torch.Tensor) -> torch.Tensor:
         """Flat weight positions (``row * in + col``) of every stored value, in value order."""

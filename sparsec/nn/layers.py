@@ -60,31 +60,49 @@ class SparseLayer(nn.Module):
         # the load still holds it, until MaskUpdater.load_state_dict points the optimizer at the new one
         self.replaced_values: nn.Parameter | None = None
         self._cache: tuple | None = None
-        for buf, buf_dtype, shape in self.layout.buffers:
-            self.register_buffer(buf, torch.empty(shape, dtype=buf_dtype, device=device))
-        flat = self.layout.random_positions(device=device)
-        self.write_positions(flat)
-        if weight is None:
-            # The distribution nn.Linear / nn.Conv2d give their dense weight, drawn only where kept.
-            bound = 1.0 / math.sqrt(in_features)
-            values = torch.empty(self.layout.values_shape, device=device, dtype=dtype).uniform_(-bound, bound)
-        else:
-            values = self.layout.values_from_dense(weight.detach().reshape(out_features, in_features), flat)
-            values = values.to(device=device, dtype=dtype or weight.dtype)
         init = self.policy.default_init if init is None else init
         if init not in INITS:
             raise SparsecError(f"{name}: init={init!r}; choose one of {INITS} (or None: the policy's default)")
         self.init = init
-        if init == "sparse":
-            values = self._rescaled_for_kept_fan_in(values, flat)
-        self.values = nn.Parameter(values.clone())
+        for buf, buf_dtype, shape in self.layout.buffers:
+            self.register_buffer(buf, torch.empty(shape, dtype=buf_dtype, device=device))
+        if weight is not None and weight.device.type != "meta":
+            dtype = dtype or weight.dtype
+        self.values = nn.Parameter(torch.empty(self.layout.values_shape, device=device, dtype=dtype))
         if bias:
-            bound = 1.0 / math.sqrt(in_features)
-            self.bias = nn.Parameter(
-                torch.empty(out_features, device=device, dtype=self.values.dtype).uniform_(-bound, bound)
-            )
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=self.values.dtype))
         else:
             self.register_parameter("bias", None)
+        # On the meta device nothing is drawn: ``to_empty`` then ``reset_parameters`` materialise the layer
+        self._unset = self.values.is_meta
+        if not self._unset:
+            self._draw(weight)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A new random topology and initial values (and bias), as a fresh layer of this spec draws them, in
+        O(kept) time and memory: what ``model.to_empty(device=...)`` of a model built on the meta device
+        needs next (PyTorch's convention, which nn.Linear follows)."""
+        self._draw(None)
+
+    @torch.no_grad()
+    def _draw(self, weight: torch.Tensor | None) -> None:
+        """Random kept positions; values from ``weight`` there, else the distribution nn.Linear / nn.Conv2d
+        give their dense weight (kaiming-uniform for the dense fan-in), drawn only where kept."""
+        layout, device = self.layout, self.values.device
+        flat = layout.random_positions(device=device)
+        self.write_positions(flat)
+        bound = 1.0 / math.sqrt(layout.in_features)
+        if weight is None:
+            values = torch.empty_like(self.values).uniform_(-bound, bound)
+        else:
+            values = layout.values_from_dense(weight.detach().reshape(layout.out_features, -1), flat)
+        if self.init == "sparse":
+            values = self._rescaled_for_kept_fan_in(values, flat)
+        self.values.copy_(values)
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound)
+        self._unset = False
 
     @property
     def grow_capture(self):
@@ -108,8 +126,18 @@ class SparseLayer(nn.Module):
         """The format's index buffers by name, in the layout's order (what the custom op reads)."""
         return {name: getattr(self, name) for name in self.layout.index_names}  # not .buffers: sizes change
 
+    def _check_materialised(self) -> None:
+        if self._unset:
+            where = "still on the meta device" if self.values.is_meta else "moved off the meta device (to_empty)"
+            raise SparsecError(
+                f"{self.name} was built on the meta device and is {where}, with no positions or values yet: "
+                f"call model.to_empty(device=...) and then reset_parameters() of each module (or load a "
+                f"checkpoint) before using it"
+            )
+
     def positions(self) -> torch.Tensor:
         """Sorted flat item positions (weights, or blocks for block specs) of the kept items."""
+        self._check_materialised()
         named = self.index_buffers()
         bufs = list(named.values())
         # In-place writes (load_state_dict, updates) bump _version; .to() makes new buffer objects. The cache
@@ -198,12 +226,12 @@ class SparseLayer(nn.Module):
         """Each output's values times ``sqrt(dense fan-in / its kept fan-in)``: a variance-scaling init
         (Kaiming, torch's default) drawn for the dense fan-in becomes the same init for the sparse one, as
         condensed-sparsity's sparse (grad-flow) initialisation and google-research/rigl's
-        ``unit_scaled_init`` draw each unit for its real fan-in."""
+        ``unit_scaled_init`` draw each unit for its real fan-in. O(kept): per stored value, its output row."""
         layout = self.layout
-        kept = layout.to_dense(torch.ones_like(values), flat).sum(1)  # kept inputs per output
-        scale = torch.where(kept > 0, (layout.in_features / kept.clamp(min=1)).sqrt(), torch.ones_like(kept))
-        dense = layout.to_dense(values, flat) * scale[:, None]
-        return layout.values_from_dense(dense, flat)
+        rows = layout.element_positions(flat) // layout.in_features  # in value order
+        kept = torch.bincount(rows, minlength=layout.out_features)  # kept inputs per output
+        scale = (layout.in_features / kept.clamp(min=1).to(torch.float64)).sqrt()
+        return (values.reshape(-1) * scale[rows].to(values.dtype)).view(values.shape)
 
     def dense_weight(self) -> torch.Tensor:
         """Dense weight with zeros where nothing is kept (materialised on request)."""
@@ -224,6 +252,8 @@ class SparseLayer(nn.Module):
         """
         if x2d.device != self.values.device:
             raise SparsecError(f"input on {x2d.device} but the layer on {self.values.device}; move one of them")
+        if not x2d.is_meta:  # on the meta device a forward computes shapes only
+            self._check_materialised()
         values, bias = self.values, self.bias
         device = x2d.device.type
         dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
@@ -269,6 +299,7 @@ class SparseLayer(nn.Module):
             for name, tensor in self.index_buffers().items():
                 state_dict.setdefault(prefix + name, tensor)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._unset = self.values.is_meta  # a checkpoint sets positions and values (to_empty, then a load)
         self.grow_capture = self._grow_capture  # load_state_dict(assign=True) puts in new buffers
 
     def _take_bias(self, dense: nn.Module):

@@ -40,6 +40,13 @@ class SNIP(Policy):
                 "snip chooses the mask from one batch: pass policy=sparsec.snip(loss=lambda model: ...), a callable "
                 "returning the loss of the dense model on that batch"
             )
+        on_meta = [name for name, m in targets.items() if m.weight.is_meta]
+        if on_meta:
+            raise SparsecError(
+                f"snip scores the dense model's gradient on a batch, and {on_meta[0]} is on the meta device (no "
+                f"values): build the model on a real device for snip, or use another policy (rigl, set, static "
+                f"draw a random topology, which reset_parameters() draws after to_empty)"
+            )
         sensitivity = _snip_scores(model, targets, self.loss)
 
         def initial(name: str, layout: Layout) -> torch.Tensor:
