@@ -28,7 +28,9 @@ import torch
 from sparsec.errors import ShapeError, SparsecWarning
 from sparsec.formats import Layout, item_scores, make_layout
 from sparsec.policies.base import Change
-from sparsec.runtime.selection import GrowSelector
+from sparsec.runtime.cpp import cpp_merge_kept
+from sparsec.runtime.ops import backend_for
+from sparsec.runtime.selection import GrowSelector, best_in_row
 from sparsec.spec import Spec, parse_spec
 
 
@@ -43,7 +45,15 @@ def drop_scores(layout: Layout, values: torch.Tensor) -> torch.Tensor:
 
 
 def choose_drops(drop_score: torch.Tensor, n_drop: int) -> torch.Tensor:
-    """Slots of the ``n_drop`` smallest scores, ascending; slots follow flat order, so ties keep the lower."""
+    """Slots of the ``n_drop`` smallest scores, ascending; slots follow flat order, so ties keep the lower.
+
+    A selection, not a sort: the largest of the negated scores (``selection.best_in_row``: on the cpp backend
+    the generated radix select; linear work), ties to the lower slot. Scores it cannot rank (NaN, inf) go
+    to the stable sort, which ranks NaN last."""
+    if 0 < n_drop < drop_score.numel():
+        picked = best_in_row(-drop_score, n_drop)
+        if picked.numel() == n_drop:
+            return picked
     return drop_score.argsort(stable=True)[:n_drop].sort().values
 
 
@@ -61,7 +71,10 @@ def remap_positions(
     old slot in ``kept`` (``-1`` for a newly grown item).
 
     ``grown`` may hold just-dropped positions: those keep their slot, so their value and optimizer state.
+    On the cpp backend the generated merge does it in one pass (``runtime.cpp.cpp_merge_kept``).
     """
+    if not kept.is_cuda and backend_for(kept) == "cpp":
+        return cpp_merge_kept(kept, survives, grown)
     new_flat = torch.cat([kept[survives], grown]).sort().values
     at = torch.searchsorted(kept, new_flat).clamp(max=kept.numel() - 1)
     src = torch.where(kept[at] == new_flat, at, -1)  # a position present before keeps its old slot

@@ -59,6 +59,23 @@ class CppPlan:
     block_slots_t: torch.Tensor | None = None  # int64 stored block of each, by block column
 
     @staticmethod
+    def of_weights(flat: torch.Tensor, shape: tuple[int, int]) -> CppPlan:
+        """The plan of a layout of single weights (values stored in flat order) from its sorted flat
+        positions: the generated kernel's two passes and counting sort (``kernels/cpu/plan.cpp.jinja``)."""
+        out, inn = shape
+        flat = flat.to(torch.int64).contiguous()
+        n = flat.numel()
+        cols, rows_t = torch.empty(n, dtype=_index_dtype(inn)), torch.empty(n, dtype=_index_dtype(out))
+        slots_t = torch.empty(n, dtype=_slot_dtype(n))
+        offsets, offsets_t = torch.empty(out + 1, dtype=torch.int64), torch.empty(inn + 1, dtype=torch.int64)
+        lib = _plan_library(INDEX_TYPES[cols.dtype], INDEX_TYPES[rows_t.dtype], INDEX_TYPES[slots_t.dtype])
+        lib.sparsec_rows_plan(
+            flat.data_ptr(), n, out, inn, offsets.data_ptr(), cols.data_ptr(), offsets_t.data_ptr(),
+            rows_t.data_ptr(), slots_t.data_ptr(),
+        )  # fmt: skip
+        return CppPlan(offsets, cols, None, offsets_t, rows_t, slots_t, shape)
+
+    @staticmethod
     def build(csr: CSRPlan, layout: Layout, flat_items: torch.Tensor) -> CppPlan:
         """From the CSR plan; a layout whose items are blocks (stored item by item, ascending, as
         ``flat_items`` lists them on the item grid) also gets the block rows of W and W^T."""
@@ -83,14 +100,32 @@ class CppPlan:
         )
 
 
+def _index_dtype(extent: int) -> torch.dtype:
+    """The narrowest type the kernels read for indices below ``extent``."""
+    return torch.uint16 if extent <= 1 << 16 else torch.int32
+
+
 def _narrow(cols: torch.Tensor, extent: int) -> torch.Tensor:
     """Column indices below ``extent`` in the narrowest type the kernels read."""
-    return cols.to(torch.uint16 if extent <= 1 << 16 else torch.int32)
+    return cols.to(_index_dtype(extent))
+
+
+@functools.cache
+def _plan_library(col: str, col_t: str, slot: str) -> ctypes.CDLL:
+    lib = load(render("cpu/plan.cpp.jinja", col=col, col_t=col_t, slot=slot))
+    lib.sparsec_rows_plan.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P]
+    lib.sparsec_rows_plan.restype = None
+    return lib
+
+
+def _slot_dtype(n: int) -> torch.dtype:
+    """Value slots of ``n`` values in 32 bits where they fit: the permutation streams them."""
+    return torch.int32 if n <= 1 << 31 else torch.int64
 
 
 def _narrow_slots(order: torch.Tensor) -> torch.Tensor:
-    """Value slots (a permutation of the values) in 32 bits where they fit: the permutation streams them."""
-    return order.to(torch.int32 if order.numel() <= 1 << 31 else torch.int64)
+    """Value slots (a permutation of the values) in the type ``_slot_dtype`` gives."""
+    return order.to(_slot_dtype(order.numel()))
 
 
 @functools.cache
@@ -441,7 +476,28 @@ def _select_library() -> ctypes.CDLL:
     lib = load(render("cpu/select.cpp.jinja"))
     lib.sparsec_best_in_row.argtypes = [_P, _I64, _I64, ctypes.c_float, _P, _INT]
     lib.sparsec_best_in_row.restype = _I64
+    lib.sparsec_merge_kept.argtypes = [_P, _P, _I64, _P, _I64, _P, _P]
+    lib.sparsec_merge_kept.restype = _I64
     return lib
+
+
+def cpp_merge_kept(
+    kept: torch.Tensor, survives: torch.Tensor, grown: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ascending positions after an update: the surviving ``kept`` and ``grown``; each one's old slot in
+    ``kept``, -1 for a new one), merged in one pass by the generated kernel."""
+    kept, grown = kept.to(torch.int64).contiguous(), grown.to(torch.int64).contiguous()
+    if grown.numel() > 1 and not bool((grown[1:] > grown[:-1]).all()):  # a policy may grow out of order
+        grown = grown.sort().values
+    flags = survives.to(torch.uint8).contiguous()
+    n = int(flags.sum()) + grown.numel()
+    flat, src = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    w = _select_library().sparsec_merge_kept(
+        kept.data_ptr(), flags.data_ptr(), kept.numel(), grown.data_ptr(), grown.numel(), flat.data_ptr(),
+        src.data_ptr(),
+    )  # fmt: skip
+    assert w == n, (w, n)
+    return flat, src
 
 
 def cpp_best_in_row(scores: torch.Tensor, k: int, floor: float = -float("inf")) -> torch.Tensor:
@@ -453,3 +509,34 @@ def cpp_best_in_row(scores: torch.Tensor, k: int, floor: float = -float("inf")) 
         s.data_ptr(), s.numel(), k, floor, out.data_ptr(), torch.get_num_threads()
     )
     return out[:n]
+
+
+@functools.cache
+def _grow_library() -> ctypes.CDLL:
+    lib = load(render("cpu/grow.cpp.jinja"))
+    lib.sparsec_grow_layer_wide.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _INT]
+    lib.sparsec_grow_layer_wide.restype = _I64
+    return lib
+
+
+def cpp_grow_layer_wide(
+    dy: torch.Tensor, x: torch.Tensor, excluded: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The ``k`` best positions of ``|dy^T x|`` (``[out, in]`` flat, ascending) outside the sorted flat
+    positions ``excluded``, ties to the lower index, with their scores and whether every score was finite:
+    the fused kernel of ``kernels/cpu/grow.cpp.jinja`` (the product is never stored)."""
+    o, inn = dy.shape[1], x.shape[1]
+    dyt = dy.t().float().contiguous()
+    xs = x.float().contiguous()
+    rows = torch.bincount(excluded // inn, minlength=o)
+    eoff = torch.zeros(o + 1, dtype=torch.int64)
+    torch.cumsum(rows, 0, out=eoff[1:])
+    ecol = (excluded % inn).to(torch.int32)
+    flat = torch.empty(max(0, k), dtype=torch.int64)
+    score = torch.empty(max(0, k), dtype=torch.float32)
+    bad = torch.zeros(1, dtype=torch.int64)
+    n = _grow_library().sparsec_grow_layer_wide(
+        dyt.data_ptr(), xs.data_ptr(), dy.shape[0], o, inn, eoff.data_ptr(), ecol.data_ptr(), k,
+        flat.data_ptr(), score.data_ptr(), bad.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return flat[:n], score[:n], int(bad) == 0

@@ -39,6 +39,7 @@ from sparsec import config
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
 from sparsec.formats import Layout
 from sparsec.formats.base import cdiv, pow2_at_least
+from sparsec.runtime.cpp import cpp_grow_layer_wide
 from sparsec.runtime.ops import backend_for
 from sparsec.runtime.plans import index_plan
 from sparsec.runtime.selection import GrowSelector, best_per_row, score_chunked
@@ -275,9 +276,38 @@ def select_growth(
     layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
 ) -> GrowSelector:
     """A completed ``GrowSelector`` for the grow step: the generated ``grow_scores`` kernel where it applies
-    (``kernel_selection``), else chunked torch (``selection.score_chunked``)."""
-    selector = kernel_selection(layout, kept, dropped, dy, x, regrow_dropped)
-    return selector if selector is not None else score_chunked(layout, kept, dropped, dy, x, regrow_dropped)
+    (``kernel_selection``), the fused C++ scan for a layer-wide unit on the cpp backend (``cpp_selection``),
+    else chunked torch (``selection.score_chunked``)."""
+    for select in (kernel_selection, cpp_selection):
+        selector = select(layout, kept, dropped, dy, x, regrow_dropped)
+        if selector is not None:
+            return selector
+    return score_chunked(layout, kept, dropped, dy, x, regrow_dropped)
+
+
+def cpp_selection(
+    layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
+) -> GrowSelector | None:
+    """Grow selection of a layer-wide unit of single weights (unstructured) on the cpp backend: one fused
+    C++ scan of ``|dY^T X|`` that keeps the best fresh positions as the product leaves the registers
+    (``runtime.cpp.cpp_grow_layer_wide``: nothing of the gradient's size is stored, not even a chunk).
+    None elsewhere: other backends, units of a row or less, blocks (scored by their means), a unit that
+    must regrow just-dropped positions (nearly dense), an input that is not on the CPU."""
+    if backend_for(dy) != "cpp" or dy.is_cuda or layout.n_units != 1 or layout.item != (1, 1):
+        return None
+    selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
+    if selector.any_short:
+        return None
+    stays = torch.ones(kept.numel(), dtype=torch.bool)
+    stays[dropped] = False
+    excluded = kept[stays] if regrow_dropped else kept  # kept before the update are not fresh
+    k = int(selector.fresh_need[0]) if dropped.numel() else 0
+    with torch.no_grad():
+        flat, score, finite = cpp_grow_layer_wide(dy, x, excluded, k)
+    selector.finite = finite
+    selector.set_result(flat, score)
+    selector.rows_seen = layout.grid[0]
+    return selector
 
 
 def kernel_selection(

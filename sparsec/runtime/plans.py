@@ -79,6 +79,8 @@ def _build_plan(key: LayoutKey, kind: str, index: list[torch.Tensor]):
         return CSRPlan.build(layout, layout.decode(buffers))
     if kind == "cpp":
         items = layout.decode(buffers)
+        if layout.item == (1, 1):  # single weights: the generated plan kernel, linear work
+            return CppPlan.of_weights(items, (layout.out_features, layout.in_features))
         return CppPlan.build(CSRPlan.build(layout, items), layout, items)
     return layout.format.strategy(layout.spec).plan(layout, buffers)
 

@@ -53,9 +53,9 @@ def test_forward_and_both_gradients_match_the_dense_float64_reference(spec, out,
 def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, batch, width, monkeypatch):
     from sparsec.runtime import cpp
 
-    monkeypatch.setattr(cpp, "_narrow", lambda cols, extent: cols.to(width))
+    monkeypatch.setattr(cpp, "_index_dtype", lambda extent: width)
     slots = torch.int32 if width == torch.uint16 else torch.int64  # 64-bit slots: past 2^31 values, forced
-    monkeypatch.setattr(cpp, "_narrow_slots", lambda order: order.to(slots))
+    monkeypatch.setattr(cpp, "_slot_dtype", lambda n: slots)
     layer, x = _case(spec, out, inn, batch, torch.float32)
     dy = torch.randn(batch, out)
     with config.patch(backend="cpp"):

@@ -1,0 +1,132 @@
+"""The update step's generated C++ kernels against independent references on odd shapes: the fused grow
+scan of a layer-wide unit (exact top-k of |dY^T X| with the tie rule, exclusions, too few eligible, a
+sampled floor that must be abandoned, NaN), the drop selection, the plan kernel and the merge of
+positions. Inputs are small integers, so every fp32 sum is exact whatever its order and ties are real."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import sparsec
+from sparsec import config
+from sparsec.formats import make_layout
+from sparsec.policies.decision import choose_drops, remap_positions, survivor_mask
+from sparsec.runtime.cpp import CppPlan, cpp_grow_layer_wide, cpp_merge_kept
+from sparsec.runtime.cpu import CSRPlan
+from sparsec.runtime.grow import select_growth
+from sparsec.runtime.selection import score_chunked
+
+
+def _ints(*shape, gen, low=-3, high=4):
+    return torch.randint(low, high, shape, generator=gen).float()
+
+
+def _reference_top(dy, x, excluded, k):
+    """The k best of |dy^T x| outside ``excluded`` by (score desc, flat asc): a full sort, in float64."""
+    score = (dy.double().t() @ x.double()).abs().reshape(-1)
+    eligible = torch.ones(score.numel(), dtype=torch.bool)
+    eligible[excluded] = False
+    flat = eligible.nonzero().view(-1)
+    order = sorted(flat.tolist(), key=lambda f: (-score[f].item(), f))[:k]
+    return torch.tensor(sorted(order), dtype=torch.int64), score
+
+
+@pytest.mark.parametrize(
+    "b,o,i,k,excluded_share",
+    [(7, 37, 53, 40, 0.1), (3, 5, 3, 100, 0.2), (64, 13, 71, 1, 0.0), (5, 31, 33, 300, 0.5), (4, 6, 34, 0, 0.1)],
+)
+def test_the_fused_scan_takes_the_k_best_with_the_tie_rule(b, o, i, k, excluded_share):
+    gen = torch.Generator().manual_seed(o * i)
+    dy, x = _ints(b, o, gen=gen), _ints(b, i, gen=gen)
+    x[:, 1] = 0  # a column of exact zeros: ties at the bottom
+    excluded = torch.randperm(o * i, generator=gen)[: int(excluded_share * o * i)].sort().values
+    flat, score, finite = cpp_grow_layer_wide(dy, x, excluded, k)
+    want, ref = _reference_top(dy, x, excluded, k)
+    assert finite and torch.equal(flat, want)  # fewer than k where fewer are eligible (3 x 5 x 3 = 15 < 100)
+    assert torch.equal(score.double(), ref[flat])
+    if k >= 40:  # the case really has ties at the boundary: the rule, not luck, decided who got in
+        boundary = ref[want].min()
+        assert int((ref == boundary).sum()) > int((ref[want] == boundary).sum())
+
+
+def test_the_sampled_floor_is_abandoned_where_it_keeps_out_winners():
+    gen = torch.Generator().manual_seed(0)
+    b, o, i, k = 4, 1024, 600, 200  # 614k positions: past the sampling threshold
+    dy, x = _ints(b, o, gen=gen), _ints(b, i, gen=gen)
+    score = (dy.t() @ x).abs().reshape(-1)
+    top = score.argsort(descending=True, stable=True)
+    excluded = top[: 4 * k].sort().values  # every position the sample's floor admits is excluded
+    flat, _, finite = cpp_grow_layer_wide(dy, x, excluded, k)
+    rest = top[4 * k :]
+    order = sorted(rest.tolist(), key=lambda f: (-score[f].item(), f))[:k]
+    assert finite and flat.tolist() == sorted(order)
+    flat, _, _ = cpp_grow_layer_wide(dy, x, torch.empty(0, dtype=torch.int64), k)  # the floor's own path
+    assert flat.tolist() == sorted(top[:k].tolist())
+
+
+def test_a_non_finite_score_is_reported():
+    gen = torch.Generator().manual_seed(1)
+    dy, x = _ints(5, 9, gen=gen), _ints(5, 11, gen=gen)
+    x[2, 4] = float("nan")
+    flat, _, finite = cpp_grow_layer_wide(dy, x, torch.empty(0, dtype=torch.int64), 10)
+    assert not finite and 4 not in (flat % 11).tolist()  # the NaN column is never taken
+
+
+@pytest.mark.parametrize("regrow_dropped", [True, False])
+def test_the_cpp_grow_step_chooses_what_the_chunked_selection_chooses(regrow_dropped):
+    gen = torch.Generator().manual_seed(2)
+    layout = make_layout(sparsec.parse_spec("80%"), 45, 67)
+    kept = layout.random_positions(gen)
+    dropped = choose_drops(torch.rand(kept.numel(), generator=gen), 150)
+    dy, x = _ints(9, 45, gen=gen), _ints(9, 67, gen=gen)
+    with config.patch(backend="cpp"):
+        fused = select_growth(layout, kept, dropped, dy, x, regrow_dropped)
+    with config.patch(backend="cpu"):
+        chunked = score_chunked(layout, kept, dropped, dy, x, regrow_dropped)
+    assert fused.finite and fused.complete
+    assert torch.equal(fused.grown(), chunked.grown()) and fused.grown().numel() == 150
+
+
+@pytest.mark.parametrize("backend", ["cpp", "cpu"])
+def test_drops_are_the_smallest_with_ties_to_the_lower_slot(backend):
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 5, (1001,), generator=gen).float()  # hundreds of ties at every value
+    with config.patch(backend=backend):
+        got = choose_drops(scores, 333)
+    want = sorted(range(1001), key=lambda s: (scores[s].item(), s))[:333]
+    assert got.tolist() == sorted(want)
+    scores[7] = float("nan")  # a score the selection cannot rank: the stable sort, NaN last
+    with config.patch(backend=backend):
+        assert choose_drops(scores, 1000).tolist() == [s for s in range(1001) if s != 7]
+
+
+@pytest.mark.parametrize(
+    "spec,out,inn", [("90%", 37, 53), ("2:4", 12, 16), ("fanin(75%)", 9, 40), ("99%", 70000, 30), ("99%", 20, 70000)]
+)
+def test_the_plan_kernel_builds_the_plan_torch_builds(spec, out, inn):
+    layout = make_layout(sparsec.parse_spec(spec), out, inn)
+    flat = layout.random_positions(torch.Generator().manual_seed(4))
+    fast = CppPlan.of_weights(flat, (out, inn))
+    slow = CppPlan.build(CSRPlan.build(layout, flat), layout, flat)
+    for field in dataclasses.fields(CppPlan):
+        a, b = getattr(fast, field.name), getattr(slow, field.name)
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), field.name
+        else:
+            assert a == b, field.name
+    assert fast.cols.dtype == (torch.int32 if inn > 65536 else torch.uint16)  # past 16-bit columns
+
+
+def test_the_merge_keeps_the_slots_of_positions_present_before():
+    gen = torch.Generator().manual_seed(5)
+    kept = torch.randperm(500, generator=gen)[:120].sort().values
+    dropped = torch.randperm(120, generator=gen)[:30].sort().values
+    survives = survivor_mask(kept, dropped)
+    fresh = torch.tensor(sorted(set(range(500)) - set(kept.tolist())))[:20]
+    grown = torch.cat([fresh, kept[dropped[:10]]]).sort().values  # ten just-dropped positions regrown
+    with config.patch(backend="cpu"):
+        want = remap_positions(kept, survives, grown)
+    got = cpp_merge_kept(kept, survives, grown)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert int((got[1] >= 0).sum()) == 90 + 10  # survivors and regrown keep slots; 20 fresh get -1
