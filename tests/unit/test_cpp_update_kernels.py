@@ -12,6 +12,7 @@ import sparsec
 from sparsec import config
 from sparsec.formats import make_layout
 from sparsec.policies.decision import choose_drops, remap_positions, survivor_mask
+import sparsec.runtime.cpp as cpp
 from sparsec.runtime.cpp import CppPlan, cpp_grow_layer_wide, cpp_merge_kept
 from sparsec.runtime.cpu import CSRPlan
 from sparsec.runtime.grow import select_growth
@@ -104,7 +105,11 @@ def test_drops_are_the_smallest_with_ties_to_the_lower_slot(backend):
 @pytest.mark.parametrize(
     "spec,out,inn", [("90%", 37, 53), ("2:4", 12, 16), ("fanin(75%)", 9, 40), ("99%", 70000, 30), ("99%", 20, 70000)]
 )
-def test_the_plan_kernel_builds_the_plan_torch_builds(spec, out, inn):
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_the_plan_kernel_builds_the_plan_torch_builds(spec, out, inn, bucketed, monkeypatch):
+    if bucketed:  # the wide layers' path, on every case: chunks of 64 entries through 256 column buckets
+        monkeypatch.setattr(cpp, "PLAN_DIRECT_BYTES", 0)
+        monkeypatch.setattr(cpp, "PLAN_CHUNK", 64)
     layout = make_layout(sparsec.parse_spec(spec), out, inn)
     flat = layout.random_positions(torch.Generator().manual_seed(4))
     fast = CppPlan.of_weights(flat, (out, inn))
