@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import sparsec
+import sparsec.runtime.cpp as cpp
 from sparsec import config
 from sparsec.formats import make_layout
 from sparsec.policies.decision import choose_drops, remap_positions, survivor_mask
-import sparsec.runtime.cpp as cpp
 from sparsec.runtime.cpp import CppPlan, cpp_grow_layer_wide, cpp_merge_kept
 from sparsec.runtime.cpu import CSRPlan
 from sparsec.runtime.grow import select_growth
