@@ -153,7 +153,10 @@ class SparseLayer(nn.Module):
         the kernels' index plan with them (in place: a captured CUDA graph replays the new mask)."""
         for name, tensor in self.layout.encode(flat).items():
             getattr(self, name).copy_(tensor)
-        plans.refresh_plan(list(self.index_buffers().values()))
+        bufs = list(self.index_buffers().values())
+        plans.refresh_plan(bufs, flat)
+        # what positions() would decode from the buffers just written: held, not decoded again
+        self._cache = ([weakref.ref(b) for b in bufs], tuple(b._version for b in bufs), flat)
 
     @torch.no_grad()
     def set_positions(self, flat: torch.Tensor, src: torch.Tensor) -> None:

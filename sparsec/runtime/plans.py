@@ -21,16 +21,17 @@ from sparsec.runtime.cpu import CSRPlan
 _PLAN_ATTR = "_sparsec_plans"
 
 
-def index_plan(key: LayoutKey, kind: str, index: list[torch.Tensor]):
-    """The plan of ``kind`` (a backend name: ``cpu``, ``cpp``, ``triton``, ``interpret``) for these buffers."""
+def index_plan(key: LayoutKey, kind: str, index: list[torch.Tensor], items: torch.Tensor | None = None):
+    """The plan of ``kind`` (a backend name: ``cpu``, ``cpp``, ``triton``, ``interpret``) for these buffers;
+    ``items``: their sorted flat item positions where the caller has them (else decoded from the buffers)."""
     versions = tuple(t._version for t in index)
     plans: dict[str, _HeldPlan] = _plans(index[0])
     held = plans.get(kind)
     if held is not None and held.serves(key, index):
         if held.versions != versions:
-            held.plan, held.versions = _refill(held.plan, _build_plan(key, kind, index)), versions
+            held.plan, held.versions = _refill(held.plan, _build_plan(key, kind, index, items)), versions
         return held.plan
-    plans[kind] = _HeldPlan(key, [weakref.ref(t) for t in index], versions, _build_plan(key, kind, index))
+    plans[kind] = _HeldPlan(key, [weakref.ref(t) for t in index], versions, _build_plan(key, kind, index, items))
     return plans[kind].plan
 
 
@@ -40,8 +41,9 @@ def held_plan(index: list[torch.Tensor], kind: str):
     return None if held is None else held.plan
 
 
-def refresh_plan(index: list[torch.Tensor]) -> None:
-    """Rebuild the plans held on these index buffers now, in place, after their contents changed.
+def refresh_plan(index: list[torch.Tensor], items: torch.Tensor | None = None) -> None:
+    """Rebuild the plans held on these index buffers now, in place, after their contents changed (to the
+    sorted flat item positions ``items`` where the caller has them: no decode of the buffers).
 
     Called where a mask is written: a CUDA graph replays its kernels without running Python, so the
     plan its kernels read must hold the new mask before the next replay, not at the next eager call.
@@ -49,7 +51,7 @@ def refresh_plan(index: list[torch.Tensor]) -> None:
     """
     for kind, held in list(getattr(index[0], _PLAN_ATTR, {}).items()):
         if held.serves(held.key, index):
-            index_plan(held.key, kind, index)
+            index_plan(held.key, kind, index, items)
 
 
 def _plans(anchor: torch.Tensor) -> dict:
@@ -72,13 +74,14 @@ class _HeldPlan:
         return same and self.key == key
 
 
-def _build_plan(key: LayoutKey, kind: str, index: list[torch.Tensor]):
+def _build_plan(key: LayoutKey, kind: str, index: list[torch.Tensor], items: torch.Tensor | None = None):
     layout = layout_of(*key)
     buffers = {name: t for (name, _, _), t in zip(layout.buffers, index, strict=True)}
-    if kind == "cpu":
-        return CSRPlan.build(layout, layout.decode(buffers))
-    if kind == "cpp":
+    if items is None and kind in ("cpu", "cpp"):
         items = layout.decode(buffers)
+    if kind == "cpu":
+        return CSRPlan.build(layout, items)
+    if kind == "cpp":
         if layout.item == (1, 1):  # single weights: the generated plan kernel, linear work
             return CppPlan.of_weights(items, (layout.out_features, layout.in_features))
         return CppPlan.build(CSRPlan.build(layout, items), layout, items)

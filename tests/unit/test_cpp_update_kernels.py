@@ -135,3 +135,21 @@ def test_the_merge_keeps_the_slots_of_positions_present_before():
     got = cpp_merge_kept(kept, survives, grown)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert int((got[1] >= 0).sum()) == 90 + 10  # survivors and regrown keep slots; 20 fresh get -1
+
+
+def test_a_short_unit_on_cpp_grows_what_the_reference_grows():
+    # 10% sparsity, a third of the kept dropped, fresh first: fewer fresh positions than the unit lost,
+    # so it regrows its best just-dropped positions too (the chunked path: the fused scan declines)
+    gen = torch.Generator().manual_seed(6)
+    layout = make_layout(sparsec.parse_spec("10%"), 13, 17)
+    kept = layout.random_positions(gen)
+    dropped = choose_drops(torch.rand(kept.numel(), generator=gen), kept.numel() // 3)
+    dy, x = _ints(5, 13, gen=gen), _ints(5, 17, gen=gen)
+    with config.patch(backend="cpp"):
+        got = select_growth(layout, kept, dropped, dy, x, regrow_dropped=False)
+    assert got.any_short
+    score = (dy.double().t() @ x.double()).abs().reshape(-1)
+    fresh = sorted(set(range(13 * 17)) - set(kept.tolist()))  # all of them, then the best just-dropped
+    just_dropped = sorted(kept[dropped].tolist(), key=lambda f: (-score[f].item(), f))
+    want = sorted(fresh + just_dropped[: dropped.numel() - len(fresh)])
+    assert got.grown().tolist() == want
