@@ -292,8 +292,8 @@ def cpp_selection(
     C++ scan of ``|dY^T X|`` that keeps the best fresh positions as the product leaves the registers
     (``runtime.cpp.cpp_grow_layer_wide``: nothing of the gradient's size is stored, not even a chunk).
     None elsewhere: other backends, units of a row or less, blocks (scored by their means), a unit that
-    must regrow just-dropped positions (nearly dense), an input that is not on the CPU."""
-    if backend_for(dy) != "cpp" or dy.is_cuda or layout.n_units != 1 or layout.item != (1, 1):
+    must regrow just-dropped positions (nearly dense)."""
+    if backend_for(dy) != "cpp" or layout.n_units != 1 or layout.item != (1, 1):
         return None
     selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
     if selector.any_short:

@@ -72,6 +72,10 @@ def test_a_non_finite_score_is_reported():
     x[2, 4] = float("nan")
     flat, _, finite = cpp_grow_layer_wide(dy, x, torch.empty(0, dtype=torch.int64), 10)
     assert not finite and 4 not in (flat % 11).tolist()  # the NaN column is never taken
+    dy, x = _ints(4, 1024, gen=gen), _ints(4, 600, gen=gen)  # past the sampling threshold: the floor's path
+    x[1, ::3] = float("nan")  # a third of the columns: the sample holds NaN scores
+    flat, _, finite = cpp_grow_layer_wide(dy, x, torch.empty(0, dtype=torch.int64), 50)
+    assert not finite and flat.numel() == 50 and bool(((flat % 600) % 3 != 0).all())
 
 
 @pytest.mark.parametrize("regrow_dropped", [True, False])
