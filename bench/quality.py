@@ -34,7 +34,7 @@ from torch import nn
 
 import sparsec
 from sparsec.ir.build import build_programs
-from sparsec.ir.graph import BATCH, IN, OUT
+from sparsec.ir.graph import SYM
 from sparsec.passes import lower
 
 SPARSITIES = [0.8, 0.9, 0.95, 0.98]
@@ -67,7 +67,7 @@ def step_flops(spec: str, out: int, inn: int) -> float:
             continue
         lowered, _ = lower(program)
         cost = next(dict(lowered.node(n).attr("cost")) for n in lowered.order() if lowered.node(n).attr("cost"))
-        total += float(sympy.sympify(cost["useful_flops"]).subs({BATCH: BATCH_SIZE, OUT: out, IN: inn}))
+        total += float(sympy.sympify(cost["useful_flops"]).subs({SYM.BATCH: BATCH_SIZE, SYM.OUT: out, SYM.IN: inn}))
     return total
 
 

@@ -7,7 +7,6 @@ Triton source.
 
 from __future__ import annotations
 
-import sympy
 import torch
 from torch import nn
 
@@ -15,8 +14,9 @@ from sparsec.dtypes import DTYPES
 from sparsec.dtypes import name_of as dtype_name
 from sparsec.formats import make_layout
 from sparsec.ir.build import build_programs
-from sparsec.ir.graph import BATCH, IN, OUT
+from sparsec.ir.graph import SYM
 from sparsec.ir.printer import print_program
+from sparsec.lazy import lazy_module
 from sparsec.nn.layers import SparseLayer
 from sparsec.passes.cost import GPUS, roofline
 from sparsec.runtime.compile import compile_layer
@@ -25,6 +25,8 @@ from sparsec.runtime.ops import backend_for
 from sparsec.runtime.strategies import PROGRAMS
 from sparsec.runtime.tuner import explain_choice
 from sparsec.spec import Spec, parse_spec
+
+sympy = lazy_module("sympy")  # loaded by the first symbolic expression (lowering), not by import sparsec
 
 
 def _table(kernels, dtype: str, batch: int, out: int, inn: int) -> list[str]:
@@ -72,6 +74,7 @@ def explain_spec(
     activation: str | None = None,
     source: bool = True,
 ) -> str:
+
     spec = parse_spec(spec)
     programs = build_programs(spec, in_features, out_features, dtype, bias, activation)
     kernels = compile_layer(str(spec), in_features, out_features, dtype, bias, activation)
@@ -128,7 +131,9 @@ def step_flops(model: nn.Module, rows: int) -> dict[str, float]:
             )
             for name, k in kernels.kernels.items():
                 node = next(k.program.node(n) for n in k.program.order() if k.program.node(n).attr("cost"))
-                flops = float(sympy.sympify(dict(node.attr("cost"))["flops"]).subs({BATCH: rows, OUT: out, IN: inn}))
+                flops = float(
+                    sympy.sympify(dict(node.attr("cost"))["flops"]).subs({SYM.BATCH: rows, SYM.OUT: out, SYM.IN: inn})
+                )
                 total["grow" if name == "grow_scores" else "sparse"] += flops
         elif isinstance(module, nn.Linear):
             total["dense"] += 3 * 2 * rows * module.in_features * module.out_features

@@ -25,21 +25,60 @@ here ever builds a dense ``[out, in]`` tensor except ``to_dense`` (tests, plots,
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
-import sympy
 import torch
 
 from sparsec.errors import ShapeError
 from sparsec.formats.sampling import random_subsets
+from sparsec.lazy import lazy_module
 from sparsec.spec.specs import Spec
 
-# The symbols every IR shape, rule and cost is written in: batch rows, out features, in features.
-# They live here, below the IR (sparsec.ir.graph re-exports them), because formats write theirs.
-BATCH, OUT, IN = sympy.symbols("B O I", integer=True, positive=True)
+sympy = lazy_module("sympy")  # 30 MB and most of a second: loaded by the first symbolic shape, rule or cost
+
+
+class _Symbols:
+    """The symbols every IR shape, rule and cost is written in (batch rows, out features, in features) and
+    the kept-count function, made at first use: building or running a layer never loads sympy; lowering
+    and the explainer do. They live here, below the IR, because formats write theirs (``SYM.OUT``)."""
+
+    @functools.cached_property
+    def _sizes(self) -> tuple:
+        return sympy.symbols("B O I", integer=True, positive=True)
+
+    @property
+    def BATCH(self):  # noqa: N802 - reads as the symbol it is
+        return self._sizes[0]
+
+    @property
+    def OUT(self):  # noqa: N802
+        return self._sizes[1]
+
+    @property
+    def IN(self):  # noqa: N802
+        return self._sizes[2]
+
+    @functools.cached_property
+    def kept(self) -> type:
+        """``kept_count`` as a sympy function ``kept(n, s)``: evaluated with Python floats exactly as layouts
+        count."""
+
+        class kept(sympy.Function):  # noqa: N801 - reads as a formula: kept(n, s)
+            @classmethod
+            def eval(cls, n, s):
+                if n.is_Integer and s.is_Number:
+                    return sympy.Integer(kept_count(int(n), float(s)))
+                return None
+
+        return kept
+
+
+SYM = _Symbols()
 
 PROGRAMS = ("forward", "grad_input", "grad_values", "grow_scores")
 
@@ -49,19 +88,9 @@ def kept_count(n: int, sparsity: float) -> int:
     return max(1, n - math.floor(sparsity * n))
 
 
-class kept(sympy.Function):  # noqa: N801 - reads as a formula: kept(n, s)
-    """``kept_count`` as a sympy function: evaluated with Python floats exactly as layouts count."""
-
-    @classmethod
-    def eval(cls, n, s):
-        if n.is_Integer and s.is_Number:
-            return sympy.Integer(kept_count(int(n), float(s)))
-        return None
-
-
 def kept_expr(n: sympy.Expr, sparsity: float) -> sympy.Expr:
     """The symbolic kept count of ``n`` items at ``sparsity`` (``n`` itself when nothing is dropped)."""
-    return kept(n, sympy.Float(sparsity)) if sparsity else n
+    return SYM.kept(n, sympy.Float(sparsity)) if sparsity else n
 
 
 def divisors(n: int, limit: int = 64) -> list[int]:
@@ -240,17 +269,45 @@ def int32_index(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.to(torch.int32)
 
 
+_ROWS_CHUNK = 1 << 18  # items converted at once by encode_rows / decode_rows: their int64 temporaries
+
+
 def encode_rows(layout: Layout, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Compressed rows of the item grid: int32 row offsets ``[rows + 1]`` and columns ``[n_items]``."""
-    rows, cols = flat // layout.grid[1], flat % layout.grid[1]
-    return int32_index(offsets(rows, layout.grid[0]), "row offsets"), cols.to(torch.int32)
+    return compressed_rows_of(flat, *layout.grid)
+
+
+def compressed_rows_of(flat: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 row offsets ``[n_rows + 1]`` and columns of sorted flat positions ``row * n_cols + col``. The
+    offsets are a binary search of every row's start; the columns are computed a chunk at a time, so no
+    int64 temporary of the positions' size exists beside ``flat`` itself."""
+    starts = torch.arange(n_rows + 1, device=flat.device, dtype=torch.int64) * n_cols
+    ptr = torch.searchsorted(flat, starts)
+    cols = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+    for at in range(0, flat.numel(), _ROWS_CHUNK):
+        cols[at : at + _ROWS_CHUNK] = flat[at : at + _ROWS_CHUNK] % n_cols
+    return int32_index(ptr, "row offsets"), cols
 
 
 def decode_rows(layout: Layout, offsets: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Sorted flat item positions from compressed rows of the item grid."""
-    offsets, cols = offsets.to(torch.int64), cols.to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(layout.grid[0], device=cols.device), offsets.diff())
-    return rows * layout.grid[1] + cols
+    """Sorted flat item positions from compressed rows of the item grid, a chunk of rows at a time (the
+    int64 temporaries are a chunk's, not the layer's)."""
+    n_rows, n_cols = layout.grid
+    ptr = offsets.to(torch.int64)
+    if cols.device.type != "cpu":  # device memory is not the constraint there: one pass of few kernels
+        rows = torch.repeat_interleave(torch.arange(n_rows, device=cols.device), ptr.diff())
+        return rows * n_cols + cols.to(torch.int64)
+    flat = torch.empty(cols.shape, dtype=torch.int64, device=cols.device)
+    ends = ptr[1:].tolist() if n_rows else []
+    r0 = 0
+    while r0 < n_rows:  # rows r0 .. r1 hold at most a chunk of items (or one row, if longer)
+        a = ends[r0 - 1] if r0 else 0
+        r1 = max(r0 + 1, bisect.bisect_right(ends, a + _ROWS_CHUNK, lo=r0))
+        b = ends[r1 - 1]
+        rows = torch.repeat_interleave(torch.arange(r0, r1, device=cols.device), ptr[r0 + 1 : r1 + 1] - ptr[r0:r1])
+        torch.add(rows * n_cols, cols[a:b], out=flat[a:b])
+        r0 = r1
+    return flat
 
 
 def row_plan(layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -439,6 +496,14 @@ class Format(ABC):
     @abstractmethod
     def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sorted flat item positions of the index buffers."""
+
+    def compressed_rows(
+        self, layout: Layout, buffers: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """int32 row offsets ``[out + 1]`` and columns of the kept weights, in stored order (values stored
+        row-major), where the buffers hold them or give them without decoding; None otherwise (the plan
+        kernels then read the decoded positions)."""
+        return None
 
     # symbolic, in OUT and IN
     @abstractmethod

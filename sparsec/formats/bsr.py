@@ -10,13 +10,11 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-import sympy
 import torch
 
 from sparsec.errors import ShapeError, SparsecError
 from sparsec.formats.base import (
-    IN,
-    OUT,
+    SYM,
     Format,
     KernelCall,
     Layout,
@@ -29,7 +27,10 @@ from sparsec.formats.base import (
     kept_expr,
     pow2_at_least,
 )
+from sparsec.lazy import lazy_module
 from sparsec.spec.specs import Block, unstructured_with
+
+sympy = lazy_module("sympy")  # loaded by the first symbolic expression (lowering), not by import sparsec
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class BSRFormat(Format):
         return decode_rows(layout, buffers["block_row_offsets"], buffers["block_cols"])
 
     def values_shape(self, spec: Block) -> tuple[sympy.Expr, ...]:
-        blocks = OUT * IN / (spec.rows * spec.cols)
+        blocks = SYM.OUT * SYM.IN / (spec.rows * spec.cols)
         return (kept_expr(blocks, spec.sparsity), sympy.Integer(spec.rows), sympy.Integer(spec.cols))
 
     def check(self, spec: Block, out_features: int, in_features: int, where: str) -> None:
@@ -151,13 +152,13 @@ class BSRFormat(Format):
 
     def constraints(self, spec: Block) -> list[tuple[str, sympy.Expr]]:
         return [
-            (f"O % {spec.rows} == 0", sympy.Mod(OUT, spec.rows)),
-            (f"I % {spec.cols} == 0", sympy.Mod(IN, spec.cols)),
+            (f"O % {spec.rows} == 0", sympy.Mod(SYM.OUT, spec.rows)),
+            (f"I % {spec.cols} == 0", sympy.Mod(SYM.IN, spec.cols)),
         ]
 
     def index_bytes(self, spec: Block, nnz: sympy.Expr) -> sympy.Expr:
         rows, cols = sympy.Integer(spec.rows), sympy.Integer(spec.cols)
-        return 4 * nnz / (rows * cols) + 4 * (OUT / rows + 1)  # int32 block columns and block row offsets
+        return 4 * nnz / (rows * cols) + 4 * (SYM.OUT / rows + 1)  # int32 block columns and block row offsets
 
     def strategy(self, spec: Block) -> Strategy:
         return BlockDot(

@@ -9,12 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import sympy
 import torch
 
 from sparsec.formats.base import (
-    IN,
-    OUT,
+    SYM,
     Format,
     KernelCall,
     Layout,
@@ -25,7 +23,10 @@ from sparsec.formats.base import (
     kept_count,
     kept_expr,
 )
+from sparsec.lazy import lazy_module
 from sparsec.spec.specs import Unstructured, unstructured_with
+
+sympy = lazy_module("sympy")  # loaded by the first symbolic expression (lowering), not by import sparsec
 
 
 def longest_row(layout: Layout) -> int:
@@ -124,11 +125,14 @@ class CSRFormat(Format):
     def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         return decode_rows(layout, buffers["row_offsets"], buffers["col_indices"])
 
+    def compressed_rows(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return buffers["row_offsets"], buffers["col_indices"]
+
     def values_shape(self, spec: Unstructured) -> tuple[sympy.Expr, ...]:
-        return (kept_expr(OUT * IN, spec.sparsity),)
+        return (kept_expr(SYM.OUT * SYM.IN, spec.sparsity),)
 
     def index_bytes(self, spec: Unstructured, nnz: sympy.Expr) -> sympy.Expr:
-        return 4 * nnz + 4 * (OUT + 1)  # int32 columns and row offsets
+        return 4 * nnz + 4 * (SYM.OUT + 1)  # int32 columns and row offsets
 
     def strategy(self, spec: Unstructured) -> Strategy:
         return Gather(why="compressed rows gather their inputs; rows of unequal length are masked")

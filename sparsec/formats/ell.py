@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import sympy
 import torch
 
 from sparsec.errors import ShapeError
-from sparsec.formats.base import IN, OUT, Format, Layout, Strategy, kept_count, kept_expr
+from sparsec.formats.base import SYM, Format, Layout, Strategy, int32_index, kept_count, kept_expr
 from sparsec.formats.csr import Gather
+from sparsec.lazy import lazy_module
 from sparsec.spec.specs import FanIn
+
+sympy = lazy_module("sympy")  # loaded by the first symbolic expression (lowering), not by import sparsec
 
 
 class ELLFormat(Format):
@@ -49,11 +51,16 @@ class ELLFormat(Format):
         row = torch.arange(idx.shape[0], device=idx.device)[:, None]
         return (row * layout.in_features + idx).reshape(-1)
 
+    def compressed_rows(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = buffers["fanin_indices"]  # every row keeps idx.shape[1], ascending
+        starts = torch.arange(idx.shape[0] + 1, device=idx.device, dtype=torch.int64) * idx.shape[1]
+        return int32_index(starts, "row offsets"), idx.reshape(-1)
+
     def values_shape(self, spec: FanIn) -> tuple[sympy.Expr, ...]:
-        return (OUT, sympy.Integer(spec.k) if spec.k is not None else kept_expr(IN, spec.sparsity))
+        return (SYM.OUT, sympy.Integer(spec.k) if spec.k is not None else kept_expr(SYM.IN, spec.sparsity))
 
     def units(self, spec: FanIn) -> sympy.Expr:
-        return OUT
+        return SYM.OUT
 
     def check(self, spec: FanIn, out_features: int, in_features: int, where: str) -> None:
         if spec.k is not None and spec.k > in_features:
@@ -62,7 +69,7 @@ class ELLFormat(Format):
             )
 
     def constraints(self, spec: FanIn) -> list[tuple[str, sympy.Expr]]:
-        return [(f"{spec.k} <= I", sympy.Le(spec.k, IN))] if spec.k is not None else []
+        return [(f"{spec.k} <= I", sympy.Le(spec.k, SYM.IN))] if spec.k is not None else []
 
     def index_bytes(self, spec: FanIn, nnz: sympy.Expr) -> sympy.Expr:
         return 4 * nnz  # one int32 column per stored value

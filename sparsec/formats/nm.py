@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import sympy
 import torch
 
 from sparsec.errors import ShapeError
-from sparsec.formats.base import IN, OUT, Format, KernelCall, Layout, Strategy, cdiv, divisors
+from sparsec.formats.base import SYM, Format, KernelCall, Layout, Strategy, cdiv, divisors
 from sparsec.formats.csr import Gather
+from sparsec.lazy import lazy_module
 from sparsec.spec.specs import NM, parse_spec
+
+sympy = lazy_module("sympy")  # loaded by the first symbolic expression (lowering), not by import sparsec
 
 
 def _is_pow2(n: int) -> bool:
@@ -136,10 +138,10 @@ class NMFormat(Format):
         return (row * layout.in_features + group * spec.m + pos).reshape(-1)
 
     def values_shape(self, spec: NM) -> tuple[sympy.Expr, ...]:
-        return (OUT, IN * spec.n / spec.m)
+        return (SYM.OUT, SYM.IN * spec.n / spec.m)
 
     def units(self, spec: NM) -> sympy.Expr:
-        return OUT * IN / spec.m
+        return SYM.OUT * SYM.IN / spec.m
 
     def check(self, spec: NM, out_features: int, in_features: int, where: str) -> None:
         if in_features % spec.m != 0:
@@ -151,7 +153,7 @@ class NMFormat(Format):
             )
 
     def constraints(self, spec: NM) -> list[tuple[str, sympy.Expr]]:
-        return [(f"I % {spec.m} == 0", sympy.Mod(IN, spec.m))]
+        return [(f"I % {spec.m} == 0", sympy.Mod(SYM.IN, spec.m))]
 
     def index_bytes(self, spec: NM, nnz: sympy.Expr) -> sympy.Expr:
         return 1 * nnz  # one position byte per stored value

@@ -66,26 +66,35 @@ def random_subsets(units: int, size: int, k: int, generator: torch.Generator | N
 
 
 def _one_large_unit(size: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``k`` of one unit's ``size`` positions, drawn a piece of the unit at a time (the transient memory is
-    pieces', not the draws' of the whole): the draws landing in each piece are multinomial in its length,
-    each piece de-duplicates its own, and which ``k`` of the ``m`` distinct positions stay is split over
-    the pieces by the multivariate hypergeometric law (a uniform ``k``-subset of them, by piece)."""
+    """``k`` of one unit's ``size`` positions, a piece of the unit at a time: the draws landing in each piece
+    are multinomial in its length, each piece de-duplicates its own, and which ``k`` of the ``m`` distinct
+    positions stay is split over the pieces by the multivariate hypergeometric law (a uniform ``k``-subset
+    of them, by piece). Each piece draws from its own seed, so its distinct positions are counted in a first
+    pass and drawn again in the second, where they are thinned into the output: the transient memory is a
+    piece's, beside the output itself."""
     rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
     n_pieces = -(-k // _CHUNK)
     edges = [size * i // n_pieces for i in range(n_pieces + 1)]
     lengths = np.diff(edges)
-    distinct = [torch.empty(0, dtype=torch.int64) for _ in range(n_pieces)]
-    short = k
-    while short > 0:
-        landed = rng.multinomial(int(_draws(size, torch.tensor([short]))), lengths / size)
-        for i, n in enumerate(landed.tolist()):
-            new = torch.randint(int(lengths[i]), (n,), generator=generator) + edges[i]
-            distinct[i] = torch.unique(torch.cat([distinct[i], new]))
-        short = k - sum(d.numel() for d in distinct)
-    stays = rng.multivariate_hypergeometric([d.numel() for d in distinct], k, method="marginals")
+    seeds = rng.integers(2**62, size=n_pieces).tolist()
+    rounds: list[list[int]] = []  # per round of draws, the draws landing in each piece
+
+    def distinct(i: int) -> tuple[torch.Tensor, torch.Generator]:
+        """Piece ``i``'s distinct draws (local, sorted) over every round so far, and its generator after them."""
+        gen = torch.Generator().manual_seed(seeds[i])
+        draws = [torch.randint(int(lengths[i]), (landed[i],), generator=gen) for landed in rounds]
+        return torch.unique(torch.cat(draws)), gen
+
+    counts, short = [0] * n_pieces, k
+    while short > 0:  # a round more only where the first falls short (odds below 1e-3)
+        rounds.append(rng.multinomial(int(_draws(size, torch.tensor([short]))), lengths / size).tolist())
+        counts = [distinct(i)[0].numel() for i in range(n_pieces)]
+        short = k - sum(counts)
+    stays = rng.multivariate_hypergeometric(counts, k, method="marginals")
     out, at = torch.empty(k, dtype=torch.int64), 0
-    for d, n in zip(distinct, stays.tolist(), strict=True):
-        out[at : at + n] = d[torch.randperm(d.numel(), generator=generator)[:n]].sort().values
+    for i, n in enumerate(stays.tolist()):
+        local, gen = distinct(i)
+        out[at : at + n] = local[torch.randperm(local.numel(), generator=gen)[:n]].sort().values + edges[i]
         at += n
     return out
 

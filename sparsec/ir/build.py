@@ -11,15 +11,16 @@ records the concrete ``out_features``/``in_features`` the program is built for.
 
 from __future__ import annotations
 
-import sympy
-
 from sparsec.dtypes import DTYPES
 from sparsec.errors import SparsecError
 from sparsec.formats import format_of
 from sparsec.formats.base import PROGRAMS
-from sparsec.ir.graph import BATCH, IN, OUT, Program, ProgramBuilder, make_node
+from sparsec.ir.graph import SYM, Program, ProgramBuilder, make_node
 from sparsec.ir.ops import ACTIVATIONS, Op
+from sparsec.lazy import lazy_module
 from sparsec.spec import Dense, Spec, parse_spec
+
+sympy = lazy_module("sympy")  # loaded by the first symbolic expression (lowering), not by import sparsec
 
 __all__ = ["PROGRAMS", "build_programs"]
 
@@ -33,6 +34,7 @@ def build_programs(
     activation: str | None = None,
     grow_k: int = 1,
 ) -> dict[str, Program]:
+
     spec = parse_spec(spec)
     if isinstance(spec, Dense):
         raise SparsecError("spec 'dense' has no sparse programs; the layer stays a dense torch layer")
@@ -45,7 +47,7 @@ def build_programs(
     weight = make_node(
         Op.SPARSE,
         dtype,
-        (OUT, IN),
+        (SYM.OUT, SYM.IN),
         spec=spec,  # the frozen Spec value: passes read it, nobody re-parses a string
         out_features=out_features,
         in_features=in_features,
@@ -57,33 +59,35 @@ def build_programs(
         return builder, builder.add(weight)
 
     fwd, w = start("forward")
-    x = fwd.add(make_node(Op.DENSE, dtype, (BATCH, IN), name="x"))
-    y = fwd.add(make_node(Op.SPMM, dtype, (BATCH, OUT)), x, w)
+    x = fwd.add(make_node(Op.DENSE, dtype, (SYM.BATCH, SYM.IN), name="x"))
+    y = fwd.add(make_node(Op.SPMM, dtype, (SYM.BATCH, SYM.OUT)), x, w)
     if bias:
         y = fwd.add(
-            make_node(Op.ADD_BIAS, dtype, (BATCH, OUT)), y, fwd.add(make_node(Op.VECTOR, dtype, (OUT,), name="bias"))
+            make_node(Op.ADD_BIAS, dtype, (SYM.BATCH, SYM.OUT)),
+            y,
+            fwd.add(make_node(Op.VECTOR, dtype, (SYM.OUT,), name="bias")),
         )
     if activation:
-        y = fwd.add(make_node(Op.ACTIVATION, dtype, (BATCH, OUT), fn=activation), y)
-    fwd.add(make_node(Op.OUTPUT, dtype, (BATCH, OUT), name="y"), y)
+        y = fwd.add(make_node(Op.ACTIVATION, dtype, (SYM.BATCH, SYM.OUT), fn=activation), y)
+    fwd.add(make_node(Op.OUTPUT, dtype, (SYM.BATCH, SYM.OUT), name="y"), y)
 
     gin, w = start("grad_input")
-    dz = gin.add(make_node(Op.DENSE, dtype, (BATCH, OUT), name="dz"))
-    dx = gin.add(make_node(Op.SPMM_T, dtype, (BATCH, IN)), dz, w)
-    gin.add(make_node(Op.OUTPUT, dtype, (BATCH, IN), name="dx"), dx)
+    dz = gin.add(make_node(Op.DENSE, dtype, (SYM.BATCH, SYM.OUT), name="dz"))
+    dx = gin.add(make_node(Op.SPMM_T, dtype, (SYM.BATCH, SYM.IN)), dz, w)
+    gin.add(make_node(Op.OUTPUT, dtype, (SYM.BATCH, SYM.IN), name="dx"), dx)
 
     gval, w = start("grad_values")
     dz, x = (
-        gval.add(make_node(Op.DENSE, dtype, (BATCH, OUT), name="dz")),
-        gval.add(make_node(Op.DENSE, dtype, (BATCH, IN), name="x")),
+        gval.add(make_node(Op.DENSE, dtype, (SYM.BATCH, SYM.OUT), name="dz")),
+        gval.add(make_node(Op.DENSE, dtype, (SYM.BATCH, SYM.IN), name="x")),
     )
     dv = gval.add(make_node(Op.SDDMM, dtype, values_shape), dz, x, w)
     gval.add(make_node(Op.OUTPUT, dtype, values_shape, name="dvalues"), dv)
 
     grow, w = start("grow_scores")
     dz, x = (
-        grow.add(make_node(Op.DENSE, dtype, (BATCH, OUT), name="dz")),
-        grow.add(make_node(Op.DENSE, dtype, (BATCH, IN), name="x")),
+        grow.add(make_node(Op.DENSE, dtype, (SYM.BATCH, SYM.OUT), name="dz")),
+        grow.add(make_node(Op.DENSE, dtype, (SYM.BATCH, SYM.IN), name="x")),
     )
     cand = (fmt.units(spec), sympy.Integer(grow_k))
     top = grow.add(make_node(Op.GROW_TOPK, "fp32", cand, k=grow_k), dz, x, w)

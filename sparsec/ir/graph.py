@@ -13,13 +13,14 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-import networkx as nx
-import sympy
-
-from sparsec.formats.base import BATCH, IN, OUT
+from sparsec.formats.base import SYM
 from sparsec.ir.ops import Op
+from sparsec.lazy import lazy_module
 
-__all__ = ["BATCH", "IN", "OUT", "Node", "Program", "ProgramBuilder", "make_node", "node_keys", "program_key"]
+nx = lazy_module("networkx")  # loaded by the first graph built (lowering), not by import sparsec
+sympy = lazy_module("sympy")  # loaded by the first symbolic expression (lowering), not by import sparsec
+
+__all__ = ["SYM", "Node", "Program", "ProgramBuilder", "make_node", "node_keys", "program_key"]
 
 
 @dataclass(frozen=True, slots=True)

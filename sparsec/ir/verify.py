@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import networkx as nx
-import sympy
+import functools
 
 from sparsec.errors import IRVerifyError
-from sparsec.ir.graph import BATCH, IN, OUT, Node, Program
+from sparsec.ir.graph import SYM, Node, Program
 from sparsec.ir.ops import ACTIVATIONS, ARITY, Op
+from sparsec.lazy import lazy_module
 
-# Expected argument ops and shapes of the products (None: any op / any shape).
-_SIGNATURES = {
-    Op.SPMM: ((None, (BATCH, IN)), (Op.SPARSE, (OUT, IN))),
-    Op.SPMM_T: ((None, (BATCH, OUT)), (Op.SPARSE, (OUT, IN))),
-    Op.SDDMM: ((None, (BATCH, OUT)), (None, (BATCH, IN)), (Op.SPARSE, (OUT, IN))),
-    Op.GROW_TOPK: ((None, (BATCH, OUT)), (None, (BATCH, IN)), (Op.SPARSE, (OUT, IN))),
-    Op.ADD_BIAS: ((None, (BATCH, OUT)), (Op.VECTOR, (OUT,))),
-}
-_FUSED_BIAS = (Op.VECTOR, (OUT,))  # SPMM's optional third argument
+nx = lazy_module("networkx")  # loaded by the first graph built (lowering), not by import sparsec
+sympy = lazy_module("sympy")  # loaded by the first symbolic expression (lowering), not by import sparsec
+
+
+@functools.cache
+def _signatures() -> tuple[dict, tuple]:
+    """Expected argument ops and shapes of the products (None: any op / any shape), and SPMM's optional
+    third argument (a fused bias); made at the first verify (the symbols load sympy)."""
+    b, o, i = SYM.BATCH, SYM.OUT, SYM.IN
+    products = {
+        Op.SPMM: ((None, (b, i)), (Op.SPARSE, (o, i))),
+        Op.SPMM_T: ((None, (b, o)), (Op.SPARSE, (o, i))),
+        Op.SDDMM: ((None, (b, o)), (None, (b, i)), (Op.SPARSE, (o, i))),
+        Op.GROW_TOPK: ((None, (b, o)), (None, (b, i)), (Op.SPARSE, (o, i))),
+        Op.ADD_BIAS: ((None, (b, o)), (Op.VECTOR, (o,))),
+    }
+    return products, (Op.VECTOR, (o,))
 
 
 def _same_shape(a, b) -> bool:
@@ -42,9 +50,10 @@ def verify(program: Program) -> None:
         if node.op is not Op.OUTPUT and graph.out_degree(nid) == 0:
             raise IRVerifyError(f"{where}: its result is never used (dead node)")
         args = [program.node(a) for a in program.args(nid)]
-        signature = _SIGNATURES.get(node.op, ())
+        products, fused_bias = _signatures()
+        signature = products.get(node.op, ())
         if node.op is Op.SPMM and len(args) == 3:
-            signature = (*signature, _FUSED_BIAS)
+            signature = (*signature, fused_bias)
         for i, (want_op, want_shape) in enumerate(signature):
             if want_op is not None and args[i].op is not want_op:
                 raise IRVerifyError(f"{where}: argument {i} must be {want_op.value}, is {args[i].op.value}")

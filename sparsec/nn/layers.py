@@ -23,6 +23,7 @@ from sparsec.runtime import (
 from sparsec.spec import Dense, Policy, Spec, describe_spec, parse_policy, parse_spec
 
 INITS = ("dense", "sparse")  # initial values: the dense init at the kept positions, or rescaled per kept fan-in
+_FAN_IN_CHUNK = 1 << 18  # stored values rescaled at once by init='sparse': its temporaries
 
 
 class SparseLayer(nn.Module):
@@ -94,12 +95,11 @@ class SparseLayer(nn.Module):
         self.write_positions(flat)
         bound = 1.0 / math.sqrt(layout.in_features)
         if weight is None:
-            values = torch.empty_like(self.values).uniform_(-bound, bound)
+            self.values.uniform_(-bound, bound)
         else:
-            values = layout.values_from_dense(weight.detach().reshape(layout.out_features, -1), flat)
+            self.values.copy_(layout.values_from_dense(weight.detach().reshape(layout.out_features, -1), flat))
         if self.init == "sparse":
-            values = self._rescaled_for_kept_fan_in(values, flat)
-        self.values.copy_(values)
+            self._rescale_for_kept_fan_in(flat)
         if self.bias is not None:
             self.bias.uniform_(-bound, bound)
         self._unset = False
@@ -155,8 +155,9 @@ class SparseLayer(nn.Module):
             getattr(self, name).copy_(tensor)
         bufs = list(self.index_buffers().values())
         plans.refresh_plan(bufs, flat)
-        # what positions() would decode from the buffers just written: held, not decoded again
-        self._cache = ([weakref.ref(b) for b in bufs], tuple(b._version for b in bufs), flat)
+        # positions() decodes the buffers when asked (an update, a checkpoint): int64 positions held between
+        # updates would take twice the index buffers' memory
+        self._cache = None
 
     @torch.no_grad()
     def set_positions(self, flat: torch.Tensor, src: torch.Tensor) -> None:
@@ -202,10 +203,9 @@ class SparseLayer(nn.Module):
         """Keep the items ``flat`` (sorted, satisfying the spec) with their values from a dense ``weight``."""
         self.layout.check_positions(flat, what="chosen mask")
         self.write_positions(flat)
-        values = self.layout.values_from_dense(weight.reshape(self.layout.out_features, -1), flat)
+        self.values.copy_(self.layout.values_from_dense(weight.reshape(self.layout.out_features, -1), flat))
         if self.init == "sparse":
-            values = self._rescaled_for_kept_fan_in(values, flat)
-        self.values.copy_(values)
+            self._rescale_for_kept_fan_in(flat)
 
     def get_extra_state(self) -> dict:
         # The current and target specs: a layer pruned by gmp has smaller storage than a fresh one.
@@ -225,16 +225,25 @@ class SparseLayer(nn.Module):
         ones = torch.ones(self.layout.values_shape, dtype=torch.bool, device=self.values.device)
         return self.layout.to_dense(ones, self.positions()).view(self.weight_shape)
 
-    def _rescaled_for_kept_fan_in(self, values: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """Each output's values times ``sqrt(dense fan-in / its kept fan-in)``: a variance-scaling init
-        (Kaiming, torch's default) drawn for the dense fan-in becomes the same init for the sparse one, as
-        condensed-sparsity's sparse (grad-flow) initialisation and google-research/rigl's
-        ``unit_scaled_init`` draw each unit for its real fan-in. O(kept): per stored value, its output row."""
-        layout = self.layout
-        rows = layout.element_positions(flat) // layout.in_features  # in value order
-        kept = torch.bincount(rows, minlength=layout.out_features)  # kept inputs per output
-        scale = (layout.in_features / kept.clamp(min=1).to(torch.float64)).sqrt()
-        return (values.reshape(-1) * scale[rows].to(values.dtype)).view(values.shape)
+    def _rescale_for_kept_fan_in(self, flat: torch.Tensor) -> None:
+        """Each output's values times ``sqrt(dense fan-in / its kept fan-in)``, in place: a variance-scaling
+        init (Kaiming, torch's default) drawn for the dense fan-in becomes the same init for the sparse one,
+        as condensed-sparsity's sparse (grad-flow) initialisation and google-research/rigl's
+        ``unit_scaled_init`` draw each unit for its real fan-in. O(kept), a chunk of items at a time: per
+        stored value, its output row."""
+        layout, values = self.layout, self.values.detach().view(-1)
+        per_item, step = layout.item[0] * layout.item[1], max(1, _FAN_IN_CHUNK // (layout.item[0] * layout.item[1]))
+        chunks = [(a, min(a + step, flat.numel())) for a in range(0, flat.numel(), step)]
+
+        def rows(a: int, b: int) -> torch.Tensor:  # output row of each stored value of items a..b
+            return layout.element_positions(flat[a:b]) // layout.in_features
+
+        kept = torch.zeros(layout.out_features, dtype=torch.int64, device=flat.device)  # kept inputs per output
+        for a, b in chunks:
+            kept += torch.bincount(rows(a, b), minlength=layout.out_features)
+        scale = (layout.in_features / kept.clamp(min=1).to(torch.float64)).sqrt().to(values.dtype)
+        for a, b in chunks:
+            values[a * per_item : b * per_item] *= scale[rows(a, b)]
 
     def dense_weight(self) -> torch.Tensor:
         """Dense weight with zeros where nothing is kept (materialised on request)."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import sympy
-
 from sparsec.formats import check_layer, format_of
-from sparsec.ir.graph import IN, OUT, Program
+from sparsec.ir.graph import SYM, Program
 from sparsec.ir.ops import Op
+from sparsec.lazy import lazy_module
+
+sympy = lazy_module("sympy")  # loaded by the first symbolic expression (lowering), not by import sparsec
 
 
 def check_constraints(program: Program) -> Program:
@@ -17,7 +18,7 @@ def check_constraints(program: Program) -> Program:
         out, inn = node.attr("out_features"), node.attr("in_features")
         rules = format_of(spec).constraints(spec)
         for _, expr in rules:
-            value = expr.subs({OUT: out, IN: inn})
+            value = expr.subs({SYM.OUT: out, SYM.IN: inn})
             if value not in (0, sympy.true):
                 check_layer(spec, out, inn, f"{program.name} program")  # the user-facing message
         program = program.replace_node(nid, node.with_attrs(constraints=tuple(rule for rule, _ in rules)))

@@ -25,12 +25,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import sympy
-
 from sparsec.dtypes import DTYPES
 from sparsec.formats import format_of
-from sparsec.ir.graph import BATCH, IN, OUT, Program
+from sparsec.ir.graph import SYM, Program
 from sparsec.ir.ops import Op
+from sparsec.lazy import lazy_module
+
+sympy = lazy_module("sympy")  # loaded by the first symbolic expression (lowering), not by import sparsec
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def formulas(op: Op, weight, dtype: str, precision: str = "tensor", tile: dict |
     strategy = fmt.strategy(spec)
     index = fmt.index_bytes(spec, nnz)
     gather = not (strategy.tensor_cores or strategy.dense_product)
-    batch_tiles = sympy.ceiling(BATCH / (tile or {}).get("BLOCK_B", 1))
+    batch_tiles = sympy.ceiling(SYM.BATCH / (tile or {}).get("BLOCK_B", 1))
     f = _products(op, nnz, e, index, strategy.dense_product, gather, batch_tiles)
     if op is not Op.GROW_TOPK and not strategy.dense_product:
         f["flops"] = f["flops"] * sympy.nsimplify(strategy.padding(tile or {}))  # padded items run full products
@@ -74,7 +75,7 @@ def formulas(op: Op, weight, dtype: str, precision: str = "tensor", tile: dict |
     if op is Op.GROW_TOPK and fmt.units(spec) == 1:  # a layer-wide unit: some tiles may be scored twice
         f["worst_flops"] = 2 * f["flops"]
     if strategy.dense_product and op in (Op.SPMM, Op.SPMM_T):  # decompressed again for every batch tile
-        f["alu_ops"] = OUT * IN * spec.n * batch_tiles
+        f["alu_ops"] = SYM.OUT * SYM.IN * spec.n * batch_tiles
     return f
 
 
@@ -84,35 +85,35 @@ def cpu_path_formulas(op: Op, nnz, dtype: str) -> dict[str, object]:
     grow step's chunked dense product in torch. Its SDDMM (``sampled_addmm``) walks the rows: one row of
     ``dY^T`` serves every stored value of the row, so it gathers one column per value, not two."""
     e = DTYPES[dtype].bytes
-    index = 8 * nnz + 8 * (OUT + 1)  # int64 CSR (what torch.sparse_csr_tensor keeps by default)
+    index = 8 * nnz + 8 * (SYM.OUT + 1)  # int64 CSR (what torch.sparse_csr_tensor keeps by default)
     f = _products(op, nnz, e, index, False, op is not Op.GROW_TOPK, 1)
     if op is Op.SDDMM:
-        f["bytes"] = e * (BATCH * nnz + BATCH * OUT + nnz) + index
+        f["bytes"] = e * (SYM.BATCH * nnz + SYM.BATCH * SYM.OUT + nnz) + index
     f["engine"] = "cuda"
     return f
 
 
 def _products(op: Op, nnz, e: int, index, dense_product: bool, gather: bool, batch_tiles) -> dict[str, object]:
-    dense_mm = 2 * BATCH * OUT * IN
-    executed = dense_mm if dense_product else 2 * BATCH * nnz
+    dense_mm = 2 * SYM.BATCH * SYM.OUT * SYM.IN
+    executed = dense_mm if dense_product else 2 * SYM.BATCH * nnz
     if op is Op.GROW_TOPK:
         executed = dense_mm  # every candidate's |dY^T X| must be computed
     act_in, act_out = {
-        Op.SPMM: (BATCH * IN, BATCH * OUT),
-        Op.SPMM_T: (BATCH * OUT, BATCH * IN),
-        Op.SDDMM: (BATCH * OUT + BATCH * IN, nnz),
-        Op.GROW_TOPK: (BATCH * OUT + BATCH * IN, 0),
+        Op.SPMM: (SYM.BATCH * SYM.IN, SYM.BATCH * SYM.OUT),
+        Op.SPMM_T: (SYM.BATCH * SYM.OUT, SYM.BATCH * SYM.IN),
+        Op.SDDMM: (SYM.BATCH * SYM.OUT + SYM.BATCH * SYM.IN, nnz),
+        Op.GROW_TOPK: (SYM.BATCH * SYM.OUT + SYM.BATCH * SYM.IN, 0),
     }[op]
-    dense_out = OUT * IN if op in (Op.SDDMM, Op.GROW_TOPK) else act_out
-    dense_weight = 0 if op in (Op.SDDMM, Op.GROW_TOPK) else OUT * IN
+    dense_out = SYM.OUT * SYM.IN if op in (Op.SDDMM, Op.GROW_TOPK) else act_out
+    dense_weight = 0 if op in (Op.SDDMM, Op.GROW_TOPK) else SYM.OUT * SYM.IN
     nbytes = e * (act_in + act_out + (nnz if op in (Op.SPMM, Op.SPMM_T) else 0)) + index
     if gather and op in (Op.SPMM, Op.SPMM_T):  # one activation per stored value and batch row, weight per tile
-        nbytes = e * (BATCH * nnz + act_out) + (e * nnz + index) * batch_tiles
+        nbytes = e * (SYM.BATCH * nnz + act_out) + (e * nnz + index) * batch_tiles
     elif gather and op is Op.SDDMM:  # a dot of two gathered columns per stored value
-        nbytes = e * (2 * BATCH * nnz + nnz) + index
+        nbytes = e * (2 * SYM.BATCH * nnz + nnz) + index
     return {
         "flops": executed,
-        "useful_flops": 2 * BATCH * nnz,
+        "useful_flops": 2 * SYM.BATCH * nnz,
         "bytes": nbytes,
         "dense_flops": dense_mm,
         "dense_bytes": e * (act_in + dense_out + dense_weight),
@@ -134,7 +135,7 @@ def cost_model(program: Program) -> Program:
 
 def roofline(cost: dict, dtype: str, gpu: Peak, batch: int, out: int, inn: int) -> dict[str, float]:
     """Predicted seconds of the sparse product and of dense, and the speed-up, at one shape."""
-    at = {BATCH: batch, OUT: out, IN: inn}
+    at = {SYM.BATCH: batch, SYM.OUT: out, SYM.IN: inn}
     tensor = {"fp16": gpu.tensor_flops, "bf16": gpu.tensor_flops, "tf32": gpu.tensor_flops / 2}.get(
         dtype, gpu.cuda_flops
     )

@@ -24,7 +24,7 @@ from sparsec.codegen.cpp import compiler, load
 from sparsec.codegen.render import render
 from sparsec.errors import SparsecError
 from sparsec.formats import Layout
-from sparsec.formats.base import offsets
+from sparsec.formats.base import compressed_rows_of, offsets
 from sparsec.runtime.cpu import CSRPlan, compute_dtype
 
 # tensor dtype -> (compute type, tensor element type) of the kernels; fp16 is widened to fp32 before them
@@ -59,21 +59,22 @@ class CppPlan:
     block_slots_t: torch.Tensor | None = None  # int64 stored block of each, by block column
 
     @staticmethod
-    def of_weights(flat: torch.Tensor, shape: tuple[int, int]) -> CppPlan:
+    def of_rows(
+        row_offsets: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], into: CppPlan | None = None
+    ) -> CppPlan:
+        """The plan of a layout of single weights (values stored in row-major order) from its compressed rows
+        (int32 ``row_offsets [out + 1]`` and ``cols [n]``, rows ascending): the generated kernel's copy and
+        threaded counting sort (``kernels/cpu/plan.cpp.jinja``). Written into ``into``'s tensors where they
+        fit (an update's rebuild: the storage a captured graph reads, and no second plan at once)."""
+        ins = (row_offsets.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous().view(-1))
+        return _weights_plan("sparsec_rows_plan", [t.data_ptr() for t in ins], ins[1].numel(), shape, into)
+
+    @staticmethod
+    def of_weights(flat: torch.Tensor, shape: tuple[int, int], into: CppPlan | None = None) -> CppPlan:
         """The plan of a layout of single weights (values stored in flat order) from its sorted flat
-        positions: the generated kernel's two passes and counting sort (``kernels/cpu/plan.cpp.jinja``)."""
-        out, inn = shape
+        positions: the rows walked as the positions pass their ends, then as ``of_rows``."""
         flat = flat.to(torch.int64).contiguous()
-        n = flat.numel()
-        cols, rows_t = torch.empty(n, dtype=_index_dtype(inn)), torch.empty(n, dtype=_index_dtype(out))
-        slots_t = torch.empty(n, dtype=_slot_dtype(n))
-        offsets, offsets_t = torch.empty(out + 1, dtype=torch.int64), torch.empty(inn + 1, dtype=torch.int64)
-        lib = _plan_library(INDEX_TYPES[cols.dtype], INDEX_TYPES[rows_t.dtype], INDEX_TYPES[slots_t.dtype])
-        lib.sparsec_rows_plan(
-            flat.data_ptr(), n, out, inn, offsets.data_ptr(), cols.data_ptr(), offsets_t.data_ptr(),
-            rows_t.data_ptr(), slots_t.data_ptr(), PLAN_DIRECT_BYTES, PLAN_CHUNK,
-        )  # fmt: skip
-        return CppPlan(offsets, cols, None, offsets_t, rows_t, slots_t, shape)
+        return _weights_plan("sparsec_flat_plan", [flat.data_ptr(), flat.numel()], flat.numel(), shape, into)
 
     @staticmethod
     def build(csr: CSRPlan, layout: Layout, flat_items: torch.Tensor) -> CppPlan:
@@ -110,11 +111,33 @@ def _narrow(cols: torch.Tensor, extent: int) -> torch.Tensor:
     return cols.to(_index_dtype(extent))
 
 
+def _weights_plan(entry: str, ins: list[int], n: int, shape: tuple[int, int], into: CppPlan | None) -> CppPlan:
+    out, inn = shape
+    plan = into
+    dtypes = (_index_dtype(inn), _index_dtype(out), _slot_dtype(n))
+    if plan is None or plan.block is not None or plan.order is not None or plan.shape != tuple(shape):
+        plan = None
+    elif plan.cols.numel() != n or (plan.cols.dtype, plan.cols_t.dtype, plan.order_t.dtype) != dtypes:
+        plan = None
+    if plan is None:
+        cols, rows_t, slots_t = (torch.empty(n, dtype=d) for d in dtypes)
+        offsets, offsets_t = torch.empty(out + 1, dtype=torch.int64), torch.empty(inn + 1, dtype=torch.int64)
+        plan = CppPlan(offsets, cols, None, offsets_t, rows_t, slots_t, tuple(shape))
+    lib = _plan_library(*(INDEX_TYPES[d] for d in dtypes))
+    getattr(lib, entry)(
+        *ins, *([n] if entry == "sparsec_rows_plan" else []), out, inn, plan.offsets.data_ptr(),
+        plan.cols.data_ptr(), plan.offsets_t.data_ptr(), plan.cols_t.data_ptr(), plan.order_t.data_ptr(),
+        PLAN_DIRECT_BYTES, PLAN_CHUNK, torch.get_num_threads(),
+    )  # fmt: skip
+    return plan
+
+
 @functools.cache
 def _plan_library(col: str, col_t: str, slot: str) -> ctypes.CDLL:
     lib = load(render("cpu/plan.cpp.jinja", col=col, col_t=col_t, slot=slot))
-    lib.sparsec_rows_plan.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64]
-    lib.sparsec_rows_plan.restype = None
+    lib.sparsec_rows_plan.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _INT]
+    lib.sparsec_flat_plan.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _INT]
+    lib.sparsec_rows_plan.restype = lib.sparsec_flat_plan.restype = None
     return lib
 
 
@@ -519,29 +542,29 @@ def cpp_best_in_row(scores: torch.Tensor, k: int, floor: float = -float("inf")) 
 @functools.cache
 def _grow_library() -> ctypes.CDLL:
     lib = load(render("cpu/grow.cpp.jinja"))
-    lib.sparsec_grow_layer_wide.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _INT]
+    lib.sparsec_grow_layer_wide.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _INT]
     lib.sparsec_grow_layer_wide.restype = _I64
     return lib
 
 
 def cpp_grow_layer_wide(
-    dy: torch.Tensor, x: torch.Tensor, excluded: torch.Tensor, k: int
+    dy: torch.Tensor, x: torch.Tensor, listed: torch.Tensor, k: int, stays: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The ``k`` best positions of ``|dy^T x|`` (``[out, in]`` flat, ascending) outside the sorted flat
-    positions ``excluded``, ties to the lower index, with their scores and whether every score was finite:
-    the fused kernel of ``kernels/cpu/grow.cpp.jinja`` (the product is never stored)."""
+    positions ``listed`` (where ``stays`` is given, only those it flags: the kept after a drop), ties to the
+    lower index, with their scores and whether every score was finite: the fused kernel of
+    ``kernels/cpu/grow.cpp.jinja`` (the product is never stored; ``listed`` goes to it as int32 rows)."""
     o, inn = dy.shape[1], x.shape[1]
     dyt = dy.t().float().contiguous()
     xs = x.float().contiguous()
-    rows = torch.bincount(excluded // inn, minlength=o)
-    eoff = torch.zeros(o + 1, dtype=torch.int64)
-    torch.cumsum(rows, 0, out=eoff[1:])
-    ecol = (excluded % inn).to(torch.int32)
+    eoff, ecol = compressed_rows_of(listed, o, inn)
+    flags = None if stays is None else stays.to(torch.uint8).contiguous()
     flat = torch.empty(max(0, k), dtype=torch.int64)
     score = torch.empty(max(0, k), dtype=torch.float32)
     bad = torch.zeros(1, dtype=torch.int64)
     n = _grow_library().sparsec_grow_layer_wide(
-        dyt.data_ptr(), xs.data_ptr(), dy.shape[0], o, inn, eoff.data_ptr(), ecol.data_ptr(), k,
-        flat.data_ptr(), score.data_ptr(), bad.data_ptr(), torch.get_num_threads(),
+        dyt.data_ptr(), xs.data_ptr(), dy.shape[0], o, inn, eoff.data_ptr(), ecol.data_ptr(),
+        None if flags is None else flags.data_ptr(), k, flat.data_ptr(), score.data_ptr(), bad.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     return flat[:n], score[:n], int(bad) == 0

@@ -298,12 +298,13 @@ def cpp_selection(
     selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
     if selector.any_short:
         return None
-    stays = torch.ones(kept.numel(), dtype=torch.bool)
-    stays[dropped] = False
-    excluded = kept[stays] if regrow_dropped else kept  # kept before the update are not fresh
+    stays = None  # kept before the update are not fresh
+    if regrow_dropped:  # the just-dropped compete with fresh positions
+        stays = torch.ones(kept.numel(), dtype=torch.bool)
+        stays[dropped] = False
     k = int(selector.fresh_need[0]) if dropped.numel() else 0
     with torch.no_grad():
-        flat, score, finite = cpp_grow_layer_wide(dy, x, excluded, k)
+        flat, score, finite = cpp_grow_layer_wide(dy, x, kept, k, stays)
     selector.finite = finite
     selector.set_result(flat, score)
     selector.rows_seen = layout.grid[0]

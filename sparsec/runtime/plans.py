@@ -29,7 +29,8 @@ def index_plan(key: LayoutKey, kind: str, index: list[torch.Tensor], items: torc
     held = plans.get(kind)
     if held is not None and held.serves(key, index):
         if held.versions != versions:
-            held.plan, held.versions = _refill(held.plan, _build_plan(key, kind, index, items)), versions
+            new = _build_plan(key, kind, index, items, into=held.plan)
+            held.plan, held.versions = _refill(held.plan, new), versions
         return held.plan
     plans[kind] = _HeldPlan(key, [weakref.ref(t) for t in index], versions, _build_plan(key, kind, index, items))
     return plans[kind].plan
@@ -74,16 +75,23 @@ class _HeldPlan:
         return same and self.key == key
 
 
-def _build_plan(key: LayoutKey, kind: str, index: list[torch.Tensor], items: torch.Tensor | None = None):
+def _build_plan(
+    key: LayoutKey, kind: str, index: list[torch.Tensor], items: torch.Tensor | None = None, into: object = None
+):
+    """A new plan, or ``into`` (the plan held before) rebuilt in place where the kind can (cpp, single weights)."""
     layout = layout_of(*key)
     buffers = {name: t for (name, _, _), t in zip(layout.buffers, index, strict=True)}
+    if kind == "cpp" and layout.item == (1, 1):  # single weights: the generated plan kernel, linear work
+        shape, held = (layout.out_features, layout.in_features), into if isinstance(into, CppPlan) else None
+        rows = layout.format.compressed_rows(layout, buffers)
+        if rows is not None:  # from the buffers themselves: no int64 positions read or decoded
+            return CppPlan.of_rows(*rows, shape, into=held)
+        return CppPlan.of_weights(layout.decode(buffers) if items is None else items, shape, into=held)
     if items is None and kind in ("cpu", "cpp"):
         items = layout.decode(buffers)
     if kind == "cpu":
         return CSRPlan.build(layout, items)
     if kind == "cpp":
-        if layout.item == (1, 1):  # single weights: the generated plan kernel, linear work
-            return CppPlan.of_weights(items, (layout.out_features, layout.in_features))
         return CppPlan.build(CSRPlan.build(layout, items), layout, items)
     return layout.format.strategy(layout.spec).plan(layout, buffers)
 
@@ -97,6 +105,8 @@ def _plan_tensors(plan) -> dict[str, torch.Tensor | None]:
 def _refill(old, new):
     """``old`` with ``new``'s contents copied into its tensors when every tensor matches in shape and dtype
     (the plan's storage stays where a captured graph reads it); else ``new``."""
+    if new is old:  # rebuilt in place
+        return old
     a, b = _plan_tensors(old), _plan_tensors(new)
     matches = a.keys() == b.keys() and all(
         (x is None and y is None)

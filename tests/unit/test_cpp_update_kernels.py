@@ -51,6 +51,19 @@ def test_the_fused_scan_takes_the_k_best_with_the_tie_rule(b, o, i, k, excluded_
         assert int((ref == boundary).sum()) > int((ref[want] == boundary).sum())
 
 
+@pytest.mark.parametrize("b,o,i,k", [(7, 37, 53, 40), (4, 1024, 600, 300)])  # the second: the floor's path
+def test_listed_positions_flagged_as_dropped_are_eligible(b, o, i, k):
+    gen = torch.Generator().manual_seed(o + i)
+    dy, x = _ints(b, o, gen=gen), _ints(b, i, gen=gen)
+    score = (dy.t() @ x).abs().reshape(-1)
+    listed = score.argsort(descending=True, stable=True)[: 2 * k].sort().values  # the best positions are listed
+    stays = torch.rand(listed.numel(), generator=gen) < 0.5  # half of them just dropped: eligible again
+    flat, _, finite = cpp_grow_layer_wide(dy, x, listed, k, stays)
+    want, _ = _reference_top(dy, x, listed[stays], k)
+    assert finite and torch.equal(flat, want)
+    assert bool(torch.isin(flat, listed[~stays]).any())  # the case really regrows just-dropped positions
+
+
 def test_the_sampled_floor_is_abandoned_where_it_keeps_out_winners():
     gen = torch.Generator().manual_seed(0)
     b, o, i, k = 4, 1024, 600, 200  # 614k positions: past the sampling threshold
@@ -106,25 +119,56 @@ def test_drops_are_the_smallest_with_ties_to_the_lower_slot(backend):
         assert choose_drops(scores, 1000).tolist() == [s for s in range(1001) if s != 7]
 
 
-@pytest.mark.parametrize(
-    "spec,out,inn", [("90%", 37, 53), ("2:4", 12, 16), ("fanin(75%)", 9, 40), ("99%", 70000, 30), ("99%", 20, 70000)]
-)
-@pytest.mark.parametrize("bucketed", [False, True])
-def test_the_plan_kernel_builds_the_plan_torch_builds(spec, out, inn, bucketed, monkeypatch):
-    if bucketed:  # the wide layers' path, on every case: chunks of 64 entries through 256 column buckets
-        monkeypatch.setattr(cpp, "PLAN_DIRECT_BYTES", 0)
-        monkeypatch.setattr(cpp, "PLAN_CHUNK", 64)
-    layout = make_layout(sparsec.parse_spec(spec), out, inn)
-    flat = layout.random_positions(torch.Generator().manual_seed(4))
-    fast = CppPlan.of_weights(flat, (out, inn))
-    slow = CppPlan.build(CSRPlan.build(layout, flat), layout, flat)
+PLAN_CASES = [
+    ("90%", 37, 53),
+    ("2:4", 12, 16),
+    ("fanin(75%)", 9, 40),
+    ("99%", 70000, 30),
+    ("99%", 20, 70000),
+    ("90%", 701, 997),  # 70k entries: the counting sort splits over two threads
+    ("fanin(90%)", 800, 1000),
+]
+
+
+def _assert_same_plan(fast: CppPlan, slow: CppPlan) -> None:
     for field in dataclasses.fields(CppPlan):
         a, b = getattr(fast, field.name), getattr(slow, field.name)
         if isinstance(a, torch.Tensor):
             assert a.dtype == b.dtype and torch.equal(a, b), field.name
         else:
             assert a == b, field.name
-    assert fast.cols.dtype == (torch.int32 if inn > 65536 else torch.uint16)  # past 16-bit columns
+
+
+@pytest.mark.parametrize("spec,out,inn", PLAN_CASES)
+@pytest.mark.parametrize("bucketed", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_plan_kernel_builds_the_plan_torch_builds(spec, out, inn, bucketed, threads, monkeypatch):
+    if bucketed:  # the wide layers' path, on every case: chunks of 64 entries through 256 column buckets
+        monkeypatch.setattr(cpp, "PLAN_DIRECT_BYTES", 0)
+        monkeypatch.setattr(cpp, "PLAN_CHUNK", 64)
+    layout = make_layout(sparsec.parse_spec(spec), out, inn)
+    flat = layout.random_positions(torch.Generator().manual_seed(4))
+    slow = CppPlan.build(CSRPlan.build(layout, flat), layout, flat)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _assert_same_plan(CppPlan.of_weights(flat, (out, inn)), slow)
+        rows = layout.format.compressed_rows(layout, layout.encode(flat))
+        if rows is not None:  # csr and fan-in: from the buffers themselves
+            _assert_same_plan(CppPlan.of_rows(*rows, (out, inn)), slow)
+    finally:
+        torch.set_num_threads(before)
+    assert slow.cols.dtype == (torch.int32 if inn > 65536 else torch.uint16)  # past 16-bit columns
+
+
+def test_a_plan_rebuilt_in_place_keeps_its_tensors_and_holds_the_new_mask():
+    layout = make_layout(sparsec.parse_spec("90%"), 701, 997)
+    first, second = (layout.random_positions(torch.Generator().manual_seed(s)) for s in (1, 2))
+    plan = CppPlan.of_rows(*layout.format.compressed_rows(layout, layout.encode(first)), (701, 997))
+    held = {f.name: getattr(plan, f.name) for f in dataclasses.fields(CppPlan)}
+    again = CppPlan.of_rows(*layout.format.compressed_rows(layout, layout.encode(second)), (701, 997), into=plan)
+    assert again is plan and all(getattr(again, k) is v for k, v in held.items())
+    _assert_same_plan(again, CppPlan.build(CSRPlan.build(layout, second), layout, second))
 
 
 def test_the_merge_keeps_the_slots_of_positions_present_before():

@@ -8,7 +8,7 @@ from helpers import SPECS_AND_SHAPES, assert_close
 import sparsec
 from sparsec.errors import IRVerifyError
 from sparsec.ir.build import PROGRAMS, build_programs
-from sparsec.ir.graph import IN, OUT, Program, program_key
+from sparsec.ir.graph import SYM, Program, program_key
 from sparsec.ir.interp import interpret, weight_layout
 from sparsec.ir.ops import Op
 from sparsec.ir.printer import print_program
@@ -57,7 +57,7 @@ def test_symbolic_values_shape_matches_the_storage_layout():
     for spec, out, inn in SPECS_AND_SHAPES:
         program = build_programs(spec, inn, out)["grad_values"]
         sddmm = program.node(program.find(Op.SDDMM)[0])
-        concrete = tuple(int(s.subs({OUT: out, IN: inn})) for s in sddmm.shape)
+        concrete = tuple(int(s.subs({SYM.OUT: out, SYM.IN: inn})) for s in sddmm.shape)
         assert concrete == weight_layout(program).values_shape, spec
 
 

@@ -5,7 +5,7 @@ import sympy
 
 from sparsec import ShapeError
 from sparsec.ir.build import build_programs
-from sparsec.ir.graph import BATCH, IN, OUT
+from sparsec.ir.graph import SYM
 from sparsec.ir.ops import Op
 from sparsec.passes import PIPELINE, lower
 from sparsec.passes.cost import GPUS, roofline
@@ -75,11 +75,11 @@ def test_cost_model_formulas():
     cost = dict(_product(nm).attr("cost"))
     # N:M decompresses before tl.dot: the dense FLOPs, fewer bytes (values + 1-byte positions)
     assert sympy.simplify(cost["flops"] - cost["dense_flops"]) == 0
-    assert sympy.simplify(cost["useful_flops"] - BATCH * OUT * IN) == 0
-    assert sympy.simplify(cost["dense_bytes"] - cost["bytes"] - IN * OUT / 2) == 0
+    assert sympy.simplify(cost["useful_flops"] - SYM.BATCH * SYM.OUT * SYM.IN) == 0
+    assert sympy.simplify(cost["dense_bytes"] - cost["bytes"] - SYM.IN * SYM.OUT / 2) == 0
     block, _ = lower(build_programs("block(32x32, 90%)", 4096, 4096, dtype="bf16")["forward"])
     b = dict(_product(block).attr("cost"))
-    at = {BATCH: 4096, OUT: 4096, IN: 4096}
+    at = {SYM.BATCH: 4096, SYM.OUT: 4096, SYM.IN: 4096}
     assert float((b["flops"] / b["dense_flops"]).subs(at)) == pytest.approx(0.1, rel=1e-3)
 
 
@@ -111,12 +111,18 @@ def test_cpu_path_formulas_count_the_gathers_by_hand():
     fwd = cpu_path_formulas(Op.SPMM, nnz, "fp32")
     # one fp32 activation per stored value and batch row, the output, values and int64 CSR once
     assert (
-        sympy.simplify(fwd["bytes"] - (4 * BATCH * 1000 + 4 * BATCH * OUT + 4 * 1000 + 8 * 1000 + 8 * (OUT + 1))) == 0
+        sympy.simplify(
+            fwd["bytes"] - (4 * SYM.BATCH * 1000 + 4 * SYM.BATCH * SYM.OUT + 4 * 1000 + 8 * 1000 + 8 * (SYM.OUT + 1))
+        )
+        == 0
     )
-    assert sympy.simplify(fwd["flops"] - 2 * BATCH * 1000) == 0 and fwd["engine"] == "cuda"
+    assert sympy.simplify(fwd["flops"] - 2 * SYM.BATCH * 1000) == 0 and fwd["engine"] == "cuda"
     sddmm = cpu_path_formulas(Op.SDDMM, nnz, "fp32")  # row-wise: one gathered column per stored value
     assert (
-        sympy.simplify(sddmm["bytes"] - (4 * BATCH * 1000 + 4 * BATCH * OUT + 4 * 1000 + 8 * 1000 + 8 * (OUT + 1))) == 0
+        sympy.simplify(
+            sddmm["bytes"] - (4 * SYM.BATCH * 1000 + 4 * SYM.BATCH * SYM.OUT + 4 * 1000 + 8 * 1000 + 8 * (SYM.OUT + 1))
+        )
+        == 0
     )
 
 
