@@ -166,9 +166,10 @@ class Layout:
 
     # --- buffers <-> sorted flat item positions --------------------------------------------------
 
-    def encode(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Index buffers for sorted flat item positions ``flat`` (int64 ``[n_items]``)."""
-        return self.format.encode(self, flat)
+    def encode(self, flat: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Index buffers for sorted flat item positions ``flat`` (int64 ``[n_items]``), written into ``out``
+        (buffers of this layout, by name) where given: no second copy of the index exists meanwhile."""
+        return self.format.encode(self, flat, out)
 
     def decode(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sorted flat item positions (int64) from the index buffers."""
@@ -272,21 +273,34 @@ def int32_index(t: torch.Tensor, what: str) -> torch.Tensor:
 _ROWS_CHUNK = 1 << 18  # items converted at once by encode_rows / decode_rows: their int64 temporaries
 
 
-def encode_rows(layout: Layout, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_rows(
+    layout: Layout, flat: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Compressed rows of the item grid: int32 row offsets ``[rows + 1]`` and columns ``[n_items]``."""
-    return compressed_rows_of(flat, *layout.grid)
+    return compressed_rows_of(flat, *layout.grid, out=out)
 
 
-def compressed_rows_of(flat: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 row offsets ``[n_rows + 1]`` and columns of sorted flat positions ``row * n_cols + col``. The
-    offsets are a binary search of every row's start; the columns are computed a chunk at a time, so no
-    int64 temporary of the positions' size exists beside ``flat`` itself."""
+def compressed_rows_of(
+    flat: torch.Tensor, n_rows: int, n_cols: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 row offsets ``[n_rows + 1]`` and columns of sorted flat positions ``row * n_cols + col`` (into
+    ``out`` where given). The offsets are a binary search of every row's start; the columns are computed a
+    chunk at a time, so no int64 temporary of the positions' size exists beside ``flat`` itself."""
     starts = torch.arange(n_rows + 1, device=flat.device, dtype=torch.int64) * n_cols
-    ptr = torch.searchsorted(flat, starts)
-    cols = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+    ptr = int32_index(torch.searchsorted(flat, starts), "row offsets")
+    if out is None:
+        out = (ptr, torch.empty(flat.shape, dtype=torch.int32, device=flat.device))
+    else:
+        out[0].copy_(ptr)
+    chunked_into(out[1].view(-1), flat, lambda part: part % n_cols)
+    return out
+
+
+def chunked_into(dst: torch.Tensor, flat: torch.Tensor, fn) -> torch.Tensor:
+    """``dst[i] = fn(flat[i])`` computed a chunk at a time (``fn``'s int64 temporaries are a chunk's)."""
     for at in range(0, flat.numel(), _ROWS_CHUNK):
-        cols[at : at + _ROWS_CHUNK] = flat[at : at + _ROWS_CHUNK] % n_cols
-    return int32_index(ptr, "row offsets"), cols
+        dst[at : at + _ROWS_CHUNK] = fn(flat[at : at + _ROWS_CHUNK])
+    return dst
 
 
 def decode_rows(layout: Layout, offsets: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -490,8 +504,10 @@ class Format(ABC):
         """The canonical spec of ``family`` storing ``n_values`` values on an ``out x in`` weight."""
 
     @abstractmethod
-    def encode(self, layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Index buffers of sorted flat item positions."""
+    def encode(
+        self, layout: Layout, flat: torch.Tensor, out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Index buffers of sorted flat item positions (written into ``out``'s tensors where given)."""
 
     @abstractmethod
     def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -129,8 +129,12 @@ class BSRFormat(Format):
             buffers=(("block_row_offsets", torch.int32, (grid[0] + 1,)), ("block_cols", torch.int32, (kept,))),
         )
 
-    def encode(self, layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        offsets, cols = encode_rows(layout, flat)
+    def encode(
+        self, layout: Layout, flat: torch.Tensor, out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        offsets, cols = encode_rows(
+            layout, flat, None if out is None else (out["block_row_offsets"], out["block_cols"])
+        )
         return {"block_row_offsets": offsets, "block_cols": cols}
 
     def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:

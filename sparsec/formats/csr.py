@@ -118,8 +118,10 @@ class CSRFormat(Format):
             buffers=(("row_offsets", torch.int32, (out_features + 1,)), ("col_indices", torch.int32, (kept,))),
         )
 
-    def encode(self, layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        offsets, cols = encode_rows(layout, flat)
+    def encode(
+        self, layout: Layout, flat: torch.Tensor, out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        offsets, cols = encode_rows(layout, flat, None if out is None else (out["row_offsets"], out["col_indices"]))
         return {"row_offsets": offsets, "col_indices": cols}
 
     def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from sparsec.errors import ShapeError
-from sparsec.formats.base import SYM, Format, Layout, Strategy, int32_index, kept_count, kept_expr
+from sparsec.formats.base import SYM, Format, Layout, Strategy, chunked_into, int32_index, kept_count, kept_expr
 from sparsec.formats.csr import Gather
 from sparsec.lazy import lazy_module
 from sparsec.spec.specs import FanIn
@@ -43,8 +43,15 @@ class ELLFormat(Format):
             buffers=(("fanin_indices", torch.int32, (out_features, k)),),
         )
 
-    def encode(self, layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"fanin_indices": (flat % layout.grid[1]).view(layout.out_features, -1).to(torch.int32)}
+    def encode(
+        self, layout: Layout, flat: torch.Tensor, out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        idx = (
+            out["fanin_indices"]
+            if out is not None
+            else torch.empty(layout.buffers[0][2], dtype=torch.int32, device=flat.device)
+        )
+        return {"fanin_indices": chunked_into(idx.view(-1), flat, lambda part: part % layout.grid[1]).view(idx.shape)}
 
     def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         idx = buffers["fanin_indices"].to(torch.int64)

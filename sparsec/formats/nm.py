@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from sparsec.errors import ShapeError
-from sparsec.formats.base import SYM, Format, KernelCall, Layout, Strategy, cdiv, divisors
+from sparsec.formats.base import SYM, Format, KernelCall, Layout, Strategy, cdiv, chunked_into, divisors
 from sparsec.formats.csr import Gather
 from sparsec.lazy import lazy_module
 from sparsec.spec.specs import NM, parse_spec
@@ -126,9 +126,13 @@ class NMFormat(Format):
             buffers=(("nm_positions", pos_dtype, (out_features, per_row)),),
         )
 
-    def encode(self, layout: Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        pos = (flat % layout.grid[1] % layout.spec.m).view(layout.out_features, -1)
-        return {"nm_positions": pos.to(layout.buffers[0][1])}
+    def encode(
+        self, layout: Layout, flat: torch.Tensor, out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        _, dtype, shape = layout.buffers[0]
+        pos = out["nm_positions"] if out is not None else torch.empty(shape, dtype=dtype, device=flat.device)
+        m = layout.spec.m
+        return {"nm_positions": chunked_into(pos.view(-1), flat, lambda part: part % layout.grid[1] % m).view(shape)}
 
     def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         spec = layout.spec

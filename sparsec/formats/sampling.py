@@ -13,10 +13,13 @@ drawn a chunk at a time, so the transient memory stays a few ``_CHUNK``-sized te
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 _CHUNK = 1 << 18  # kept positions of the units drawn together: the transient tensors are a few of this size
+_PIECE = 1 << 16  # kept positions of one large unit drawn together: its transient tensors are a few of this size
 _TABLE = 4096  # units with at most this many k-subsets draw a row of their table
 
 
@@ -37,7 +40,7 @@ def random_subsets(units: int, size: int, k: int, generator: torch.Generator | N
         keep = torch.ones(units * size, dtype=torch.bool)
         keep[left] = False
         return keep.nonzero().view(-1)
-    if units == 1 and k > _CHUNK:
+    if units == 1 and k > _PIECE:
         return _one_large_unit(size, k, generator)
     if _subsets_at_most(size, k, _TABLE):  # one of the unit's k-subsets, by its row in the table of them all
         table = torch.combinations(torch.arange(size), k) if k > 1 else torch.arange(size)[:, None]
@@ -49,7 +52,7 @@ def random_subsets(units: int, size: int, k: int, generator: torch.Generator | N
         draws = _draws(size, short_by)
         unit = torch.repeat_interleave(short_units, draws)
         local = torch.randint(size, (unit.numel(),), generator=generator)
-        keys = torch.unique(torch.cat([keys, unit * size + local]))  # sorted
+        keys = _sorted_unique(torch.cat([keys, unit * size + local]))
         counts = torch.bincount(keys // size, minlength=units)
         short_units = (counts < k).nonzero().view(-1)
         short_by = k - counts[short_units]
@@ -73,7 +76,7 @@ def _one_large_unit(size: int, k: int, generator: torch.Generator | None) -> tor
     pass and drawn again in the second, where they are thinned into the output: the transient memory is a
     piece's, beside the output itself."""
     rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
-    n_pieces = -(-k // _CHUNK)
+    n_pieces = -(-k // _PIECE)
     edges = [size * i // n_pieces for i in range(n_pieces + 1)]
     lengths = np.diff(edges)
     seeds = rng.integers(2**62, size=n_pieces).tolist()
@@ -83,7 +86,7 @@ def _one_large_unit(size: int, k: int, generator: torch.Generator | None) -> tor
         """Piece ``i``'s distinct draws (local, sorted) over every round so far, and its generator after them."""
         gen = torch.Generator().manual_seed(seeds[i])
         draws = [torch.randint(int(lengths[i]), (landed[i],), generator=gen) for landed in rounds]
-        return torch.unique(torch.cat(draws)), gen
+        return _sorted_unique(torch.cat(draws)), gen
 
     counts, short = [0] * n_pieces, k
     while short > 0:  # a round more only where the first falls short (odds below 1e-3)
@@ -99,10 +102,24 @@ def _one_large_unit(size: int, k: int, generator: torch.Generator | None) -> tor
     return out
 
 
+def _sorted_unique(t: torch.Tensor) -> torch.Tensor:
+    """The distinct values of an int64 CPU tensor, ascending: numpy's sort of a copy and one comparison
+    (torch.unique held several times the input in scratch, which the allocator kept resident after it
+    returned; numpy 2.4's unique hashes, 40x slower here)."""
+    a = np.sort(t.numpy())
+    new = np.empty(a.shape, dtype=bool)
+    new[:1] = True
+    np.not_equal(a[1:], a[:-1], out=new[1:])
+    return torch.from_numpy(a[new])
+
+
 def _draws(size: int, short_by: torch.Tensor) -> torch.Tensor:
     """Draws with replacement that give ``short_by`` more distinct positions of ``size`` with high
     probability: the coupon collector's mean, ``size * ln(size / (size - k))`` (about ``k`` for a sparse
     unit, ``1.39 k`` at half of one), plus three standard deviations; a unit still short draws again."""
+    if short_by.numel() == 1:  # one unit (a layer): in Python floats, the same formula
+        mean = -size * math.log1p(-int(short_by) / size)
+        return torch.tensor([math.ceil(mean + 3 * math.sqrt(mean)) + 4])
     k = short_by.to(torch.float64)
     mean = -size * torch.log1p(-k / size)
     return (mean + 3 * mean.sqrt()).ceil().long() + 4

@@ -24,6 +24,7 @@ from sparsec.spec import Dense, Policy, Spec, describe_spec, parse_policy, parse
 
 INITS = ("dense", "sparse")  # initial values: the dense init at the kept positions, or rescaled per kept fan-in
 _FAN_IN_CHUNK = 1 << 18  # stored values rescaled at once by init='sparse': its temporaries
+_REMAP_CHUNK = 1 << 18  # items moved at once by remap_items
 
 
 class SparseLayer(nn.Module):
@@ -151,9 +152,11 @@ class SparseLayer(nn.Module):
     def write_positions(self, flat: torch.Tensor) -> None:
         """Store sorted flat item positions ``flat`` (already satisfying the spec) in the index buffers, and
         the kernels' index plan with them (in place: a captured CUDA graph replays the new mask)."""
-        for name, tensor in self.layout.encode(flat).items():
-            getattr(self, name).copy_(tensor)
-        bufs = list(self.index_buffers().values())
+        named = self.index_buffers()
+        for name, tensor in self.layout.encode(flat, out=named).items():
+            if tensor is not named[name]:
+                named[name].copy_(tensor)
+        bufs = list(named.values())
         plans.refresh_plan(bufs, flat)
         # positions() decodes the buffers when asked (an update, a checkpoint): int64 positions held between
         # updates would take twice the index buffers' memory
@@ -338,9 +341,11 @@ def remap_items(tensor: torch.Tensor, src: torch.Tensor, shape) -> torch.Tensor:
     """
     item = math.prod(shape) // max(1, src.numel())
     items = tensor.detach().reshape(-1, item)
-    out = items.new_zeros(src.numel(), item)
-    keep = src >= 0
-    out[keep] = items[src[keep]]
+    out = items.new_empty(src.numel(), item)
+    for a in range(0, src.numel(), _REMAP_CHUNK):  # a chunk at a time: the temporaries are a chunk's
+        part = src[a : a + _REMAP_CHUNK]
+        torch.index_select(items, 0, part.clamp(min=0), out=out[a : a + _REMAP_CHUNK])
+        out[a : a + _REMAP_CHUNK].masked_fill_((part < 0)[:, None], 0)
     return out.reshape(shape)
 
 

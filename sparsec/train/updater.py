@@ -21,6 +21,7 @@ from sparsec.nn.compile import declare_dynamic_storage
 from sparsec.nn.layers import SparseLayer
 from sparsec.policies.base import Capture, Change, Context
 from sparsec.policies.relayout import apply_change, replace_parameter
+from sparsec.runtime.memory import release_free_memory
 
 STATE_VERSION = 1
 
@@ -88,6 +89,8 @@ class MaskUpdater:
             else:
                 due.setdefault(type(layer.policy), {})[name] = layer
         ctx = self._context(self.t)
+        if due:  # the step's own transients are free now: what the update allocates starts from live memory
+            release_free_memory()
         for policy_class, layers in due.items():  # a class updates its layers together: snfs redistributes
             for name, change in policy_class.update(layers, {n: self._armed.get(n) for n in layers}, ctx).items():
                 if isinstance(change, str):
@@ -95,6 +98,8 @@ class MaskUpdater:
                 else:
                     self._apply(name, layers[name], change)
         self._arm(self.t + 1)
+        if due:  # and the update's, once its layers moved
+            release_free_memory()
         return self.last_changes
 
     def _arm(self, t: int) -> None:

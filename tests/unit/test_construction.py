@@ -14,7 +14,7 @@ import sparsec
 import sparsec.formats.sampling as sampling
 from sparsec.formats.sampling import random_subsets
 
-PATHS = {  # (units, size, k, _CHUNK): the path each case takes
+PATHS = {  # (units, size, k, _CHUNK and _PIECE): the path each case takes
     "table (2:4 groups)": (6, 4, 2, 1 << 18),
     "draws": (5, 300, 7, 1 << 18),
     "complement (most of a unit)": (4, 300, 290, 1 << 18),
@@ -26,6 +26,7 @@ PATHS = {  # (units, size, k, _CHUNK): the path each case takes
 @pytest.mark.parametrize("units,size,k,chunk", PATHS.values(), ids=PATHS.keys())
 def test_every_unit_keeps_exactly_k_distinct_positions_of_its_own(units, size, k, chunk, monkeypatch):
     monkeypatch.setattr(sampling, "_CHUNK", chunk)
+    monkeypatch.setattr(sampling, "_PIECE", chunk)
     flat = random_subsets(units, size, k, torch.Generator().manual_seed(1))
     assert flat.dtype == torch.int64 and flat.numel() == units * k
     assert bool((flat[1:] > flat[:-1]).all())  # sorted and distinct
@@ -38,7 +39,7 @@ def test_the_paths_are_the_ones_named(monkeypatch):
     for name in ("_one_large_unit", "_draws", "_subsets_at_most"):
         real = getattr(sampling, name)
         monkeypatch.setattr(sampling, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
-    monkeypatch.setattr(sampling, "_CHUNK", 64)
+    monkeypatch.setattr(sampling, "_PIECE", 64)
     random_subsets(1, 20000, 700)
     assert "_one_large_unit" in taken
     taken.clear()
@@ -63,6 +64,7 @@ def _chi_square(counts: collections.Counter, outcomes: list, trials: int) -> flo
 )
 def test_every_subset_is_equally_likely(units, size, k, chunk, table, monkeypatch):
     monkeypatch.setattr(sampling, "_CHUNK", chunk)
+    monkeypatch.setattr(sampling, "_PIECE", chunk)
     monkeypatch.setattr(sampling, "_TABLE", table)
     gen = torch.Generator().manual_seed(3)
     trials = 6000
