@@ -558,7 +558,7 @@ def cpp_grow_layer_wide(
     dyt = dy.t().float().contiguous()
     xs = x.float().contiguous()
     eoff, ecol = compressed_rows_of(listed, o, inn)
-    flags = None if stays is None else stays.to(torch.uint8).contiguous()
+    flags = None if stays is None else stays.contiguous().view(torch.uint8)  # bool: one byte, 0 or 1
     flat = torch.empty(max(0, k), dtype=torch.int64)
     score = torch.empty(max(0, k), dtype=torch.float32)
     bad = torch.zeros(1, dtype=torch.int64)

@@ -98,8 +98,8 @@ class MaskUpdater:
                 else:
                     self._apply(name, layers[name], change)
         self._arm(self.t + 1)
-        if due:  # and the update's, once its layers moved
-            release_free_memory()
+        if due or any(layer.policy.is_update_step(self.t + 1, self.total_steps) for layer in self.layers.values()):
+            release_free_memory()  # the update's transients, or the ordinary steps' before the next update step
         return self.last_changes
 
     def _arm(self, t: int) -> None:
