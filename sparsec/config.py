@@ -93,13 +93,6 @@ SETTINGS: dict[str, _Setting] = {
         "under SPARSEC_BACKEND=auto, tune a layer program the first time it runs without a tuning entry for "
         "its device (else the backend's default strategy runs; `sparsec tune` tunes ahead of time)",
     ),
-    "trim_memory": _Setting(
-        "SPARSEC_TRIM_MEMORY",
-        lambda: True,
-        _flag,
-        "after a mask update, return the C allocator's free pages to the system (glibc malloc_trim): the "
-        "update's transients would otherwise stay resident",
-    ),
     "cache_dir": _Setting(
         "SPARSEC_CACHE_DIR",
         lambda: platformdirs.user_cache_dir("sparsec"),

@@ -51,7 +51,8 @@ class ELLFormat(Format):
             if out is not None
             else torch.empty(layout.buffers[0][2], dtype=torch.int32, device=flat.device)
         )
-        return {"fanin_indices": chunked_into(idx.view(-1), flat, lambda part: part % layout.grid[1]).view(idx.shape)}
+        chunked_into(idx.view(-1), flat, lambda part: part % layout.grid[1])
+        return {"fanin_indices": idx}
 
     def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         idx = buffers["fanin_indices"].to(torch.int64)

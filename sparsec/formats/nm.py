@@ -132,7 +132,8 @@ class NMFormat(Format):
         _, dtype, shape = layout.buffers[0]
         pos = out["nm_positions"] if out is not None else torch.empty(shape, dtype=dtype, device=flat.device)
         m = layout.spec.m
-        return {"nm_positions": chunked_into(pos.view(-1), flat, lambda part: part % layout.grid[1] % m).view(shape)}
+        chunked_into(pos.view(-1), flat, lambda part: part % layout.grid[1] % m)
+        return {"nm_positions": pos}
 
     def decode(self, layout: Layout, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         spec = layout.spec

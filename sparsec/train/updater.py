@@ -21,7 +21,6 @@ from sparsec.nn.compile import declare_dynamic_storage
 from sparsec.nn.layers import SparseLayer
 from sparsec.policies.base import Capture, Change, Context
 from sparsec.policies.relayout import apply_change, replace_parameter
-from sparsec.runtime.memory import release_free_memory
 
 STATE_VERSION = 1
 
@@ -89,8 +88,6 @@ class MaskUpdater:
             else:
                 due.setdefault(type(layer.policy), {})[name] = layer
         ctx = self._context(self.t)
-        if due:  # the step's own transients are free now: what the update allocates starts from live memory
-            release_free_memory()
         for policy_class, layers in due.items():  # a class updates its layers together: snfs redistributes
             for name, change in policy_class.update(layers, {n: self._armed.get(n) for n in layers}, ctx).items():
                 if isinstance(change, str):
@@ -98,8 +95,6 @@ class MaskUpdater:
                 else:
                     self._apply(name, layers[name], change)
         self._arm(self.t + 1)
-        if due or any(layer.policy.is_update_step(self.t + 1, self.total_steps) for layer in self.layers.values()):
-            release_free_memory()  # the update's transients, or the ordinary steps' before the next update step
         return self.last_changes
 
     def _arm(self, t: int) -> None:
