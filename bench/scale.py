@@ -202,6 +202,45 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+_SCAN_TEXT = (
+    "Batch 64, fp32, random kept positions, 30% of them just dropped (RigL's first update). The fused scan computes "
+    "|dY^T X| a register tile at a time and keeps the update's regrowth (the best fresh or just-dropped positions) "
+    "as each tile leaves the registers; torch.mm computes and stores the product and selects nothing. Median of "
+    "five, alternating, in one process."
+)
+
+
+def scan_against_product(sparsity: float) -> str:
+    """The grow step's share of an update, measured on its own: the fused C++ scan (``|dY^T X|`` and the
+    selection of the update's regrowth, never stored) against ``torch.mm`` computing the product alone, on
+    the MLP's layers at batch 64, side by side in this process (median of five, alternating)."""
+    import torch
+
+    from sparsec.runtime.cpp import cpp_grow_layer_wide
+
+    gen = torch.Generator().manual_seed(0)
+    lines = ["| layer (out x in) | kept | regrown | fused scan | torch.mm (product only) | scan / product |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for out, inn in ((4096, 1024), (4096, 4096), (8192, 8192), (16384, 1024), (16384, 16384)):
+        dy, x = torch.randn(64, out, generator=gen), torch.randn(64, inn, generator=gen)
+        n = out * inn
+        kept = torch.randperm(n, generator=gen)[: n - int(sparsity * n)].sort().values
+        k = int(0.3 * kept.numel())  # RigL's first drop fraction
+        stays = torch.ones(kept.numel(), dtype=torch.bool)
+        stays[torch.randperm(kept.numel(), generator=gen)[:k]] = False
+        scan, mm = [], []
+        for _ in range(5):
+            t = time.perf_counter()
+            cpp_grow_layer_wide(dy, x, kept, k, stays)
+            scan.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            torch.mm(dy.t(), x)
+            mm.append(time.perf_counter() - t)
+        a, b = sorted(scan)[2], sorted(mm)[2]
+        lines.append(f"| {out} x {inn} | {kept.numel():.3g} | {k:.3g} | {fmt_s(a)} | {fmt_s(b)} | {a / b:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -216,10 +255,23 @@ def main() -> None:
     parser.add_argument("--headline", action="store_true")
     parser.add_argument("--headline-only", action="store_true", help="the headline run alone")
     parser.add_argument("--headline-lr", type=float, default=0.02)
+    parser.add_argument("--scan-only", action="store_true", help="the grow scan against the product alone")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
         return
+    if args.scan_only or not args.headline_only:
+        table_text = scan_against_product(args.sparsity)
+        print(table_text, flush=True)
+        write_section(
+            "scale-scan",
+            f"## Scale: the grow step's fused scan against the product alone (CPU)\n\nMeasured "
+            f"{datetime.date.today().isoformat()} on {machine()}. Command: `python bench/scale.py --sparsity "
+            f"{args.sparsity} --scan-only` (also part of every run without --headline-only). {_SCAN_TEXT}\n\n"
+            f"{table_text}",
+        )
+        if args.scan_only:
+            return
     memory = (args.memory_gb or 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30) * 2**30
     spec = f"{args.sparsity * 100:g}%"
     rows, stopped = [], set()
