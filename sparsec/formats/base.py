@@ -186,8 +186,10 @@ class Layout:
             )
         if flat.numel() and (flat.min() < 0 or flat.max() >= total):
             raise ShapeError(f"{what} has positions outside the {self.grid[0]}x{self.grid[1]} item grid")
-        if flat.numel() > 1 and not bool((flat.diff() > 0).all()):
+        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
             raise ShapeError(f"{what} positions are not strictly increasing (duplicates or unsorted)")
+        if self.n_units == 1:  # one unit (the layer): its count is the total, checked above
+            return
         counts = torch.bincount(flat // self.unit_size, minlength=self.n_units)
         bad = (counts != self.kept_per_unit).nonzero().flatten()
         if bad.numel():

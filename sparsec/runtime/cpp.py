@@ -517,8 +517,8 @@ def cpp_merge_kept(
     kept, grown = kept.to(torch.int64).contiguous(), grown.to(torch.int64).contiguous()
     if grown.numel() > 1 and not bool((grown[1:] > grown[:-1]).all()):  # a policy may grow out of order
         grown = grown.sort().values
-    flags = survives.to(torch.uint8).contiguous()
-    n = int(flags.sum()) + grown.numel()
+    flags = survives.to(torch.bool).contiguous().view(torch.uint8)  # one byte, 0 or 1
+    n = int(survives.sum()) + grown.numel()
     flat, src = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
     w = _select_library().sparsec_merge_kept(
         kept.data_ptr(), flags.data_ptr(), kept.numel(), grown.data_ptr(), grown.numel(), flat.data_ptr(),
