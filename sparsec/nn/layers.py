@@ -168,6 +168,7 @@ class SparseLayer(nn.Module):
 
         ``flat`` must already satisfy the spec (``policies.relayout.apply_change`` checks it).
         """
+        self._cache = None  # the old positions are not needed again: freed before the remap allocates
         self.values.copy_(remap_rows(self.values, src))
         self.write_positions(flat)
 

@@ -26,10 +26,18 @@ class GrowCapture(StepActivations):
     """Armed on a layer for the update step: selects grow positions from ``|dY^T X|`` of the step's
     backwards (all of them, see ``StepActivations``), chunk by chunk, when the update asks."""
 
-    def __init__(self, layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, regrow_dropped: bool = True):
+    def __init__(
+        self,
+        layout: Layout,
+        kept: torch.Tensor,
+        dropped: torch.Tensor,
+        regrow_dropped: bool = True,
+        rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.layout, self.kept, self.dropped = layout, kept, dropped
         self.regrow_dropped = regrow_dropped
+        self.rows = rows  # the layer's compressed rows of ``kept`` where its format holds them (no copy)
 
     @property
     def selector(self) -> GrowSelector | None:
@@ -37,7 +45,7 @@ class GrowCapture(StepActivations):
         pair = self.activations()
         if pair is None:
             return None
-        return select_growth(self.layout, self.kept, self.dropped, *pair, self.regrow_dropped)
+        return select_growth(self.layout, self.kept, self.dropped, *pair, self.regrow_dropped, rows=self.rows)
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,8 @@ class RigL(Scheduled):
     name: ClassVar[str] = "rigl"
 
     def capture(self, layer: SparseLayer, kept: torch.Tensor, dropped: torch.Tensor) -> Capture:
-        return GrowCapture(layer.layout, kept, dropped, self.regrow_dropped)
+        rows = layer.layout.format.compressed_rows(layer.layout, layer.index_buffers())
+        return GrowCapture(layer.layout, kept, dropped, self.regrow_dropped, rows)
 
     @classmethod
     @torch.no_grad()

@@ -504,7 +504,7 @@ def _select_library() -> ctypes.CDLL:
     lib = load(render("cpu/select.cpp.jinja"))
     lib.sparsec_best_in_row.argtypes = [_P, _I64, _I64, ctypes.c_float, _P, _INT]
     lib.sparsec_best_in_row.restype = _I64
-    lib.sparsec_merge_kept.argtypes = [_P, _P, _I64, _P, _I64, _P, _P]
+    lib.sparsec_merge_kept.argtypes = lib.sparsec_merge_kept32.argtypes = [_P, _P, _I64, _P, _I64, _P, _P]
     lib.sparsec_merge_kept.restype = _I64
     return lib
 
@@ -513,14 +513,16 @@ def cpp_merge_kept(
     kept: torch.Tensor, survives: torch.Tensor, grown: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ascending positions after an update: the surviving ``kept`` and ``grown``; each one's old slot in
-    ``kept``, -1 for a new one), merged in one pass by the generated kernel."""
+    ``kept``, -1 for a new one: int32 where the slots fit), merged in one pass by the generated kernel."""
     kept, grown = kept.to(torch.int64).contiguous(), grown.to(torch.int64).contiguous()
     if grown.numel() > 1 and not bool((grown[1:] > grown[:-1]).all()):  # a policy may grow out of order
         grown = grown.sort().values
     flags = survives.to(torch.bool).contiguous().view(torch.uint8)  # one byte, 0 or 1
     n = int(survives.sum()) + grown.numel()
-    flat, src = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
-    w = _select_library().sparsec_merge_kept(
+    narrow = kept.numel() < 2**31  # slots in int32: half the bytes the remaps of values and state read
+    flat, src = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int32 if narrow else torch.int64)
+    merge = _select_library().sparsec_merge_kept32 if narrow else _select_library().sparsec_merge_kept
+    w = merge(
         kept.data_ptr(), flags.data_ptr(), kept.numel(), grown.data_ptr(), grown.numel(), flat.data_ptr(),
         src.data_ptr(),
     )  # fmt: skip
@@ -548,16 +550,24 @@ def _grow_library() -> ctypes.CDLL:
 
 
 def cpp_grow_layer_wide(
-    dy: torch.Tensor, x: torch.Tensor, listed: torch.Tensor, k: int, stays: torch.Tensor | None = None
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    listed: torch.Tensor,
+    k: int,
+    stays: torch.Tensor | None = None,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The ``k`` best positions of ``|dy^T x|`` (``[out, in]`` flat, ascending) outside the sorted flat
     positions ``listed`` (where ``stays`` is given, only those it flags: the kept after a drop), ties to the
     lower index, with their scores and whether every score was finite: the fused kernel of
-    ``kernels/cpu/grow.cpp.jinja`` (the product is never stored; ``listed`` goes to it as int32 rows)."""
+    ``kernels/cpu/grow.cpp.jinja`` (the product is never stored; ``listed`` goes to it as int32 rows:
+    ``rows``, int32 offsets and columns of ``listed``, where the caller holds them)."""
     o, inn = dy.shape[1], x.shape[1]
     dyt = dy.t().float().contiguous()
     xs = x.float().contiguous()
-    eoff, ecol = compressed_rows_of(listed, o, inn)
+    if rows is None or rows[1].numel() != listed.numel():
+        rows = compressed_rows_of(listed, o, inn)
+    eoff, ecol = (t.to(torch.int32).contiguous().view(-1) for t in rows)
     flags = None if stays is None else stays.contiguous().view(torch.uint8)  # bool: one byte, 0 or 1
     flat = torch.empty(max(0, k), dtype=torch.int64)
     score = torch.empty(max(0, k), dtype=torch.float32)

@@ -273,20 +273,34 @@ class _RunningBest:
 
 
 def select_growth(
-    layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
+    layout: Layout,
+    kept: torch.Tensor,
+    dropped: torch.Tensor,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    regrow_dropped: bool,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GrowSelector:
     """A completed ``GrowSelector`` for the grow step: the generated ``grow_scores`` kernel where it applies
     (``kernel_selection``), the fused C++ scan for a layer-wide unit on the cpp backend (``cpp_selection``),
-    else chunked torch (``selection.score_chunked``)."""
-    for select in (kernel_selection, cpp_selection):
-        selector = select(layout, kept, dropped, dy, x, regrow_dropped)
-        if selector is not None:
-            return selector
+    else chunked torch (``selection.score_chunked``). ``rows``: the layer's int32 compressed rows of ``kept``,
+    where its buffers hold them (the fused scan reads them instead of a copy)."""
+    selector = kernel_selection(layout, kept, dropped, dy, x, regrow_dropped)
+    if selector is None:
+        selector = cpp_selection(layout, kept, dropped, dy, x, regrow_dropped, rows)
+    if selector is not None:
+        return selector
     return score_chunked(layout, kept, dropped, dy, x, regrow_dropped)
 
 
 def cpp_selection(
-    layout: Layout, kept: torch.Tensor, dropped: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, regrow_dropped: bool
+    layout: Layout,
+    kept: torch.Tensor,
+    dropped: torch.Tensor,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    regrow_dropped: bool,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GrowSelector | None:
     """Grow selection of a layer-wide unit of single weights (unstructured) on the cpp backend: one fused
     C++ scan of ``|dY^T X|`` that keeps the best fresh positions as the product leaves the registers
@@ -304,7 +318,7 @@ def cpp_selection(
         stays[dropped] = False
     k = int(selector.fresh_need[0]) if dropped.numel() else 0
     with torch.no_grad():
-        flat, score, finite = cpp_grow_layer_wide(dy, x, kept, k, stays)
+        flat, score, finite = cpp_grow_layer_wide(dy, x, kept, k, stays, rows)
     selector.finite = finite
     selector.set_result(flat, score)
     selector.rows_seen = layout.grid[0]

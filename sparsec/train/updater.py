@@ -89,7 +89,11 @@ class MaskUpdater:
                 due.setdefault(type(layer.policy), {})[name] = layer
         ctx = self._context(self.t)
         for policy_class, layers in due.items():  # a class updates its layers together: snfs redistributes
-            for name, change in policy_class.update(layers, {n: self._armed.get(n) for n in layers}, ctx).items():
+            changes = policy_class.update(layers, {n: self._armed.get(n) for n in layers}, ctx)
+            for name, layer in layers.items():  # the captures served: their activations and positions go now,
+                self._armed.pop(name, None)  # before the layers move (the next step's are armed below)
+                layer.grow_capture = None
+            for name, change in changes.items():
                 if isinstance(change, str):
                     self._skip(name, change)
                 else:

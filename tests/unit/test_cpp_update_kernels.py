@@ -104,6 +104,9 @@ def test_the_cpp_grow_step_chooses_what_the_chunked_selection_chooses(regrow_dro
         chunked = score_chunked(layout, kept, dropped, dy, x, regrow_dropped)
     assert fused.finite and fused.complete
     assert torch.equal(fused.grown(), chunked.grown()) and fused.grown().numel() == 150
+    rows = layout.format.compressed_rows(layout, layout.encode(kept))  # the layer's own rows, as rigl hands them
+    with config.patch(backend="cpp"):
+        assert torch.equal(select_growth(layout, kept, dropped, dy, x, regrow_dropped, rows).grown(), fused.grown())
 
 
 @pytest.mark.parametrize("backend", ["cpp", "cpu"])
