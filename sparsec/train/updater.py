@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed
 from torch import nn
 
 from sparsec.errors import SparsecError, SparsecWarning
@@ -112,6 +113,13 @@ class MaskUpdater:
             layer.grow_capture = armed if isinstance(armed, Capture) and armed.observes else None
 
     def _apply(self, name: str, layer: SparseLayer, change: Change) -> None:
+        if change.spec is not None and _ranks() > 1:
+            raise SparsecError(
+                f"{name}: {layer.policy.name} changes the layer's storage to {change.spec} at step {self.t}, and "
+                f"under torch.distributed ({_ranks()} ranks) DistributedDataParallel and FSDP keep the old "
+                f"values Parameter: not supported yet. Policies that keep each layer's density (rigl, set, "
+                f"static) train under DDP with identical masks on every rank"
+            )
         apply_change(layer, self.optimizer, change)
         if change.spec is not None:  # a new layout, perhaps of another format (srigl: fan-in to unstructured)
             declare_dynamic_storage({name: layer})
@@ -166,3 +174,9 @@ class MaskUpdater:
         self.t = state["step"]
         self.generator.set_state(state["generator"])
         self._arm(self.t + 1)
+
+
+def _ranks() -> int:
+    """Ranks of the default process group (1 outside torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
