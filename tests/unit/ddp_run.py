@@ -2,13 +2,21 @@
 ranks of a gloo group under DistributedDataParallel, and write every sparse layer's kept positions after
 each update step.
 
-python ddp_run.py SPEC POLICY WORLD OUT        # WORLD = 1: one process on the whole batch; else WORLD ranks
-                                               # (torch.multiprocessing) on its shards, rank r writes OUT.r
+python ddp_run.py SPEC POLICY WORLD OUT [ACC]  # WORLD = 1: one process on the whole batch; else WORLD ranks
+                                               # (torch.multiprocessing) on its shards, rank r writes OUT.r;
+                                               # ACC micro-batches per rank and step (DDP's no_sync for all
+                                               # but the last), the loss divided by ACC
+
+Checkpoints (environment): DDP_SAVE_AT=T DDP_CKPT=PATH saves the model, optimizer and updater state after
+step T (rank 0, from the inner model); DDP_RESUME=PATH loads such a checkpoint into the fresh objects and
+trains on from the step after it (the data generator replays the steps before). OUT holds (step, masks)
+for every update step.
 
 Every rank sees an equal shard of the same global batch (rows r::WORLD are not used: shards are
 contiguous, so the ranks' rows concatenated in rank order are the global batch in order).
 """
 
+import contextlib
 import os
 import sys
 
@@ -29,7 +37,7 @@ def policy_of(name: str):
     }[name]
 
 
-def train(spec: str, policy: str, rank: int, world: int) -> list[dict[str, list[int]]]:
+def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[dict[str, list[int]]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     sparsec.sparsify(model, spec=spec, policy=policy_of(policy), dense=["4"])
@@ -43,39 +51,57 @@ def train(spec: str, policy: str, rank: int, world: int) -> list[dict[str, list[
     teacher = torch.randn(32, 10, generator=gen, dtype=torch.float64)
     shard = GLOBAL_BATCH // world
     masks = []
-    for _ in range(STEPS):
+    save_at, resume = int(os.environ.get("DDP_SAVE_AT", 0)), os.environ.get("DDP_RESUME")
+    start = 0
+    if resume:
+        state = torch.load(resume, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        updater.load_state_dict(state["updater"])
+        start = updater.t
+    for step in range(STEPS):
         x = torch.randn(GLOBAL_BATCH, 32, generator=gen, dtype=torch.float64)
         y = (x @ teacher).argmax(1)
+        if step < start:  # before the checkpoint: only the data is replayed
+            continue
         xs, ys = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
-        loss = nn.functional.cross_entropy(net(xs), ys)
-        loss.backward()
+        micro = shard // acc
+        for m in range(acc):
+            part = slice(m * micro, (m + 1) * micro)
+            sync = contextlib.nullcontext() if m == acc - 1 or world == 1 else net.no_sync()
+            with sync:
+                (nn.functional.cross_entropy(net(xs[part]), ys[part]) / acc).backward()
         opt.step()
         if updater.step():
-            masks.append({n: m.positions().tolist() for n, m in updater.layers.items()})
+            masks.append((updater.t, {n: m.positions().tolist() for n, m in updater.layers.items()}))
         opt.zero_grad()
+        if save_at and updater.t == save_at and rank == 0:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "updater": updater.state_dict()}
+            torch.save(state, os.environ["DDP_CKPT"])
     return masks
 
 
-def _rank(rank: int, spec: str, policy: str, world: int, out: str) -> None:
+def _rank(rank: int, spec: str, policy: str, world: int, out: str, acc: int) -> None:
     import torch.distributed as dist
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(train(spec, policy, rank, world), f"{out}.{rank}")
+        torch.save(train(spec, policy, rank, world, acc), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     spec, policy, world, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    acc = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     torch.set_num_threads(1)
     if world == 1:
-        torch.save(train(spec, policy, 0, 1), out)
+        torch.save(train(spec, policy, 0, 1, acc), out)
     else:
         import socket
 
         with socket.socket() as s:  # a free port for this group
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        torch.multiprocessing.spawn(_rank, args=(spec, policy, world, out), nprocs=world)
+        torch.multiprocessing.spawn(_rank, args=(spec, policy, world, out, acc), nprocs=world)

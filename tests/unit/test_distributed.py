@@ -3,6 +3,7 @@ same mask, the one a single process decides on the concatenated global batch (th
 are gathered from every rank: ``policies.base.rows_of_every_rank``). Density-changing policies are refused
 under several ranks with an error naming the supported ones."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +14,15 @@ import torch
 RUN = Path(__file__).with_name("ddp_run.py")
 
 
-def _run(spec: str, policy: str, world: int, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(RUN), spec, policy, str(world), str(out)], capture_output=True, text=True, timeout=600
-    )
+def _run(spec: str, policy: str, world: int, out: Path, acc: int = 1, **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(RUN), spec, policy, str(world), str(out), str(acc)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
 
 
-def _masks(spec: str, policy: str, world: int, tmp_path: Path) -> tuple[list, list[list]]:
+def _masks(spec: str, policy: str, world: int, tmp_path: Path, acc: int = 1) -> tuple[list, list[list]]:
     one, many = tmp_path / "one", tmp_path / "many"
-    for w, out in ((1, one), (world, many)):
-        done = _run(spec, policy, w, out)
+    for w, out, a in ((1, one, 1), (world, many, acc)):
+        done = _run(spec, policy, w, out, a)
         assert done.returncode == 0, done.stderr[-2000:]
     return torch.load(one), [torch.load(f"{many}.{r}") for r in range(world)]
 
@@ -45,8 +45,37 @@ def test_every_rank_holds_the_mask_one_process_decides_on_the_global_batch(spec,
     for update, single in enumerate(one):
         for rank, masks in enumerate(ranks):
             assert masks[update] == single, (update, rank)
-    first, last = one[0], one[-1]
+    first, last = one[0][1], one[-1][1]
     assert any(set(first[n]) != set(last[n]) for n in first)  # the masks really moved between updates
+
+
+@pytest.mark.slow
+def test_accumulated_micro_batches_on_every_rank_decide_the_global_batch_s_mask(tmp_path):
+    one, ranks = _masks("90%", "rigl", 2, tmp_path, acc=2)  # 2 ranks x 2 micro-batches of 12 = one batch of 48
+    assert len(one) == 4
+    for rank, masks in enumerate(ranks):
+        assert masks == one, rank
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_two_ranks_and_one_process(tmp_path):
+    """Saved on 2 ranks and trained on in 1 process, and saved in 1 process and trained on by 2 ranks: the
+    updates after the checkpoint decide the masks of training straight through (steps 9 and 12)."""
+
+    def masks(world: int, name: str, **env: str) -> list:
+        done = _run("90%", "rigl", world, tmp_path / name, **env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return torch.load(tmp_path / (name if world == 1 else f"{name}.0"))
+
+    straight = masks(1, "straight")
+    on_two = str(tmp_path / "two.pt")
+    masks(2, "save2", DDP_SAVE_AT="7", DDP_CKPT=on_two)
+    on_one = str(tmp_path / "one.pt")
+    masks(1, "save1", DDP_SAVE_AT="7", DDP_CKPT=on_one)
+    after = [m for m in straight if m[0] > 7]
+    assert [t for t, _ in after] == [9, 12]
+    assert masks(1, "resume1", DDP_RESUME=on_two) == after  # two ranks' checkpoint, one process
+    assert masks(2, "resume2", DDP_RESUME=on_one) == after  # one process's checkpoint, two ranks
 
 
 @pytest.mark.slow
