@@ -6,6 +6,7 @@ change between releases.
 """
 
 from sparsec import config
+from sparsec.deploy import export
 from sparsec.dsl.sparsify import sparse, sparsify
 from sparsec.errors import ShapeError, SparsecError, SparsecWarning, SpecError
 from sparsec.explainer import explain, step_flops
@@ -50,6 +51,7 @@ __all__ = [
     "imp_rounds",
     "small_dense",
     "MaskUpdater",
+    "export",
     "rigl_step",
     "erk_densities",
     "SparsecError",

@@ -1,0 +1,118 @@
+"""``sparsec.export`` (module ``sparsec.deploy``): a trained model's copy for inference, its sparse layers in a
+format deployment runs.
+
+- ``"dense"``: ``nn.Linear`` / ``nn.Conv2d`` with zeros where nothing is kept (any runtime, ONNX, torch.export);
+- ``"csr"``: linear layers as ``SparseCSRLinear``, the weight a ``torch.sparse_csr`` tensor (``torch.sparse.mm``);
+- ``"bsr"``: linear layers of block specs as ``SparseBSRLinear``, a ``torch.sparse_bsr`` weight of the spec's
+  blocks.
+
+The model passed in is left as it is; the copy shares nothing with it. Not yet: the condensed constant
+fan-in module and PyTorch's semi-structured 2:4 layout (README, Distributed training and export).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from sparsec.errors import SparsecError
+from sparsec.nn.layers import SparseConv2d, SparseLayer, SparseLinear
+from sparsec.spec import Block
+
+FORMATS = ("dense", "csr", "bsr")
+
+
+class SparseCSRLinear(nn.Module):
+    """``y = x @ W^T + b`` with ``W`` a ``torch.sparse_csr`` tensor (rows: outputs)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = torch.sparse.mm(self.weight, flat.t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.weight.layout}"
+
+
+class SparseBSRLinear(SparseCSRLinear):
+    """``y = x @ W^T + b`` with ``W`` a ``torch.sparse_bsr`` tensor of the spec's blocks."""
+
+
+def export(model: nn.Module, format: str = "dense") -> nn.Module:  # noqa: A002 - the issue's and torch's word
+    """A copy of ``model`` whose sparse layers are in ``format`` (``FORMATS``), for inference: the same
+    outputs as the trained model (fp32: within float rounding of the summation order)."""
+    if format not in FORMATS:
+        raise SparsecError(f"export format {format!r}; choose one of {', '.join(FORMATS)}")
+    out = copy.deepcopy(model)
+    if isinstance(out, SparseLayer):
+        return _exported(out, format, "the model")
+    for name, module in list(out.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, SparseLayer):
+                setattr(module, child_name, _exported(child, format, f"{name}.{child_name}".lstrip(".")))
+    return out
+
+
+@torch.no_grad()
+def _exported(layer: SparseLayer, format: str, where: str) -> nn.Module:  # noqa: A002
+    weight = layer.dense_weight()
+    bias = None if layer.bias is None else layer.bias.detach().clone()
+    if isinstance(layer, SparseConv2d):
+        if format != "dense":
+            raise SparsecError(f"{where}: a sparse conv exports as format='dense' (torch's sparse layouts are 2-D)")
+        conv = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+            bias=bias is not None, device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+        return conv
+    if not isinstance(layer, SparseLinear):
+        raise SparsecError(f"{where}: {type(layer).__name__} has no export")
+    if format == "dense":
+        linear = nn.Linear(
+            layer.layout.in_features, layer.layout.out_features, bias=bias is not None,
+            device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+        return linear
+    if format == "csr":
+        return SparseCSRLinear(_csr(layer), bias)
+    if not isinstance(layer.spec, Block):
+        raise SparsecError(f"{where}: format='bsr' needs a block spec, this layer is {layer.spec}; use 'csr'")
+    return SparseBSRLinear(_bsr(layer), bias)
+
+
+def _csr(layer: SparseLayer) -> torch.Tensor:
+    """The layer's kept weights as a CSR tensor: its mask exactly (a kept weight trained to 0 stays in it)."""
+    layout = layer.layout
+    flat = layout.element_positions(layer.positions())  # weight positions in value order
+    order = flat.argsort()
+    flat, values = flat[order], layer.values.detach().reshape(-1)[order].clone()
+    crow = torch.searchsorted(flat, torch.arange(layout.out_features + 1, device=flat.device) * layout.in_features)
+    shape = (layout.out_features, layout.in_features)
+    return torch.sparse_csr_tensor(crow, flat % layout.in_features, values, shape)
+
+
+def _bsr(layer: SparseLayer) -> torch.Tensor:
+    """A block layer's kept blocks as a BSR tensor of its blocks (stored in block-grid order, as the layer)."""
+    layout = layer.layout
+    blocks = layer.positions()  # sorted block positions on the block grid
+    n_rows, n_cols = layout.grid
+    crow = torch.searchsorted(blocks, torch.arange(n_rows + 1, device=blocks.device) * n_cols)
+    values = layer.values.detach().reshape(-1, *layout.item).clone()
+    shape = (layout.out_features, layout.in_features)
+    return torch.sparse_bsr_tensor(crow, blocks % n_cols, values, shape)
