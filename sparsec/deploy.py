@@ -4,10 +4,13 @@ format deployment runs.
 - ``"dense"``: ``nn.Linear`` / ``nn.Conv2d`` with zeros where nothing is kept (any runtime, ONNX, torch.export);
 - ``"csr"``: linear layers as ``SparseCSRLinear``, the weight a ``torch.sparse_csr`` tensor (``torch.sparse.mm``);
 - ``"bsr"``: linear layers of block specs as ``SparseBSRLinear``, a ``torch.sparse_bsr`` weight of the spec's
-  blocks.
+  blocks;
+- ``"condensed"``: linear layers whose rows keep equal counts (fan-in, N:M) as ``CondensedLinear``: values
+  ``[out, k]`` and 16-bit input indices (32-bit past 32767 inputs), the SRigL paper's deployment form.
 
-The model passed in is left as it is; the copy shares nothing with it. Not yet: the condensed constant
-fan-in module and PyTorch's semi-structured 2:4 layout (README, Distributed training and export).
+The model passed in is left as it is; the copy shares nothing with it. Not yet: removing ablated outputs
+from a condensed layer (and their inputs from the next one), and PyTorch's semi-structured 2:4 layout
+(CUDA only).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sparsec.errors import SparsecError
 from sparsec.nn.layers import SparseConv2d, SparseLayer, SparseLinear
 from sparsec.spec import Block
 
-FORMATS = ("dense", "csr", "bsr")
+FORMATS = ("dense", "csr", "bsr", "condensed")
 
 
 class SparseCSRLinear(nn.Module):
@@ -46,6 +49,29 @@ class SparseCSRLinear(nn.Module):
 
 class SparseBSRLinear(SparseCSRLinear):
     """``y = x @ W^T + b`` with ``W`` a ``torch.sparse_bsr`` tensor of the spec's blocks."""
+
+
+class CondensedLinear(nn.Module):
+    """``y[:, o] = sum_j values[o, j] * x[:, indices[o, j]] + b[o]``: every output reads its ``k`` kept inputs
+    (constant fan-in), one gather and one reduction."""
+
+    def __init__(self, values: torch.Tensor, indices: torch.Tensor, in_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("values", values)
+        self.register_buffer("indices", indices)  # int16 (int32 past 32767 inputs)
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = in_features, values.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        gathered = flat[:, self.indices.long()]  # [B, out, k]
+        y = (gathered * self.values).sum(-1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.values.shape[1]}"
 
 
 def export(model: nn.Module, format: str = "dense") -> nn.Module:  # noqa: A002 - the issue's and torch's word
@@ -91,9 +117,28 @@ def _exported(layer: SparseLayer, format: str, where: str) -> nn.Module:  # noqa
         return linear
     if format == "csr":
         return SparseCSRLinear(_csr(layer), bias)
+    if format == "condensed":
+        return _condensed(layer, bias, where)
     if not isinstance(layer.spec, Block):
         raise SparsecError(f"{where}: format='bsr' needs a block spec, this layer is {layer.spec}; use 'csr'")
     return SparseBSRLinear(_bsr(layer), bias)
+
+
+def _condensed(layer: SparseLayer, bias: torch.Tensor | None, where: str) -> CondensedLinear:
+    layout = layer.layout
+    flat = layout.element_positions(layer.positions())
+    order = flat.argsort()
+    flat, values = flat[order], layer.values.detach().reshape(-1)[order]
+    per_row = torch.bincount(flat // layout.in_features, minlength=layout.out_features)
+    if layout.nnz % layout.out_features or not bool((per_row == per_row[0]).all()):
+        raise SparsecError(
+            f"{where}: format='condensed' needs the same kept count in every row (a fanin or N:M spec); this "
+            f"layer is {layer.spec}: use 'csr'"
+        )
+    k = layout.nnz // layout.out_features
+    index_dtype = torch.int16 if layout.in_features <= 2**15 - 1 else torch.int32
+    indices = (flat % layout.in_features).view(layout.out_features, k).to(index_dtype)
+    return CondensedLinear(values.view(layout.out_features, k).clone(), indices, layout.in_features, bias)
 
 
 def _csr(layer: SparseLayer) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sparsec
-from sparsec.deploy import SparseBSRLinear, SparseCSRLinear
+from sparsec.deploy import CondensedLinear, SparseBSRLinear, SparseCSRLinear
 
 SPECS = ["90%", "2:4", "block(4x4, 75%)", "fanin(75%)"]
 
@@ -27,15 +27,19 @@ def _trained(spec: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("fmt", ["dense", "csr", "bsr"])
+@pytest.mark.parametrize("fmt", ["dense", "csr", "bsr", "condensed"])
 def test_the_exported_model_gives_the_trained_model_s_outputs(spec, fmt):
     model = _trained(spec)
     if fmt == "bsr" and not spec.startswith("block"):
         with pytest.raises(sparsec.SparsecError, match="needs a block spec"):
             sparsec.export(model, fmt)
         return
+    if fmt == "condensed" and spec not in ("2:4", "fanin(75%)"):  # rows of unequal kept counts
+        with pytest.raises(sparsec.SparsecError, match="same kept count in every row"):
+            sparsec.export(model, fmt)
+        return
     out = sparsec.export(model, fmt)
-    kinds = {"dense": nn.Linear, "csr": SparseCSRLinear, "bsr": SparseBSRLinear}
+    kinds = {"dense": nn.Linear, "csr": SparseCSRLinear, "bsr": SparseBSRLinear, "condensed": CondensedLinear}
     assert all(isinstance(out[i], kinds[fmt]) for i in (0, 2))
     x = torch.randn(5, 3, 32)  # leading dimensions pass through
     with torch.no_grad():
@@ -69,8 +73,13 @@ def test_a_sparse_conv_exports_dense_and_refuses_torch_s_sparse_layouts():
         sparsec.export(model, "csr")
 
 
+def test_a_condensed_layer_holds_16_bit_indices_and_its_fan_in_values():
+    layer = sparsec.export(_trained("fanin(75%)"), "condensed")[0]
+    assert layer.indices.dtype == torch.int16 and tuple(layer.values.shape) == (64, 8)  # 25% of 32 inputs
+
+
 def test_an_unknown_format_is_refused_with_the_choices():
-    with pytest.raises(sparsec.SparsecError, match="dense, csr, bsr"):
+    with pytest.raises(sparsec.SparsecError, match="dense, csr, bsr, condensed"):
         sparsec.export(_trained("90%"), "onnx")
 
 
