@@ -8,7 +8,8 @@ given its size, a uniform subset (the draws are exchangeable), and a uniform ``k
 uniform ``k``-subset of the unit. Draws per unit: about ``size * ln(size / (size - k))``, at most
 ``1.39 k`` for ``k <= size / 2``; above half a unit the complement is drawn instead. Units with few
 subsets (N:M groups: 6 for 2:4) draw one row of the table of all ``k``-subsets instead. Many units are
-drawn a chunk at a time, so the transient memory stays a few ``_CHUNK``-sized tensors.
+drawn a chunk at a time, and one large unit a piece at a time (``_PIECE``), so the transient memory stays a
+few chunk- or piece-sized tensors.
 """
 
 from __future__ import annotations
