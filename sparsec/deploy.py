@@ -6,11 +6,12 @@ format deployment runs.
 - ``"bsr"``: linear layers of block specs as ``SparseBSRLinear``, a ``torch.sparse_bsr`` weight of the spec's
   blocks;
 - ``"condensed"``: linear layers whose rows keep equal counts (fan-in, N:M) as ``CondensedLinear``: values
-  ``[out, k]`` and 16-bit input indices (32-bit past 32767 inputs), the SRigL paper's deployment form.
+  ``[out, k]`` and 16-bit input indices (32-bit past 32767 inputs), the SRigL paper's deployment form;
+- ``"semi_structured"``: 2:4 linear layers on CUDA as ``nn.Linear`` with PyTorch's semi-structured weight
+  (``torch.sparse.to_sparse_semi_structured``: the sparse tensor cores), in fp16 or bf16.
 
 The model passed in is left as it is; the copy shares nothing with it. Not yet: removing ablated outputs
-from a condensed layer (and their inputs from the next one), and PyTorch's semi-structured 2:4 layout
-(CUDA only).
+from a condensed layer (and their inputs from the next one).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from torch import nn
 
 from sparsec.errors import SparsecError
 from sparsec.nn.layers import SparseConv2d, SparseLayer, SparseLinear
-from sparsec.spec import Block
+from sparsec.spec import NM, Block
 
-FORMATS = ("dense", "csr", "bsr", "condensed")
+FORMATS = ("dense", "csr", "bsr", "condensed", "semi_structured")
 
 
 class SparseCSRLinear(nn.Module):
@@ -106,6 +107,8 @@ def _exported(layer: SparseLayer, format: str, where: str) -> nn.Module:  # noqa
         return conv
     if not isinstance(layer, SparseLinear):
         raise SparsecError(f"{where}: {type(layer).__name__} has no export")
+    if format == "semi_structured":
+        return _semi_structured(layer, weight, bias, where)
     if format == "dense":
         linear = nn.Linear(
             layer.layout.in_features, layer.layout.out_features, bias=bias is not None,
@@ -122,6 +125,23 @@ def _exported(layer: SparseLayer, format: str, where: str) -> nn.Module:  # noqa
     if not isinstance(layer.spec, Block):
         raise SparsecError(f"{where}: format='bsr' needs a block spec, this layer is {layer.spec}; use 'csr'")
     return SparseBSRLinear(_bsr(layer), bias)
+
+
+def _semi_structured(layer: SparseLayer, weight: torch.Tensor, bias: torch.Tensor | None, where: str) -> nn.Linear:
+    if layer.spec != NM(2, 4):
+        raise SparsecError(f"{where}: format='semi_structured' is PyTorch's 2:4 layout; this layer is {layer.spec}")
+    if not weight.is_cuda or weight.dtype not in (torch.float16, torch.bfloat16):
+        raise SparsecError(
+            f"{where}: format='semi_structured' runs on CUDA in fp16 or bf16 (the sparse tensor cores); the layer "
+            f"is {weight.dtype} on {weight.device}: call model.cuda().half() first, or export 'dense' or 'condensed'"
+        )
+    linear = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    linear.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(weight), requires_grad=False)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
 
 
 def _condensed(layer: SparseLayer, bias: torch.Tensor | None, where: str) -> CondensedLinear:

@@ -210,8 +210,8 @@ def _scratch(n: int, like: torch.Tensor) -> torch.Tensor:
 
 
 # The plan kernel's W^T: scattered directly while its arrays fit a last-level cache (this CPU's 32 MB; measured
-# 5 ms at 2.7M entries on 2 threads, 10 ms on one), else through 256 column buckets a chunk of entries at a time (0.6-1.2 s at 43M over
-# 65536 columns, against 4.5 s direct: a cache and TLB miss per entry).
+# 5 ms at 2.7M entries on 2 threads, 10 ms on one), else through 256 column buckets a chunk of entries at a
+# time (0.6-1.2 s at 43M over 65536 columns, against 4.5 s direct: a cache and TLB miss per entry).
 PLAN_DIRECT_BYTES, PLAN_CHUNK = 32 << 20, 1 << 20
 
 TILE_DOTS_DENSITY = 0.03  # below: the dots read the step's tiles (measured: faster at 98-99%, slower at 90-95%)

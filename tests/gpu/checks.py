@@ -10,6 +10,8 @@
 - ``second_device``: a layer on cuda:1 while cuda:0 is current (skipped with one GPU).
 - ``tuner``: the autotuner end to end (configurations, pruning, cuSPARSE, cuBLAS, semi-structured 2:4), and
   the layer running its choices.
+- ``export``: ``sparsec.export(..., "semi_structured")`` of a 2:4 model in fp16 gives the sparse model's
+  outputs (fp16: 1e-2 relative), through PyTorch's semi-structured weight.
 - ``cuda_graphs``: a forward captured in a CUDA graph, replayed after mask updates (a RigL step, then a
   mask written directly): the replay computes with the new mask.
 """
@@ -184,7 +186,22 @@ def tuner() -> None:
             print("ok tuner", spec)
 
 
+def export() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128))
+    sparsec.sparsify(model, spec="2:4", policy="static")
+    model = model.cuda().half()
+    out = sparsec.export(model, "semi_structured")
+    assert type(out[0].weight).__name__.startswith("SparseSemiStructured"), type(out[0].weight)
+    x = torch.randn(64, 128, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        want, got = model(x).float(), out(x).float()
+    assert torch.allclose(got, want, rtol=1e-2, atol=1e-2), (got - want).abs().max()
+    print("ok export semi_structured")
+
+
 CHECKS = {
+    "export": export,
     "kernels": kernels,
     "rigl": rigl,
     "autocast": autocast,

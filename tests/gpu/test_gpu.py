@@ -28,6 +28,7 @@ CHECKS = Path(__file__).with_name("checks.py")
         ("second_device",),
         ("cuda_graphs",),
         ("tuner",),
+        ("export",),
     ],
     ids="-".join,
 )

@@ -78,8 +78,15 @@ def test_a_condensed_layer_holds_16_bit_indices_and_its_fan_in_values():
     assert layer.indices.dtype == torch.int16 and tuple(layer.values.shape) == (64, 8)  # 25% of 32 inputs
 
 
+def test_semi_structured_is_refused_off_cuda_and_off_2_4_with_the_fix():
+    with pytest.raises(sparsec.SparsecError, match=r"on CUDA in fp16 or bf16.*model.cuda\(\).half\(\)"):
+        sparsec.export(_trained("2:4"), "semi_structured")
+    with pytest.raises(sparsec.SparsecError, match="PyTorch's 2:4 layout"):
+        sparsec.export(_trained("90%"), "semi_structured")
+
+
 def test_an_unknown_format_is_refused_with_the_choices():
-    with pytest.raises(sparsec.SparsecError, match="dense, csr, bsr, condensed"):
+    with pytest.raises(sparsec.SparsecError, match="dense, csr, bsr, condensed, semi_structured"):
         sparsec.export(_trained("90%"), "onnx")
 
 
