@@ -92,11 +92,11 @@ def export(model: nn.Module, format: str = "dense") -> nn.Module:  # noqa: A002 
 
 @torch.no_grad()
 def _exported(layer: SparseLayer, format: str, where: str) -> nn.Module:  # noqa: A002
-    weight = layer.dense_weight()
     bias = None if layer.bias is None else layer.bias.detach().clone()
     if isinstance(layer, SparseConv2d):
         if format != "dense":
             raise SparsecError(f"{where}: a sparse conv exports as format='dense' (torch's sparse layouts are 2-D)")
+        weight = layer.dense_weight()
         conv = nn.Conv2d(
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
             bias=bias is not None, device=weight.device, dtype=weight.dtype,
@@ -108,17 +108,10 @@ def _exported(layer: SparseLayer, format: str, where: str) -> nn.Module:  # noqa
     if not isinstance(layer, SparseLinear):
         raise SparsecError(f"{where}: {type(layer).__name__} has no export")
     if format == "semi_structured":
-        return _semi_structured(layer, weight, bias, where)
+        return _semi_structured(layer, bias, where)
     if format == "dense":
-        linear = nn.Linear(
-            layer.layout.in_features, layer.layout.out_features, bias=bias is not None,
-            device=weight.device, dtype=weight.dtype,
-        )  # fmt: skip
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-        return linear
-    if format == "csr":
+        return _dense_linear(layer.dense_weight(), bias)
+    if format == "csr":  # the sparse formats build from the kept values alone: no dense weight
         return SparseCSRLinear(_csr(layer), bias)
     if format == "condensed":
         return _condensed(layer, bias, where)
@@ -127,20 +120,27 @@ def _exported(layer: SparseLayer, format: str, where: str) -> nn.Module:  # noqa
     return SparseBSRLinear(_bsr(layer), bias)
 
 
-def _semi_structured(layer: SparseLayer, weight: torch.Tensor, bias: torch.Tensor | None, where: str) -> nn.Linear:
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
+
+
+def _semi_structured(layer: SparseLayer, bias: torch.Tensor | None, where: str) -> nn.Linear:
     if layer.spec != NM(2, 4):
         raise SparsecError(f"{where}: format='semi_structured' is PyTorch's 2:4 layout; this layer is {layer.spec}")
+    weight = layer.values
     if not weight.is_cuda or weight.dtype not in (torch.float16, torch.bfloat16):
         raise SparsecError(
             f"{where}: format='semi_structured' runs on CUDA in fp16 or bf16 (the sparse tensor cores); the layer "
             f"is {weight.dtype} on {weight.device}: call model.cuda().half() first, or export 'dense' or 'condensed'"
         )
-    linear = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
-    linear.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(weight), requires_grad=False)
-    if bias is not None:
-        linear.bias.copy_(bias)
+    linear = _dense_linear(layer.dense_weight(), bias)
+    linear.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(linear.weight.detach()), requires_grad=False)
     return linear
 
 

@@ -236,7 +236,8 @@ class SparseLayer(nn.Module):
         ``unit_scaled_init`` draw each unit for its real fan-in. O(kept), a chunk of items at a time: per
         stored value, its output row."""
         layout, values = self.layout, self.values.detach().view(-1)
-        per_item, step = layout.item[0] * layout.item[1], max(1, _FAN_IN_CHUNK // (layout.item[0] * layout.item[1]))
+        per_item = layout.item[0] * layout.item[1]
+        step = max(1, _FAN_IN_CHUNK // per_item)
         chunks = [(a, min(a + step, flat.numel())) for a in range(0, flat.numel(), step)]
 
         def rows(a: int, b: int) -> torch.Tensor:  # output row of each stored value of items a..b

@@ -69,11 +69,10 @@ class StepActivations(Capture):
 
     def __init__(self):
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.gathered = False  # the calls hold every rank's rows (see activations)
 
     def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         self.calls.append((dy.detach().clone(), x.detach().clone()))  # held past the backward: own copies
-
-    gathered = False  # the calls hold every rank's rows (see activations)
 
     def activations(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The calls' ``dY`` and ``X``, rows concatenated (None: no backward ran); kept as one pair. Under
@@ -100,9 +99,7 @@ def rows_of_every_rank(t: torch.Tensor) -> torch.Tensor:
     against 64 MB reduced (a ring all-reduce moves about twice the tensor per rank); the gather costs less
     until the global batch passes ``out * in / (out + in)`` rows (2048 here), beyond the batches a grow
     step sees. The collective runs on update steps only, on every rank, layer by layer in model order."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return t
-    world = torch.distributed.get_world_size()
+    world = world_size()
     if world < 2:
         return t
     counts = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(world)]
@@ -113,6 +110,12 @@ def rows_of_every_rank(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     torch.distributed.all_gather(parts, padded.contiguous())
     return torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)])
+
+
+def world_size() -> int:
+    """Ranks of the default torch.distributed process group (1 outside torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,8 @@ class CppPlan:
         threaded counting sort (``kernels/cpu/plan.cpp.jinja``). Written into ``into``'s tensors where they
         fit (an update's rebuild: the storage a captured graph reads, and no second plan at once)."""
         ins = (row_offsets.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous().view(-1))
-        return _weights_plan("sparsec_rows_plan", [t.data_ptr() for t in ins], ins[1].numel(), shape, into)
+        n = ins[1].numel()
+        return _weights_plan("sparsec_rows_plan", [*(t.data_ptr() for t in ins), n], n, shape, into)
 
     @staticmethod
     def of_weights(flat: torch.Tensor, shape: tuple[int, int], into: CppPlan | None = None) -> CppPlan:
@@ -124,8 +125,8 @@ def _weights_plan(entry: str, ins: list[int], n: int, shape: tuple[int, int], in
         offsets, offsets_t = torch.empty(out + 1, dtype=torch.int64), torch.empty(inn + 1, dtype=torch.int64)
         plan = CppPlan(offsets, cols, None, offsets_t, rows_t, slots_t, tuple(shape))
     lib = _plan_library(*(INDEX_TYPES[d] for d in dtypes))
-    getattr(lib, entry)(
-        *ins, *([n] if entry == "sparsec_rows_plan" else []), out, inn, plan.offsets.data_ptr(),
+    getattr(lib, entry)(  # ins: the entry's input pointers and entry count
+        *ins, out, inn, plan.offsets.data_ptr(),
         plan.cols.data_ptr(), plan.offsets_t.data_ptr(), plan.cols_t.data_ptr(), plan.order_t.data_ptr(),
         PLAN_DIRECT_BYTES, PLAN_CHUNK, torch.get_num_threads(),
     )  # fmt: skip

@@ -14,13 +14,12 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed
 from torch import nn
 
 from sparsec.errors import SparsecError, SparsecWarning
 from sparsec.nn.compile import declare_dynamic_storage
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.base import Capture, Change, Context
+from sparsec.policies.base import Capture, Change, Context, world_size
 from sparsec.policies.relayout import apply_change, replace_parameter
 
 STATE_VERSION = 1
@@ -113,10 +112,10 @@ class MaskUpdater:
             layer.grow_capture = armed if isinstance(armed, Capture) and armed.observes else None
 
     def _apply(self, name: str, layer: SparseLayer, change: Change) -> None:
-        if change.spec is not None and _ranks() > 1:
+        if change.spec is not None and world_size() > 1:
             raise SparsecError(
                 f"{name}: {layer.policy.name} changes the layer's storage to {change.spec} at step {self.t}, and "
-                f"under torch.distributed ({_ranks()} ranks) DistributedDataParallel and FSDP keep the old "
+                f"under torch.distributed ({world_size()} ranks) DistributedDataParallel and FSDP keep the old "
                 f"values Parameter: not supported yet. Policies that keep each layer's density (rigl, set, "
                 f"static) train under DDP with identical masks on every rank"
             )
@@ -174,9 +173,3 @@ class MaskUpdater:
         self.t = state["step"]
         self.generator.set_state(state["generator"])
         self._arm(self.t + 1)
-
-
-def _ranks() -> int:
-    """Ranks of the default process group (1 outside torch.distributed)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
