@@ -26,6 +26,7 @@ import torch
 import torch.distributed
 from torch import nn
 
+from sparsec.errors import SparsecError
 from sparsec.nn.layers import SparseLayer
 from sparsec.spec import Spec
 from sparsec.spec.policy import Policy as PolicyValue
@@ -110,6 +111,25 @@ def rows_of_every_rank(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     torch.distributed.all_gather(parts, padded.contiguous())
     return torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)])
+
+
+def check_ranks_agree(layers: Mapping[str, SparseLayer], t: int) -> None:
+    """Raise ``SparsecError`` unless every rank holds the same kept count and values sum in every layer: one
+    all-gather of two numbers a layer, after a step that replaced values Parameters (a DDP wrapper still
+    built over the old ones leaves the new values' gradients unreduced, so the ranks drift apart)."""
+    mine = torch.tensor(
+        [[float(layer.values.numel()), layer.values.detach().double().sum().item()] for layer in layers.values()],
+        dtype=torch.float64,
+    )
+    every = rows_of_every_rank(mine[None]).view(world_size(), *mine.shape)
+    apart = [name for i, name in enumerate(layers) if not bool((every[:, i] == every[0, i]).all())]
+    if apart:
+        raise SparsecError(
+            f"after step {t}'s density change the ranks hold different values in {apart}: the "
+            f"DistributedDataParallel wrapper still holds the old values Parameters, so the new ones train "
+            f"unsynchronised. Build it again after a step where updater.storage_changed is True "
+            f"(ddp = DistributedDataParallel(model, init_sync=False, ...))"
+        )
 
 
 def world_size() -> int:

@@ -12,7 +12,7 @@ import torch
 
 from sparsec.errors import SpecError
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.base import Capture, Change, Context, Policy
+from sparsec.policies.base import Capture, Change, Context, Policy, rows_of_every_rank, world_size
 from sparsec.policies.decision import choose_drops, drop_scores, n_drop_for, remap_positions, survivor_mask
 from sparsec.policies.schedule import cosine_drop_fraction, is_update_step
 from sparsec.runtime.selection import grad_row_chunks, rank_in_unit
@@ -46,6 +46,9 @@ class MomentumShadow(Capture):
 
     @torch.no_grad()
     def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        world = world_size()
+        if world > 1:  # DDP: fold the global batch's gradient, the mean of the ranks' (see SNFS)
+            dy, x = rows_of_every_rank(dy) / world, rows_of_every_rank(x)
         group = self._group()
         first = self.steps == 0
         for r0, g in grad_row_chunks(self.layer.layout, dy, x):
@@ -91,6 +94,14 @@ class SNFS(Policy):
     Momentum is SGD's buffer, or Adam's ``m / (sqrt(v) + 1e-8)``. Growing by momentum needs the
     momentum of weights that do not exist yet, so snfs keeps a dense momentum shadow and computes the
     dense gradient at every step: the one policy that holds O(out x in) memory.
+
+    Under torch.distributed (DDP) every backward gathers the layer's ``dY`` and ``X`` from every rank
+    (``B x (out + in)`` values per rank) and folds their mean gradient, as DDP averages gradients, so the
+    shadow is the global batch's on every rank, bit for bit the same, with SGD or Adam, and a checkpoint
+    of any rank's shadow is the shadow. It is the one policy that communicates at ordinary steps: its
+    momentum folds every step's dense gradient (the algorithm's), and averaging the ranks' shadows at
+    updates instead would be exact for ``m`` only (Adam's ``v`` is of squares) and leave rank-local
+    shadows in checkpoints between updates.
     """
 
     name: ClassVar[str] = "snfs"

@@ -19,7 +19,7 @@ from torch import nn
 from sparsec.errors import SparsecError, SparsecWarning
 from sparsec.nn.compile import declare_dynamic_storage
 from sparsec.nn.layers import SparseLayer
-from sparsec.policies.base import Capture, Change, Context, world_size
+from sparsec.policies.base import Capture, Change, Context, check_ranks_agree, world_size
 from sparsec.policies.relayout import apply_change, replace_parameter
 
 STATE_VERSION = 1
@@ -34,6 +34,13 @@ class MaskUpdater:
     ``step()``: it returns ``{layer name: positions grown}`` for the layers updated at that step;
     ``last_dropped`` and ``last_changes`` keep the counts, and a skipped layer warns with the reason.
     ``state_dict()``/``load_state_dict()`` checkpoint the step count and every policy's state.
+
+    A policy that changes a layer's density (snfs, srigl's ablation, gmp, imp) gives it a new ``values``
+    Parameter (the optimizer is pointed at it here) and sets ``storage_changed`` for that step: a
+    DistributedDataParallel wrapper holds the old Parameters, so build it again then
+    (``ddp = DistributedDataParallel(model, ...)``; every rank holds the same masks and values, so
+    ``init_sync=False`` may skip its broadcast). Under several ranks the next ``step()`` checks that the
+    ranks still agree on every layer's values and raises, naming the fix, where they do not.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int, *, seed: int = 0):
@@ -56,6 +63,7 @@ class MaskUpdater:
         self.generator = torch.Generator().manual_seed(seed)
         self.last_changes: dict[str, int] = {}  # layer -> positions grown (pruned, for gmp) at the last update
         self.last_dropped: dict[str, int] = {}  # layer -> positions dropped at the last update
+        self.storage_changed = False  # the last step gave a layer a new values Parameter (see the class)
         self._warned: set[str] = set()
         self._states = {}  # layer -> the state its policy keeps across steps (snfs: the momentum shadow)
         for name, layer in self.layers.items():
@@ -76,8 +84,10 @@ class MaskUpdater:
                 f"updater.load_state_dict(...) with the checkpoint's updater state (it points the optimizer at "
                 f"the new parameters), or build the optimizer after loading the model"
             )
+        if self.storage_changed and world_size() > 1:  # the wrapper rebuilt since? Its ranks agree if so
+            check_ranks_agree(self.layers, self.t)
         self.t += 1
-        self.last_changes, self.last_dropped = {}, {}
+        self.last_changes, self.last_dropped, self.storage_changed = {}, {}, False
         due: dict[type, dict[str, SparseLayer]] = {}  # policy class -> its layers due now, in model order
         for name, layer in self.layers.items():
             if not layer.policy.is_update_step(self.t, self.total_steps):
@@ -112,16 +122,12 @@ class MaskUpdater:
             layer.grow_capture = armed if isinstance(armed, Capture) and armed.observes else None
 
     def _apply(self, name: str, layer: SparseLayer, change: Change) -> None:
-        if change.spec is not None and world_size() > 1:
-            raise SparsecError(
-                f"{name}: {layer.policy.name} changes the layer's storage to {change.spec} at step {self.t}, and "
-                f"under torch.distributed ({world_size()} ranks) DistributedDataParallel and FSDP keep the old "
-                f"values Parameter: not supported yet. Policies that keep each layer's density (rigl, set, "
-                f"static) train under DDP with identical masks on every rank"
-            )
+        old = layer.values
         apply_change(layer, self.optimizer, change)
         if change.spec is not None:  # a new layout, perhaps of another format (srigl: fan-in to unstructured)
             declare_dynamic_storage({name: layer})
+        if layer.values is not old:  # a new values Parameter: wrappers built over the old one must be rebuilt
+            self.storage_changed = True
         if change.flat is not None:  # the mask moved (not only the recorded spec)
             self.last_changes[name] = change.changed
             self.last_dropped[name] = change.dropped

@@ -10,7 +10,8 @@ python ddp_run.py SPEC POLICY WORLD OUT [ACC]  # WORLD = 1: one process on the w
 Checkpoints (environment): DDP_SAVE_AT=T DDP_CKPT=PATH saves the model, optimizer and updater state after
 step T (rank 0, from the inner model); DDP_RESUME=PATH loads such a checkpoint into the fresh objects and
 trains on from the step after it (the data generator replays the steps before). OUT holds (step, masks)
-for every update step.
+for every update step. A density change (snfs, srigl's ablation) builds the DDP wrapper again over the new
+values Parameters, as README says to; DDP_KEEP_WRAPPER=1 keeps the stale one (the updater must refuse it).
 
 Every rank sees an equal shard of the same global batch (rows r::WORLD are not used: shards are
 contiguous, so the ranks' rows concatenated in rank order are the global batch in order).
@@ -72,7 +73,10 @@ def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[d
             with sync:
                 (nn.functional.cross_entropy(net(xs[part]), ys[part]) / acc).backward()
         opt.step()
-        if updater.step():
+        changed = updater.step()
+        if world > 1 and updater.storage_changed and not os.environ.get("DDP_KEEP_WRAPPER"):
+            net = nn.parallel.DistributedDataParallel(model, init_sync=False)  # over the new values Parameters
+        if changed:
             masks.append((updater.t, {n: m.positions().tolist() for n, m in updater.layers.items()}))
         opt.zero_grad()
         if save_at and updater.t == save_at and rank == 0:

@@ -1,7 +1,8 @@
 """DistributedDataParallel on gloo CPU ranks (tests/unit/ddp_run.py): after every update every rank holds the
 same mask, the one a single process decides on the concatenated global batch (the update step's dY and X
-are gathered from every rank: ``policies.base.rows_of_every_rank``). Density-changing policies are refused
-under several ranks with an error naming the supported ones."""
+are gathered from every rank: ``policies.base.rows_of_every_rank``; snfs folds every backward's gathered
+rows into its momentum). Density-changing policies (snfs, srigl's ablation) train on once the DDP wrapper is
+built again over the new values Parameters; a stale wrapper is refused at the next step."""
 
 import os
 import subprocess
@@ -37,6 +38,7 @@ def _masks(spec: str, policy: str, world: int, tmp_path: Path, acc: int = 1) -> 
         ("fanin(90%)", "rigl", 2),
         ("90%", "set", 2),  # random growth: the updater's generator, seeded the same on every rank
         ("90%", "rigl", 3),
+        ("90%", "snfs", 3),  # densities move between layers: new values Parameters, the wrapper built again
     ],
 )
 def test_every_rank_holds_the_mask_one_process_decides_on_the_global_batch(spec, policy, world, tmp_path):
@@ -79,10 +81,23 @@ def test_checkpoints_move_between_two_ranks_and_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_density_changing_policy_under_ddp_is_refused_with_the_supported_ones(tmp_path):
-    done = _run("90%", "snfs", 2, tmp_path / "many")
+@pytest.mark.parametrize("spec,policy", [("90%", "snfs"), ("fanin(90%)", "srigl")])
+def test_density_changes_move_every_rank_to_new_storage_as_one_process(spec, policy, tmp_path):
+    one, ranks = _masks(spec, policy, 2, tmp_path)
+    counts = [[len(m) for m in masks.values()] for _, masks in one]
+    if policy == "snfs":  # kept counts moved between the two sparse layers
+        assert len({tuple(c) for c in counts}) > 1
+    else:  # ablation at the first update: the fan-in layer's kept count fell below 10% of 32 x 128
+        assert counts[0][0] < 0.1 * 32 * 128
+    for rank, masks in enumerate(ranks):
+        assert masks == one, rank
+
+
+@pytest.mark.slow
+def test_a_ddp_wrapper_over_the_replaced_values_is_refused_with_the_fix(tmp_path):
+    done = _run("90%", "snfs", 2, tmp_path / "many", DDP_KEEP_WRAPPER="1")
     assert done.returncode != 0
-    assert "not supported yet" in done.stderr and "rigl, set" in done.stderr
+    assert "ranks hold different values" in done.stderr and "storage_changed" in done.stderr
 
 
 @pytest.mark.slow
