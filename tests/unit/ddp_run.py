@@ -7,7 +7,8 @@ python ddp_run.py SPEC POLICY WORLD OUT [ACC]  # WORLD = 1: one process on the w
                                                # ACC micro-batches per rank and step (DDP's no_sync for all
                                                # but the last), the loss divided by ACC
 
-Checkpoints (environment): DDP_SAVE_AT=T DDP_CKPT=PATH saves the model, optimizer and updater state after
+Environment: DDP_BATCH=N sets the global batch (48). Checkpoints: DDP_SAVE_AT=T DDP_CKPT=PATH saves the model,
+optimizer and updater state after
 step T (rank 0, from the inner model); DDP_RESUME=PATH loads such a checkpoint into the fresh objects and
 trains on from the step after it (the data generator replays the steps before). OUT holds (step, masks)
 for every update step. A density change (snfs, srigl's ablation) builds the DDP wrapper again over the new
@@ -26,7 +27,8 @@ from torch import nn
 
 import sparsec
 
-STEPS, GLOBAL_BATCH = 12, 48  # 48: shards for 1, 2 and 3 ranks
+STEPS = 12
+GLOBAL_BATCH = int(os.environ.get("DDP_BATCH", 48))  # 48: shards for 1, 2 and 3 ranks
 
 
 def policy_of(name: str):
@@ -88,8 +90,8 @@ def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[d
 def _rank(rank: int, spec: str, policy: str, world: int, out: str, acc: int) -> None:
     import torch.distributed as dist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no port to pick (a free port probed and released can be taken before the group binds it)
+    dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=world)
     try:
         torch.save(train(spec, policy, rank, world, acc), f"{out}.{rank}")
     finally:
@@ -103,9 +105,6 @@ if __name__ == "__main__":
     if world == 1:
         torch.save(train(spec, policy, 0, 1, acc), out)
     else:
-        import socket
-
-        with socket.socket() as s:  # a free port for this group
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        if os.path.exists(f"{out}.rendezvous"):  # left by a killed run: the group would read its stale entries
+            os.remove(f"{out}.rendezvous")
         torch.multiprocessing.spawn(_rank, args=(spec, policy, world, out, acc), nprocs=world)

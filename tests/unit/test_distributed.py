@@ -20,12 +20,12 @@ def _run(spec: str, policy: str, world: int, out: Path, acc: int = 1, **env: str
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
 
 
-def _masks(spec: str, policy: str, world: int, tmp_path: Path, acc: int = 1) -> tuple[list, list[list]]:
+def _masks(spec: str, policy: str, world: int, tmp_path: Path, acc: int = 1, **env: str) -> tuple[list, list[list]]:
     one, many = tmp_path / "one", tmp_path / "many"
     for w, out, a in ((1, one, 1), (world, many, acc)):
-        done = _run(spec, policy, w, out, a)
+        done = _run(spec, policy, w, out, a, **env)
         assert done.returncode == 0, done.stderr[-2000:]
-    return torch.load(one), [torch.load(f"{many}.{r}") for r in range(world)]
+    return torch.load(one), [torch.load(many if world == 1 else f"{many}.{r}") for r in range(world)]
 
 
 @pytest.mark.slow
@@ -52,9 +52,13 @@ def test_every_rank_holds_the_mask_one_process_decides_on_the_global_batch(spec,
 
 
 @pytest.mark.slow
-def test_accumulated_micro_batches_on_every_rank_decide_the_global_batch_s_mask(tmp_path):
-    one, ranks = _masks("90%", "rigl", 2, tmp_path, acc=2)  # 2 ranks x 2 micro-batches of 12 = one batch of 48
-    assert len(one) == 4
+@pytest.mark.parametrize("world,acc", [(1, 4), (2, 2)])
+def test_micro_batches_of_16_decide_the_masks_of_one_batch_of_64(world, acc, tmp_path):
+    """The schedule counts optimizer steps, and the grow step of an accumulated step scores the whole
+    accumulated global batch: 4 micro-batches of 16 in one process, or 2 ranks x 2 of 16, decide what one
+    batch of 64 does."""
+    one, ranks = _masks("90%", "rigl", world, tmp_path, acc=acc, DDP_BATCH="64")
+    assert [t for t, _ in one] == [3, 6, 9, 12]  # optimizer steps, not micro-batches
     for rank, masks in enumerate(ranks):
         assert masks == one, rank
 
