@@ -16,6 +16,7 @@ from torch import nn
 
 from sparsec.errors import ShapeError, SparsecError
 from sparsec.formats import Layout, make_layout
+from sparsec.nn import sharded
 from sparsec.runtime import (
     ops,  # also registers the custom ops torch.ops.sparsec.*
     plans,
@@ -169,8 +170,13 @@ class SparseLayer(nn.Module):
         ``flat`` must already satisfy the spec (``policies.relayout.apply_change`` checks it).
         """
         self._cache = None  # the old positions are not needed again: freed before the remap allocates
-        self.values.copy_(remap_rows(self.values, src))
+        sharded.write_whole(self.values, remap_rows(self.whole_values(), src))
         self.write_positions(flat)
+
+    def whole_values(self) -> torch.Tensor:
+        """``values`` whole: itself, or, where FSDP2 (``fully_shard``) holds it sharded between forwards, every
+        rank's shard gathered (``nn.sharded``: a collective, every rank calls it; updates do)."""
+        return sharded.whole(self.values)
 
     @torch.no_grad()
     def set_layout(self, spec: Spec, flat: torch.Tensor, src: torch.Tensor) -> nn.Parameter:
@@ -252,7 +258,7 @@ class SparseLayer(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """Dense weight with zeros where nothing is kept (materialised on request)."""
-        return self.layout.to_dense(self.values.detach(), self.positions()).view(self.weight_shape)
+        return self.layout.to_dense(self.whole_values().detach(), self.positions()).view(self.weight_shape)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d @ W^T + bias``: through the custom op ``sparsec::spmm`` wherever something traces or watches

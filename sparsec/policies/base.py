@@ -118,7 +118,10 @@ def check_ranks_agree(layers: Mapping[str, SparseLayer], t: int) -> None:
     all-gather of two numbers a layer, after a step that replaced values Parameters (a DDP wrapper still
     built over the old ones leaves the new values' gradients unreduced, so the ranks drift apart)."""
     mine = torch.tensor(
-        [[float(layer.values.numel()), layer.values.detach().double().sum().item()] for layer in layers.values()],
+        [
+            [float(layer.values.numel()), layer.whole_values().detach().double().sum().item()]
+            for layer in layers.values()
+        ],
         dtype=torch.float64,
     )
     every = rows_of_every_rank(mine[None]).view(world_size(), *mine.shape)

@@ -80,7 +80,7 @@ class GMP(Policy):
             if new_layout.n_items >= layout.n_items:  # same counts: only the recorded sparsity moves on
                 changes[name] = Change(None, None, spec=spec)
                 continue
-            scores = drop_scores(layout, layer.values)
+            scores = drop_scores(layout, layer.whole_values())
             if not bool(torch.isfinite(scores).all()):
                 changes[name] = "a NaN or Inf weight"
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsec.nn import sharded
 from sparsec.nn.layers import SparseLayer, remap_items
 from sparsec.policies.base import Change
 
@@ -55,4 +56,4 @@ def remap_optimizer_state(
     shape = tuple(param.shape) if new_shape is None else tuple(new_shape)
     for key, value in list(state.items()):
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            state[key] = remap_items(value, src, shape)
+            state[key] = sharded.like(value, remap_items(sharded.whole(value), src, shape))

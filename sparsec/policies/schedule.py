@@ -59,7 +59,7 @@ class Scheduled(Policy, abc.ABC):
     def arm(self, layer: SparseLayer, ctx: Context, state) -> Capture | str | None:
         if not self.is_update_step(ctx.t, ctx.total_steps):
             return None
-        scores = drop_scores(layer.layout, layer.values)
+        scores = drop_scores(layer.layout, layer.whole_values())
         if not bool(torch.isfinite(scores).all()):
             return "a NaN or Inf weight"
         dropped = choose_drops(scores, n_drop_for(layer.layout, self.drop_fraction(ctx.t, ctx.total_steps)))

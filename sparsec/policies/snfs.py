@@ -145,7 +145,7 @@ class SNFS(Policy):
         plans = {}
         for name, layer in due.items():
             scores = captures[name].scores()
-            weights = drop_scores(layer.layout, layer.values)
+            weights = drop_scores(layer.layout, layer.whole_values())
             if not (bool(torch.isfinite(scores).all()) and bool(torch.isfinite(weights).all())):
                 return {name: "a NaN or Inf weight or momentum"}  # no snfs layer moves this time
             kept = layer.positions()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sparsec.errors import SparsecError, SparsecWarning
+from sparsec.nn import sharded
 from sparsec.nn.compile import declare_dynamic_storage
 from sparsec.nn.layers import SparseLayer
 from sparsec.policies.base import Capture, Change, Context, check_ranks_agree, world_size
@@ -50,15 +51,8 @@ class MaskUpdater:
         if not self.layers:
             raise SparsecError("the model has no sparse layers; apply sparsec.sparsify(model, ...) or @sparse first")
         declare_dynamic_storage(self.layers)  # torch.compile: one graph for every density an update sets
-        if optimizer is not None:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [n for n, layer in self.layers.items() if id(layer.values) not in held]
-            if missing:
-                raise SparsecError(
-                    f"the optimizer does not hold the sparse values of {missing}; create the optimizer after "
-                    f"sparsify() so it trains model.parameters() of the sparse model"
-                )
         self.optimizer, self.total_steps = optimizer, total_steps
+        self._check_optimizer_holds_values()
         self.t = 0
         self.generator = torch.Generator().manual_seed(seed)
         self.last_changes: dict[str, int] = {}  # layer -> positions grown (pruned, for gmp) at the last update
@@ -71,6 +65,18 @@ class MaskUpdater:
             if state is not None:
                 self._states[name] = state
         self._arm(1)
+
+    def _check_optimizer_holds_values(self) -> None:
+        if self.optimizer is None:
+            return
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [n for n, layer in self.layers.items() if id(layer.values) not in held]
+        if missing:
+            raise SparsecError(
+                f"the optimizer does not hold the sparse values of {missing}; create the optimizer after "
+                f"sparsify() and after fully_shard (FSDP2 replaces every Parameter), so it trains "
+                f"model.parameters() of the sparse model"
+            )
 
     def _context(self, t: int) -> Context:
         return Context(t, self.total_steps, self.optimizer, self.generator, last_layer=next(reversed(self.layers)))
@@ -97,6 +103,8 @@ class MaskUpdater:
                 self._skip(name, armed)
             else:
                 due.setdefault(type(layer.policy), {})[name] = layer
+        if due or self.t == 1:  # a Parameter replaced under the optimizer (fully_shard after it) trains nothing
+            self._check_optimizer_holds_values()
         ctx = self._context(self.t)
         for policy_class, layers in due.items():  # a class updates its layers together: snfs redistributes
             changes = policy_class.update(layers, {n: self._armed.get(n) for n in layers}, ctx)
@@ -122,6 +130,13 @@ class MaskUpdater:
             layer.grow_capture = armed if isinstance(armed, Capture) and armed.observes else None
 
     def _apply(self, name: str, layer: SparseLayer, change: Change) -> None:
+        if change.spec is not None and change.flat is not None and sharded.is_sharded(layer.values):
+            raise SparsecError(
+                f"{name}: {layer.policy.name} changes the layer's density at step {self.t}, which needs a new "
+                f"values Parameter, and FSDP2 (fully_shard) holds this one sharded: not supported. Under FSDP2 "
+                f"train with a policy that keeps each layer's density (rigl, set, static), or use "
+                f"DistributedDataParallel, where the wrapper is built again (see MaskUpdater)"
+            )
         old = layer.values
         apply_change(layer, self.optimizer, change)
         if change.spec is not None:  # a new layout, perhaps of another format (srigl: fan-in to unstructured)

@@ -23,7 +23,11 @@ import os
 import sys
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 import sparsec
 
@@ -45,18 +49,34 @@ def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[d
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     sparsec.sparsify(model, spec=spec, policy=policy_of(policy), dense=["4"])
     model = model.double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    updater = sparsec.MaskUpdater(model, opt, total_steps=STEPS * 2)
+    if os.environ.get("DDP_OPT_FIRST"):  # the optimizer before fully_shard: it holds the replaced Parameters
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     net = model
-    if world > 1:
+    fsdp = world > 1 and os.environ.get("DDP_WRAP") == "fsdp"
+    if fsdp:  # FSDP2: each sparse layer and the root sharded on a 1-D mesh of the ranks (new Parameters, so
+        mesh = init_device_mesh("cpu", (world,))  # the optimizer comes after)
+        for m in model:
+            if isinstance(m, sparsec.SparseLinear):
+                fully_shard(m, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif world > 1:
         net = nn.parallel.DistributedDataParallel(model)
+    if not os.environ.get("DDP_OPT_FIRST"):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    updater = sparsec.MaskUpdater(model, opt, total_steps=STEPS * 2)
     gen = torch.Generator().manual_seed(1)
     teacher = torch.randn(32, 10, generator=gen, dtype=torch.float64)
     shard = GLOBAL_BATCH // world
     masks = []
     save_at, resume = int(os.environ.get("DDP_SAVE_AT", 0)), os.environ.get("DDP_RESUME")
     start = 0
-    if resume:
+    if resume and os.path.isdir(resume):  # torch.distributed.checkpoint: every rank (or one process) loads its part
+        model_state, opt_state = get_state_dict(model, opt)
+        dcp.load({"model": model_state, "optimizer": opt_state}, checkpoint_id=resume)
+        set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=opt_state)
+        updater.load_state_dict(torch.load(f"{resume}/updater.pt", weights_only=False))
+        start = updater.t
+    elif resume:
         state = torch.load(resume, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -81,7 +101,12 @@ def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[d
         if changed:
             masks.append((updater.t, {n: m.positions().tolist() for n, m in updater.layers.items()}))
         opt.zero_grad()
-        if save_at and updater.t == save_at and rank == 0:
+        if save_at and updater.t == save_at and fsdp:  # every rank writes its shards; the updater is replicated
+            model_state, opt_state = get_state_dict(model, opt)
+            dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=os.environ["DDP_CKPT"])
+            if rank == 0:
+                torch.save(updater.state_dict(), f"{os.environ['DDP_CKPT']}/updater.pt")
+        elif save_at and updater.t == save_at and rank == 0:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "updater": updater.state_dict()}
             torch.save(state, os.environ["DDP_CKPT"])
     return masks
@@ -94,6 +119,7 @@ def _rank(rank: int, spec: str, policy: str, world: int, out: str, acc: int) -> 
     dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=world)
     try:
         torch.save(train(spec, policy, rank, world, acc), f"{out}.{rank}")
+        dist.barrier()  # no rank tears the group down under another's last collective
     finally:
         dist.destroy_process_group()
 

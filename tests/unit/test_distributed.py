@@ -105,6 +105,49 @@ def test_a_ddp_wrapper_over_the_replaced_values_is_refused_with_the_fix(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "spec,policy",
+    [("90%", "rigl"), ("2:4", "rigl"), ("block(4x4, 90%)", "rigl"), ("fanin(90%)", "rigl"), ("90%", "set")],
+)
+def test_fsdp2_ranks_hold_the_mask_one_process_decides_on_the_global_batch(spec, policy, tmp_path):
+    """fully_shard on every sparse layer and the root: values sharded on dim 0, index buffers whole on every
+    rank; the update reads the whole values and writes each rank's shard (nn.sharded)."""
+    one, ranks = _masks(spec, policy, 2, tmp_path, DDP_WRAP="fsdp")
+    assert len(one) == 4
+    for rank, masks in enumerate(ranks):
+        assert masks == one, rank
+    assert any(set(one[0][1][n]) != set(one[-1][1][n]) for n in one[0][1])
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoints_through_torch_distributed_checkpoint_resume_on_two_ranks_and_one_process(tmp_path):
+    def masks(world: int, name: str, **env: str) -> list:
+        done = _run("90%", "rigl", world, tmp_path / name, DDP_WRAP="fsdp", **env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return torch.load(tmp_path / (name if world == 1 else f"{name}.0"))
+
+    after = [m for m in masks(1, "straight") if m[0] > 7]
+    ckpt = str(tmp_path / "dcp")  # a directory: every rank's shards
+    masks(2, "save", DDP_SAVE_AT="7", DDP_CKPT=ckpt)
+    assert masks(2, "resume2", DDP_RESUME=ckpt) == after
+    assert masks(1, "resume1", DDP_RESUME=ckpt) == after  # one process reads the two ranks' shards
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "policy,env,message",
+    [
+        ("snfs", {}, "FSDP2 (fully_shard) holds this one sharded"),  # a density change needs a new Parameter
+        ("rigl", {"DDP_OPT_FIRST": "1"}, "after fully_shard"),  # the optimizer holds the replaced Parameters
+    ],
+)
+def test_fsdp2_refuses_what_would_train_stale_parameters(policy, env, message, tmp_path):
+    done = _run("90%", policy, 2, tmp_path / "many", DDP_WRAP="fsdp", **env)
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+@pytest.mark.slow
 def test_the_ddp_example_runs_under_torchrun_with_identical_masks():
     torchrun = Path(sys.executable).with_name("torchrun")
     example = Path(__file__).parents[2] / "examples" / "ddp.py"
