@@ -5,13 +5,15 @@ format deployment runs.
 - ``"csr"``: linear layers as ``SparseCSRLinear``, the weight a ``torch.sparse_csr`` tensor (``torch.sparse.mm``);
 - ``"bsr"``: linear layers of block specs as ``SparseBSRLinear``, a ``torch.sparse_bsr`` weight of the spec's
   blocks;
-- ``"condensed"``: linear layers whose rows keep equal counts (fan-in, N:M) as ``CondensedLinear``: values
-  ``[out, k]`` and 16-bit input indices (32-bit past 32767 inputs), the SRigL paper's deployment form;
+- ``"condensed"``: linear layers whose rows keep equal counts (fan-in, N:M; rows SRigL ablated keep none) as
+  ``CondensedLinear``: values ``[rows, k]`` and 16-bit input indices (32-bit past 32767 inputs), the SRigL
+  paper's deployment form;
 - ``"semi_structured"``: 2:4 linear layers on CUDA as ``nn.Linear`` with PyTorch's semi-structured weight
   (``torch.sparse.to_sparse_semi_structured``: the sparse tensor cores), in fp16 or bf16.
 
-The model passed in is left as it is; the copy shares nothing with it. Not yet: removing ablated outputs
-from a condensed layer (and their inputs from the next one).
+The model passed in is left as it is; the copy shares nothing with it. A condensed layer computes only the
+outputs SRigL left active; where the next layer of an ``nn.Sequential`` follows past elementwise modules,
+the ablated outputs are removed altogether (``compact_ablated``).
 """
 
 from __future__ import annotations
@@ -54,25 +56,47 @@ class SparseBSRLinear(SparseCSRLinear):
 
 class CondensedLinear(nn.Module):
     """``y[:, o] = sum_j values[o, j] * x[:, indices[o, j]] + b[o]``: every output reads its ``k`` kept inputs
-    (constant fan-in), one gather and one reduction."""
+    (constant fan-in), one gather and one reduction. ``outputs``: where SRigL ablated some outputs (no kept
+    weights), the outputs the rows compute; the others are the bias alone and cost nothing (None: every
+    output has a row)."""
 
-    def __init__(self, values: torch.Tensor, indices: torch.Tensor, in_features: int, bias: torch.Tensor | None):
+    def __init__(
+        self,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        in_features: int,
+        bias: torch.Tensor | None,
+        outputs: torch.Tensor | None = None,
+        out_features: int | None = None,
+    ):
         super().__init__()
         self.register_buffer("values", values)
         self.register_buffer("indices", indices)  # int16 (int32 past 32767 inputs)
-        self.register_buffer("bias", bias)
-        self.in_features, self.out_features = in_features, values.shape[0]
+        self.register_buffer("bias", bias)  # [out_features]
+        self.register_buffer("outputs", outputs)
+        self.in_features = in_features
+        self.out_features = values.shape[0] if out_features is None else out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        gathered = flat[:, self.indices.long()]  # [B, out, k]
+        gathered = flat[:, self.indices.long()]  # [B, rows, k]
         y = (gathered * self.values).sum(-1)
+        if self.outputs is not None:  # ablated outputs: nothing computed, zero before the bias
+            y = y.new_zeros(y.shape[0], self.out_features).index_copy(1, self.outputs, y)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.values.shape[1]}"
+        ablated = "" if self.outputs is None else f", computed_outputs={self.outputs.numel()}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.values.shape[1]}{ablated}"
+        )
+
+
+# Modules that act on each feature alone and hold nothing per feature: an ablated output's constant passes
+# through them to the next layer, which can then take it in its bias (compact_ablated)
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity)
 
 
 def export(model: nn.Module, format: str = "dense") -> nn.Module:  # noqa: A002 - the issue's and torch's word
@@ -87,7 +111,61 @@ def export(model: nn.Module, format: str = "dense") -> nn.Module:  # noqa: A002 
         for child_name, child in list(module.named_children()):
             if isinstance(child, SparseLayer):
                 setattr(module, child_name, _exported(child, format, f"{name}.{child_name}".lstrip(".")))
+    for module in out.modules():
+        if isinstance(module, nn.Sequential):
+            compact_ablated(module)
     return out
+
+
+@torch.no_grad()
+def compact_ablated(seq: nn.Sequential) -> None:
+    """Remove the ablated outputs of each ``CondensedLinear`` of ``seq`` whose next layer, past elementwise
+    modules only, is an ``nn.Linear`` or a ``CondensedLinear``: such an output is a constant (its bias
+    through those modules), which the next layer takes into its bias, and it no longer reads that input.
+    The outputs are the same; the layers shrink to the computed outputs."""
+    mods = list(seq)
+    for i, layer in enumerate(mods):
+        if not isinstance(layer, CondensedLinear) or layer.outputs is None:
+            continue
+        j = i + 1
+        while j < len(mods) and isinstance(mods[j], _ELEMENTWISE):
+            j += 1
+        if j == len(mods) or not isinstance(mods[j], (nn.Linear, CondensedLinear)):
+            continue
+        const = layer.bias.clone() if layer.bias is not None else layer.values.new_zeros(layer.out_features)
+        for between in mods[i + 1 : j]:
+            const = between(const)
+        keep = layer.outputs
+        gone = torch.ones(layer.out_features, dtype=torch.bool, device=keep.device)
+        gone[keep] = False
+        _take_constant_inputs(mods[j], const, gone, keep)
+        layer.bias = None if layer.bias is None else layer.bias[keep].clone()
+        layer.outputs, layer.out_features = None, keep.numel()
+
+
+def _take_constant_inputs(nxt: nn.Module, const: torch.Tensor, gone: torch.Tensor, keep: torch.Tensor) -> None:
+    """``nxt`` reads only the ``keep`` inputs from now on; the ``gone`` ones, constant ``const``, go into its
+    bias."""
+    if isinstance(nxt, nn.Linear):
+        shift = nxt.weight[:, gone] @ const[gone]
+        nxt.weight = nn.Parameter(nxt.weight[:, keep].clone(), requires_grad=nxt.weight.requires_grad)
+        nxt.in_features = keep.numel()
+    else:  # a condensed row keeps its k entries: one on a gone input reads input 0 with weight 0
+        idx = nxt.indices.long()
+        on_gone = gone[idx]
+        shift = (nxt.values * const[idx] * on_gone).sum(1)
+        if nxt.outputs is not None:  # its own ablated outputs: the shift lands on the computed ones
+            shift = shift.new_zeros(nxt.out_features).index_copy(0, nxt.outputs, shift)
+        renumber = torch.full_like(gone, 0, dtype=torch.int64).index_copy(
+            0, keep, torch.arange(keep.numel(), device=keep.device)
+        )
+        nxt.values = torch.where(on_gone, torch.zeros_like(nxt.values), nxt.values)
+        nxt.indices = torch.where(on_gone, 0, renumber[idx]).to(nxt.indices.dtype)
+        nxt.in_features = keep.numel()
+    if nxt.bias is None:
+        nxt.bias = shift if isinstance(nxt, CondensedLinear) else nn.Parameter(shift, requires_grad=False)
+    else:
+        nxt.bias.data.add_(shift)
 
 
 @torch.no_grad()
@@ -111,6 +189,11 @@ def _exported(layer: SparseLayer, format: str, where: str) -> nn.Module:  # noqa
         return _semi_structured(layer, bias, where)
     if format == "dense":
         return _dense_linear(layer.dense_weight(), bias)
+    if format in ("csr", "bsr") and not layer.values.is_cuda and layer.values.dtype in (torch.float16, torch.bfloat16):
+        raise SparsecError(
+            f"{where}: format={format!r} runs torch.sparse.mm, which has no {layer.values.dtype} kernel on the CPU; "
+            f"export a float32 copy (model.float()), or format 'dense' or 'condensed'"
+        )
     if format == "csr":  # the sparse formats build from the kept values alone: no dense weight
         return SparseCSRLinear(_csr(layer), bias)
     if format == "condensed":
@@ -150,15 +233,20 @@ def _condensed(layer: SparseLayer, bias: torch.Tensor | None, where: str) -> Con
     order = flat.argsort()
     flat, values = flat[order], layer.values.detach().reshape(-1)[order]
     per_row = torch.bincount(flat // layout.in_features, minlength=layout.out_features)
-    if layout.nnz % layout.out_features or not bool((per_row == per_row[0]).all()):
+    computed = per_row > 0  # srigl's ablated outputs keep nothing
+    k = int(per_row.max()) if per_row.numel() else 0
+    if not bool((per_row[computed] == k).all()):
         raise SparsecError(
-            f"{where}: format='condensed' needs the same kept count in every row (a fanin or N:M spec); this "
-            f"layer is {layer.spec}: use 'csr'"
+            f"{where}: format='condensed' needs the same kept count in every row (a fanin or N:M spec; rows "
+            f"SRigL ablated keep none and are left out); this layer is {layer.spec}: use 'csr'"
         )
-    k = layout.nnz // layout.out_features
+    rows = int(computed.sum())
     index_dtype = torch.int16 if layout.in_features <= 2**15 - 1 else torch.int32
-    indices = (flat % layout.in_features).view(layout.out_features, k).to(index_dtype)
-    return CondensedLinear(values.view(layout.out_features, k).clone(), indices, layout.in_features, bias)
+    indices = (flat % layout.in_features).view(rows, k).to(index_dtype)
+    outputs = None if rows == layout.out_features else computed.nonzero().flatten()
+    return CondensedLinear(
+        values.view(rows, k).clone(), indices, layout.in_features, bias, outputs, layout.out_features
+    )
 
 
 def _csr(layer: SparseLayer) -> torch.Tensor:

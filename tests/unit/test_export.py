@@ -95,3 +95,81 @@ def test_the_dense_export_runs_under_torch_export():
     program = torch.export.export(out, (torch.randn(4, 32),))
     x = torch.randn(4, 32)
     assert torch.allclose(program.module()(x), out(x))
+
+
+def _ablated(between: nn.Module) -> nn.Module:
+    """SRigL with a high saliency threshold: the first sparse layer ablates outputs (rows of 0 kept)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), between, nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    sparsec.sparsify(model, spec="fanin(90%)", policy=sparsec.srigl(delta_t=2, gamma_sal=0.9), dense=["4"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = sparsec.MaskUpdater(model, opt, total_steps=20)
+    for _ in range(6):
+        model(torch.randn(8, 32)).pow(2).mean().backward()
+        opt.step()
+        updater.step()
+        opt.zero_grad()
+    with torch.no_grad():  # biases away from 0: an ablated output's constant must reach the next layer
+        for i in (0, 2):
+            model[i].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _active_rows(layer) -> int:
+    return int((torch.bincount(layer.positions() // layer.layout.in_features, minlength=64) > 0).sum())
+
+
+def test_a_condensed_export_removes_srigl_s_ablated_outputs_and_their_inputs_to_the_next_layer():
+    model = _ablated(nn.GELU())  # elementwise: the ablated outputs' GELU(bias) folds into the next bias
+    active = _active_rows(model[0])
+    assert 0 < active < 64  # the case really ablates
+    out = sparsec.export(model, "condensed")
+    assert (out[0].out_features, out[0].values.shape[0], out[0].outputs) == (active, active, None)
+    assert out[2].in_features == active and int(out[2].indices.max()) < active
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_condensed_layer_before_a_mixing_module_computes_only_its_active_outputs():
+    model = _ablated(nn.LayerNorm(64))  # mixes features: the ablated outputs stay, as the bias alone
+    active = _active_rows(model[0])
+    assert 0 < active < 64
+    out = sparsec.export(model, "condensed")
+    assert out[0].out_features == 64 and out[0].values.shape[0] == active == out[0].outputs.numel()
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_condensed_export_runs_under_torch_export_ablated_outputs_included():
+    out = sparsec.export(_ablated(nn.LayerNorm(64)), "condensed")
+    assert out[0].outputs is not None  # the scatter of the computed outputs is in the graph
+    program = torch.export.export(out, (torch.randn(4, 32),))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), out(x))
+
+
+# The tolerance of each dtype, relative to the largest output: float64 agrees to rounding; the half dtypes
+# agree exactly where the export runs the trained model's own dense product (dense) and within their
+# precision where it sums in another order (condensed)
+_TOLERANCE = {torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", list(_TOLERANCE))
+@pytest.mark.parametrize(
+    "spec,fmt", [("90%", "dense"), ("90%", "csr"), ("block(4x4, 75%)", "bsr"), ("fanin(75%)", "condensed")]
+)
+def test_the_export_keeps_the_outputs_in_each_dtype_within_its_tolerance(dtype, spec, fmt):
+    model = _trained(spec).to(dtype)
+    if fmt in ("csr", "bsr") and dtype != torch.float64:
+        with pytest.raises(sparsec.SparsecError, match=r"no torch\.(bfloat16|float16) kernel on the CPU.*model\.float"):
+            sparsec.export(model, fmt)
+        return
+    x = torch.randn(6, 32, dtype=dtype)
+    with torch.no_grad():
+        want, got = model(x), sparsec.export(model, fmt)(x)
+    assert got.dtype == dtype
+    want, got = want.double(), got.double()
+    assert float((got - want).abs().max()) <= _TOLERANCE[dtype] * float(want.abs().max())
