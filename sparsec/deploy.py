@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sparsec.errors import SparsecError
+from sparsec.nn import sharded
 from sparsec.nn.layers import SparseConv2d, SparseLayer, SparseLinear
 from sparsec.spec import NM, Block
 
@@ -96,7 +97,7 @@ class CondensedLinear(nn.Module):
 
 # Modules that act on each feature alone and hold nothing per feature: an ablated output's constant passes
 # through them to the next layer, which can then take it in its bias (compact_ablated)
-_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity)
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout)
 
 
 def export(model: nn.Module, format: str = "dense") -> nn.Module:  # noqa: A002 - the issue's and torch's word
@@ -104,6 +105,12 @@ def export(model: nn.Module, format: str = "dense") -> nn.Module:  # noqa: A002 
     outputs as the trained model (fp32: within float rounding of the summation order)."""
     if format not in FORMATS:
         raise SparsecError(f"export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if any(isinstance(m, SparseLayer) and sharded.is_sharded(m.values) for m in model.modules()):
+        raise SparsecError(
+            "export reads whole layers, and FSDP2 (fully_shard) holds this model's values sharded; load a full "
+            "state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True))) into an unsharded copy and export that"
+        )
     out = copy.deepcopy(model)
     if isinstance(out, SparseLayer):
         return _exported(out, format, "the model")
@@ -134,7 +141,7 @@ def compact_ablated(seq: nn.Sequential) -> None:
             continue
         const = layer.bias.clone() if layer.bias is not None else layer.values.new_zeros(layer.out_features)
         for between in mods[i + 1 : j]:
-            const = between(const)
+            const = const if isinstance(between, nn.Dropout) else between(const)  # dropout: identity at inference
         keep = layer.outputs
         gone = torch.ones(layer.out_features, dtype=torch.bool, device=keep.device)
         gone[keep] = False
@@ -191,7 +198,7 @@ def _exported(layer: SparseLayer, format: str, where: str) -> nn.Module:  # noqa
         return _dense_linear(layer.dense_weight(), bias)
     if format in ("csr", "bsr") and not layer.values.is_cuda and layer.values.dtype in (torch.float16, torch.bfloat16):
         raise SparsecError(
-            f"{where}: format={format!r} runs torch.sparse.mm, which has no {layer.values.dtype} kernel on the CPU; "
+            f"{where}: format={format!r} runs torch.sparse.mm, which has no {layer.values.dtype} kernel off CUDA; "
             f"export a float32 copy (model.float()), or format 'dense' or 'condensed'"
         )
     if format == "csr":  # the sparse formats build from the kept values alone: no dense weight
@@ -241,6 +248,8 @@ def _condensed(layer: SparseLayer, bias: torch.Tensor | None, where: str) -> Con
             f"SRigL ablated keep none and are left out); this layer is {layer.spec}: use 'csr'"
         )
     rows = int(computed.sum())
+    if rows == 0:
+        raise SparsecError(f"{where}: every output keeps nothing (the layer is its bias); use 'dense' or 'csr'")
     index_dtype = torch.int16 if layout.in_features <= 2**15 - 1 else torch.int32
     indices = (flat % layout.in_features).view(rows, k).to(index_dtype)
     outputs = None if rows == layout.out_features else computed.nonzero().flatten()

@@ -299,6 +299,12 @@ class SparseLayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         extra = state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # dense checkpoints have none
         saved = parse_spec(extra["spec"]) if extra is not None else self.spec
+        dense = state_dict.get(prefix + "weight")
+        if sharded.is_sharded(self.values) and (saved != self.spec or dense is not None):
+            raise SparsecError(
+                f"{prefix or 'the layer'}: the checkpoint holds {'a dense weight' if dense is not None else saved}, "
+                f"not this FSDP2-sharded layer's {self.spec} values; load it into the model before fully_shard"
+            )
         if saved != self.spec:
             # a checkpoint taken at another density (gmp): take its layout before loading the tensors
             layout = make_layout(saved, self.layout.out_features, self.layout.in_features)

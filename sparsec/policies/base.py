@@ -117,14 +117,16 @@ def check_ranks_agree(layers: Mapping[str, SparseLayer], t: int) -> None:
     """Raise ``SparsecError`` unless every rank holds the same kept count and values sum in every layer: one
     all-gather of two numbers a layer, after a step that replaced values Parameters (a DDP wrapper still
     built over the old ones leaves the new values' gradients unreduced, so the ranks drift apart)."""
+    device = next(iter(layers.values())).values.device  # NCCL gathers device tensors only
     mine = torch.tensor(
         [
             [float(layer.values.numel()), layer.whole_values().detach().double().sum().item()]
             for layer in layers.values()
         ],
         dtype=torch.float64,
+        device=device,
     )
-    every = rows_of_every_rank(mine[None]).view(world_size(), *mine.shape)
+    every = rows_of_every_rank(mine[None]).view(world_size(), *mine.shape).view(torch.int64)  # bits: NaN == NaN
     apart = [name for i, name in enumerate(layers) if not bool((every[:, i] == every[0, i]).all())]
     if apart:
         raise SparsecError(

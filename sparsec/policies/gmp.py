@@ -29,6 +29,7 @@ class GMP(Policy):
     """
 
     name: ClassVar[str] = "gmp"
+    changes_density: ClassVar[bool] = True
     delta_t: int = 100
     s_0: float = 0.0
     t_start: float = 0.0

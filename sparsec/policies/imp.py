@@ -29,6 +29,7 @@ from torch import nn
 
 from sparsec.errors import SparsecError, SparsecWarning, SpecError
 from sparsec.formats import make_layout
+from sparsec.nn import sharded
 from sparsec.nn.compile import declare_dynamic_storage
 from sparsec.nn.layers import SparseLayer
 from sparsec.policies.base import Change, Policy
@@ -47,6 +48,7 @@ class IMP(Policy):
     """
 
     name: ClassVar[str] = "imp"
+    changes_density: ClassVar[bool] = True
     fraction: float = 0.2
     rewind: str = "lr"
 
@@ -87,6 +89,11 @@ def imp_rounds(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=Non
     if len(policies) != 1:
         raise SparsecError(f"imp layers disagree on their parameters: {sorted(map(str, policies))}; use one imp value")
     (policy,) = policies
+    if any(sharded.is_sharded(layer.values) for layer in layers.values()):
+        raise SparsecError(
+            "imp_rounds prunes into new values Parameters, and FSDP2 (fully_shard) holds these sharded: not "
+            "supported; under DistributedDataParallel build the wrapper again at every round"
+        )
     declare_dynamic_storage(layers)  # a compiled model serves every round without recompiling
     total = sum(layer.layout.out_features * layer.layout.in_features for layer in layers.values())
     target = sum(

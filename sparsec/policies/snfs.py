@@ -48,11 +48,11 @@ class MomentumShadow(Capture):
     def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         world = world_size()
         if world > 1:  # DDP: fold the global batch's gradient, the mean of the ranks' (see SNFS)
-            dy, x = rows_of_every_rank(dy) / world, rows_of_every_rank(x)
+            dy, x = rows_of_every_rank(dy), rows_of_every_rank(x)
         group = self._group()
         first = self.steps == 0
         for r0, g in grad_row_chunks(self.layer.layout, dy, x):
-            g = g.float()
+            g = g.float() if world == 1 else g.float().div_(world)
             rows = slice(r0, r0 + g.shape[0])
             m = self.m[rows]
             if self.v is not None:
@@ -105,6 +105,7 @@ class SNFS(Policy):
     """
 
     name: ClassVar[str] = "snfs"
+    changes_density: ClassVar[bool] = True
     delta_t: int = 100
     prune_rate: float = 0.5
     t_end: float = 0.75

@@ -27,6 +27,7 @@ class Policy:
     # Initial values of a sparse layer unless the user says (``init=``): "dense", the dense init at the kept
     # positions; "sparse", each output rescaled for its own kept fan-in. Each policy takes its reference's.
     default_init: ClassVar[str] = "dense"
+    changes_density: ClassVar[bool] = False  # updates may give a layer another kept count (a new values Parameter)
 
     def __call__(self, **params) -> Policy:
         known = {f.name for f in dataclasses.fields(self)}

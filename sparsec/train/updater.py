@@ -53,6 +53,15 @@ class MaskUpdater:
         declare_dynamic_storage(self.layers)  # torch.compile: one graph for every density an update sets
         self.optimizer, self.total_steps = optimizer, total_steps
         self._check_optimizer_holds_values()
+        sharded_moving = [n for n, layer in self.layers.items() if sharded.is_sharded(layer.values) and
+                          layer.policy.changes_density]  # fmt: skip
+        if sharded_moving:
+            raise SparsecError(
+                f"layers {sharded_moving} are sharded by FSDP2 (fully_shard) and their policy changes their density, "
+                f"which needs a new values Parameter inside the sharded module: not supported. Under FSDP2 train "
+                f"with a policy that keeps each layer's density (rigl, set, static, srigl with gamma_sal=0), or use "
+                f"DistributedDataParallel, where the wrapper is built again (see MaskUpdater)"
+            )
         self.t = 0
         self.generator = torch.Generator().manual_seed(seed)
         self.last_changes: dict[str, int] = {}  # layer -> positions grown (pruned, for gmp) at the last update
@@ -184,6 +193,7 @@ class MaskUpdater:
             if layer.replaced_values is not None:
                 replace_parameter(self.optimizer, layer.replaced_values, layer.values, None)
                 layer.replaced_values = None
+                self.storage_changed = True  # a DDP wrapper built before the load holds the old Parameter
         for name, buffers in state["masks"].items():
             layer = self.layers[name]
             flat = layer.layout.decode(buffers)

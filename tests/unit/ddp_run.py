@@ -7,7 +7,9 @@ python ddp_run.py SPEC POLICY WORLD OUT [ACC]  # WORLD = 1: one process on the w
                                                # ACC micro-batches per rank and step (DDP's no_sync for all
                                                # but the last), the loss divided by ACC
 
-Environment: DDP_BATCH=N sets the global batch (48). Checkpoints: DDP_SAVE_AT=T DDP_CKPT=PATH saves the model,
+Environment: DDP_BATCH=N sets the global batch (48); DDP_ADAM=1 trains with Adam (else SGD
+with momentum); DDP_MOMENTUM=PATH saves the policies' states (snfs's momentum shadows) to PATH.RANK at the end;
+DDP_WRAP=fsdp shards with FSDP2 instead of DDP. Checkpoints: DDP_SAVE_AT=T DDP_CKPT=PATH saves the model,
 optimizer and updater state after
 step T (rank 0, from the inner model); DDP_RESUME=PATH loads such a checkpoint into the fresh objects and
 trains on from the step after it (the data generator replays the steps before). OUT holds (step, masks)
@@ -44,13 +46,19 @@ def policy_of(name: str):
     }[name]
 
 
+def optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    if os.environ.get("DDP_ADAM"):
+        return torch.optim.Adam(model.parameters(), lr=0.01)
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
 def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[dict[str, list[int]]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     sparsec.sparsify(model, spec=spec, policy=policy_of(policy), dense=["4"])
     model = model.double()
     if os.environ.get("DDP_OPT_FIRST"):  # the optimizer before fully_shard: it holds the replaced Parameters
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = optimizer(model)
     net = model
     fsdp = world > 1 and os.environ.get("DDP_WRAP") == "fsdp"
     if fsdp:  # FSDP2: each sparse layer and the root sharded on a 1-D mesh of the ranks (new Parameters, so
@@ -62,7 +70,7 @@ def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[d
     elif world > 1:
         net = nn.parallel.DistributedDataParallel(model)
     if not os.environ.get("DDP_OPT_FIRST"):
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = optimizer(model)
     updater = sparsec.MaskUpdater(model, opt, total_steps=STEPS * 2)
     gen = torch.Generator().manual_seed(1)
     teacher = torch.randn(32, 10, generator=gen, dtype=torch.float64)
@@ -109,6 +117,8 @@ def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[d
         elif save_at and updater.t == save_at and rank == 0:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "updater": updater.state_dict()}
             torch.save(state, os.environ["DDP_CKPT"])
+    if os.environ.get("DDP_MOMENTUM"):  # snfs's dense momentum shadows at the end, every rank's own
+        torch.save(updater.state_dict()["momentum"], f"{os.environ['DDP_MOMENTUM']}.{rank}")
     return masks
 
 

@@ -98,6 +98,26 @@ def test_density_changes_move_every_rank_to_new_storage_as_one_process(spec, pol
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("adam", [False, True])
+def test_snfs_momentum_shadows_are_the_global_batch_s_on_every_rank(adam, tmp_path):
+    """Every rank folds the mean of the ranks' dY^T X (DDP's gradient), so each rank's dense momentum shadow
+    is one process's on the whole batch, with SGD's momentum or Adam's moments, and so are the masks."""
+    env = {"DDP_ADAM": "1"} if adam else {}
+    for world, name in ((1, "one"), (2, "many")):
+        done = _run("90%", "snfs", world, tmp_path / name, DDP_MOMENTUM=str(tmp_path / f"{name}_m"), **env)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one = torch.load(tmp_path / "one")
+    assert all(torch.load(tmp_path / f"many.{rank}") == one for rank in range(2))
+    single = torch.load(tmp_path / "one_m.0")
+    for rank in range(2):
+        for name, state in torch.load(tmp_path / f"many_m.{rank}").items():
+            for key in ("m", "v"):
+                if state[key] is not None:
+                    assert torch.allclose(state[key], single[name][key], rtol=1e-5, atol=1e-9), (rank, name, key)
+    assert (single["0"]["v"] is not None) == adam
+
+
+@pytest.mark.slow
 def test_a_ddp_wrapper_over_the_replaced_values_is_refused_with_the_fix(tmp_path):
     done = _run("90%", "snfs", 2, tmp_path / "many", DDP_KEEP_WRAPPER="1")
     assert done.returncode != 0
@@ -106,13 +126,21 @@ def test_a_ddp_wrapper_over_the_replaced_values_is_refused_with_the_fix(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "spec,policy",
-    [("90%", "rigl"), ("2:4", "rigl"), ("block(4x4, 90%)", "rigl"), ("fanin(90%)", "rigl"), ("90%", "set")],
+    "spec,policy,world,env",
+    [
+        ("90%", "rigl", 2, {}),
+        ("2:4", "rigl", 2, {}),
+        ("block(4x4, 90%)", "rigl", 2, {}),
+        ("fanin(90%)", "rigl", 2, {}),
+        ("90%", "set", 2, {}),
+        ("90%", "rigl", 3, {}),  # uneven shards: 3 does not divide the layers' kept counts
+        ("90%", "rigl", 2, {"DDP_ADAM": "1"}),  # Adam's two per-weight moments are DTensors too
+    ],
 )
-def test_fsdp2_ranks_hold_the_mask_one_process_decides_on_the_global_batch(spec, policy, tmp_path):
+def test_fsdp2_ranks_hold_the_mask_one_process_decides_on_the_global_batch(spec, policy, world, env, tmp_path):
     """fully_shard on every sparse layer and the root: values sharded on dim 0, index buffers whole on every
     rank; the update reads the whole values and writes each rank's shard (nn.sharded)."""
-    one, ranks = _masks(spec, policy, 2, tmp_path, DDP_WRAP="fsdp")
+    one, ranks = _masks(spec, policy, world, tmp_path, DDP_WRAP="fsdp", **env)
     assert len(one) == 4
     for rank, masks in enumerate(ranks):
         assert masks == one, rank
@@ -137,7 +165,7 @@ def test_fsdp2_checkpoints_through_torch_distributed_checkpoint_resume_on_two_ra
 @pytest.mark.parametrize(
     "policy,env,message",
     [
-        ("snfs", {}, "FSDP2 (fully_shard) holds this one sharded"),  # a density change needs a new Parameter
+        ("snfs", {}, "sharded by FSDP2 (fully_shard) and their policy changes"),  # a density change: a new Parameter
         ("rigl", {"DDP_OPT_FIRST": "1"}, "after fully_shard"),  # the optimizer holds the replaced Parameters
     ],
 )

@@ -164,7 +164,7 @@ _TOLERANCE = {torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 def test_the_export_keeps_the_outputs_in_each_dtype_within_its_tolerance(dtype, spec, fmt):
     model = _trained(spec).to(dtype)
     if fmt in ("csr", "bsr") and dtype != torch.float64:
-        with pytest.raises(sparsec.SparsecError, match=r"no torch\.(bfloat16|float16) kernel on the CPU.*model\.float"):
+        with pytest.raises(sparsec.SparsecError, match=r"no torch\.(bfloat16|float16) kernel off CUDA.*model\.float"):
             sparsec.export(model, fmt)
         return
     x = torch.randn(6, 32, dtype=dtype)
@@ -173,3 +173,56 @@ def test_the_export_keeps_the_outputs_in_each_dtype_within_its_tolerance(dtype, 
     assert got.dtype == dtype
     want, got = want.double(), got.double()
     assert float((got - want).abs().max()) <= _TOLERANCE[dtype] * float(want.abs().max())
+
+
+def _srigl_trained(model: nn.Module, dense: list[str]) -> nn.Module:
+    torch.manual_seed(0)
+    sparsec.sparsify(model, spec="fanin(90%)", policy=sparsec.srigl(delta_t=2, gamma_sal=0.9), dense=dense)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = sparsec.MaskUpdater(model, opt, total_steps=20)
+    for _ in range(6):
+        model(torch.randn(8, 32)).pow(2).mean().backward()
+        opt.step()
+        updater.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        for m in model:
+            if getattr(m, "bias", None) is not None:
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_ablated_outputs_fold_into_a_dense_next_layer(bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 64, bias=bias), nn.GELU(), nn.Linear(64, 64, bias=bias), nn.ReLU(), nn.Linear(64, 10)
+    )
+    model = _srigl_trained(model, dense=["2"])  # layer 4 is the last sparse one: it never ablates
+    active = _active_rows(model[0])
+    assert 0 < active < 64
+    out = sparsec.export(model, "condensed")
+    assert isinstance(out[2], nn.Linear) and out[2].in_features == active == out[0].out_features
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_two_ablated_condensed_layers_in_a_row_compact_into_each_other():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
+    model = _srigl_trained(model, dense=["6"])
+    first, second = _active_rows(model[0]), _active_rows(model[2])
+    assert 0 < first < 64 and 0 < second < 64  # both ablate: the first folds into a layer with ablated outputs
+    out = sparsec.export(model, "condensed")
+    assert (out[0].out_features, out[2].in_features, out[2].out_features, out[4].in_features) == (
+        first,
+        first,
+        second,
+        second,
+    )
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)

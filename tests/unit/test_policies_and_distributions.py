@@ -190,3 +190,11 @@ def test_sparsify_hands_erk_the_conv_kernel_shape():
     assert 1 - specs["2"].sparsity == pytest.approx(3.42 * 37 / 270, rel=1e-9)
     sparse = sparsec.sparsify(model, spec="55%", distribution="erk")
     assert sparse[0].spec == specs["0"] and sparse[2].spec == specs["2"]
+
+
+def test_policies_declare_whether_updates_change_a_layer_s_density():
+    """MaskUpdater refuses density changes on FSDP2-sharded layers up front by this flag."""
+    moving = {"rigl": False, "set": False, "static": False, "snfs": True, "gmp": True, "imp": True}
+    for name, changes in moving.items():
+        assert parse_policy(name).changes_density is changes, name
+    assert sparsec.srigl().changes_density and not sparsec.srigl(gamma_sal=0).changes_density  # ablation off
