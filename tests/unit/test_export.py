@@ -97,11 +97,11 @@ def test_the_dense_export_runs_under_torch_export():
     assert torch.allclose(program.module()(x), out(x))
 
 
-def _ablated(between: nn.Module) -> nn.Module:
-    """SRigL with a high saliency threshold: the first sparse layer ablates outputs (rows of 0 kept)."""
+def _srigl_trained(model: nn.Module, dense: list[str]) -> nn.Module:
+    """SRigL with a high saliency threshold, so its first sparse layers ablate outputs (rows of 0 kept); then
+    biases away from 0: an ablated output's constant must reach the next layer."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), between, nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    sparsec.sparsify(model, spec="fanin(90%)", policy=sparsec.srigl(delta_t=2, gamma_sal=0.9), dense=["4"])
+    sparsec.sparsify(model, spec="fanin(90%)", policy=sparsec.srigl(delta_t=2, gamma_sal=0.9), dense=dense)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     updater = sparsec.MaskUpdater(model, opt, total_steps=20)
     for _ in range(6):
@@ -109,10 +109,17 @@ def _ablated(between: nn.Module) -> nn.Module:
         opt.step()
         updater.step()
         opt.zero_grad()
-    with torch.no_grad():  # biases away from 0: an ablated output's constant must reach the next layer
-        for i in (0, 2):
-            model[i].bias.uniform_(-0.5, 0.5)
+    with torch.no_grad():
+        for m in model:
+            if getattr(m, "bias", None) is not None:
+                m.bias.uniform_(-0.5, 0.5)
     return model
+
+
+def _ablated(between: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), between, nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    return _srigl_trained(model, dense=["4"])
 
 
 def _active_rows(layer) -> int:
@@ -173,23 +180,6 @@ def test_the_export_keeps_the_outputs_in_each_dtype_within_its_tolerance(dtype, 
     assert got.dtype == dtype
     want, got = want.double(), got.double()
     assert float((got - want).abs().max()) <= _TOLERANCE[dtype] * float(want.abs().max())
-
-
-def _srigl_trained(model: nn.Module, dense: list[str]) -> nn.Module:
-    torch.manual_seed(0)
-    sparsec.sparsify(model, spec="fanin(90%)", policy=sparsec.srigl(delta_t=2, gamma_sal=0.9), dense=dense)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    updater = sparsec.MaskUpdater(model, opt, total_steps=20)
-    for _ in range(6):
-        model(torch.randn(8, 32)).pow(2).mean().backward()
-        opt.step()
-        updater.step()
-        opt.zero_grad()
-    with torch.no_grad():
-        for m in model:
-            if getattr(m, "bias", None) is not None:
-                m.bias.uniform_(-0.5, 0.5)
-    return model
 
 
 @pytest.mark.parametrize("bias", [True, False])
