@@ -505,6 +505,8 @@ def _select_library() -> ctypes.CDLL:
     lib = load(render("cpu/select.cpp.jinja"))
     lib.sparsec_best_in_row.argtypes = [_P, _I64, _I64, ctypes.c_float, _P, _INT]
     lib.sparsec_best_in_row.restype = _I64
+    lib.sparsec_best_per_row.argtypes = [_P, _I64, _I64, _P, _P, _P, _P, _INT]
+    lib.sparsec_best_per_row.restype = None
     lib.sparsec_merge_kept.argtypes = lib.sparsec_merge_kept32.argtypes = [_P, _P, _I64, _P, _I64, _P, _P]
     lib.sparsec_merge_kept.restype = _I64
     return lib
@@ -540,6 +542,25 @@ def cpp_best_in_row(scores: torch.Tensor, k: int, floor: float = -float("inf")) 
         s.data_ptr(), s.numel(), k, floor, out.data_ptr(), torch.get_num_threads()
     )
     return out[:n]
+
+
+def cpp_best_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Ascending flat indices (into ``scores.view(-1)``) of the ``k[r]`` largest entries above -inf of each
+    row ``r`` of the 2-D float32 ``scores`` (NaN never taken; fewer where fewer qualify), ties to the lower
+    column: ``selection.best_per_row``'s choice, as indices, by the generated kernel (rows in parallel)."""
+    s = scores.contiguous()
+    need = k.to(torch.int64).clamp(min=0, max=s.shape[1]).contiguous()
+    at = torch.cumsum(need, 0) - need  # each row's first output slot
+    out = torch.empty(int(need.sum()), dtype=torch.int64)
+    count = torch.empty(s.shape[0], dtype=torch.int64)
+    _select_library().sparsec_best_per_row(
+        s.data_ptr(), s.shape[0], s.shape[1], need.data_ptr(), at.data_ptr(), out.data_ptr(), count.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if bool((count < need).any()):  # rows with fewer qualifying entries than asked: their slots' tails are unset
+        slot = torch.arange(out.numel()) - torch.repeat_interleave(at, need)
+        out = out[slot < torch.repeat_interleave(count, need)]
+    return out
 
 
 @functools.cache

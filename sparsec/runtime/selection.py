@@ -18,7 +18,7 @@ import torch
 
 from sparsec import config
 from sparsec.formats import Layout, item_scores
-from sparsec.runtime.cpp import cpp_best_in_row
+from sparsec.runtime.cpp import cpp_best_in_row, cpp_best_per_row
 from sparsec.runtime.ops import backend_for
 
 
@@ -70,6 +70,15 @@ def best_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (above | at) & (scores > -torch.inf)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether no entry of ``t`` is NaN or infinite: one reduction (its min and max, which NaN propagates
+    to), no tensor of flags (``isfinite(t).all()`` took 15x longer on a grow chunk)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 class GrowSelector:
     """Picks, unit by unit, the positions to grow.
 
@@ -115,7 +124,7 @@ class GrowSelector:
     def add_rows(self, row0: int, scores: torch.Tensor) -> None:
         """Take item scores for item-grid rows ``row0 .. row0 + scores.shape[0]`` (overwritten in place)."""
         layout, cols = self.layout, self.layout.grid[1]
-        if not bool(torch.isfinite(scores).all()):
+        if not all_finite(scores):
             self.finite = False
         self.rows_seen += scores.shape[0]
         if self.dropped_flat.numel() == 0 and self.need is None:
@@ -140,7 +149,14 @@ class GrowSelector:
             self._add_layer_wide(base, per_unit)
             return
         first = base // unit
-        take = best_per_row(per_unit, self.fresh_need[first : first + per_unit.shape[0]])
+        need = self.fresh_need[first : first + per_unit.shape[0]]
+        if per_unit.dtype == torch.float32 and not per_unit.is_cuda and backend_for(per_unit) == "cpp":
+            # the generated kernel: the same choice as indices, NaN never taken (a non-finite step is discarded)
+            at = cpp_best_per_row(per_unit, need)
+            self._flat.append(base + at)
+            self._score.append(per_unit.view(-1)[at])
+            return
+        take = best_per_row(per_unit, need)
         rows, cols_in_unit = take.nonzero(as_tuple=True)  # row-major: ascending flat index
         self._flat.append(base + rows * unit + cols_in_unit)
         self._score.append(per_unit[take])

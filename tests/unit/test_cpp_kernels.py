@@ -324,6 +324,10 @@ from sparsec.runtime.cpp import cpp_best_in_row
 for n, k, floor in [(0, 3, 0.0), (1, 1, -1.0), (9, 20, 0.3), (1001, 500, 0.1), (70001, 69999, -1.0)]:
     s = (torch.randint(0, 9, (n,)).float() / 9).contiguous()
     cpp_best_in_row(s, k, floor)
+from sparsec.runtime.cpp import cpp_best_per_row
+for rows, cols in [(1, 1), (5, 3), (33, 257)]:
+    s = torch.randint(0, 4, (rows, cols)).float()
+    cpp_best_per_row(s, torch.randint(0, cols + 2, (rows,)))
 print("clean")
 """
 
@@ -390,6 +394,28 @@ def test_the_selection_kernel_takes_the_k_best_with_ties_to_the_lower_index(n, k
     if n > 100 and k < len(ranked):  # the tie rule decides: equal scores on both sides of the cut
         assert values[ranked[k - 1]] == values[ranked[k]]
     assert n < 100 or (k < len(ranked)) == (k < 60000)  # k >= 60000 here: fewer qualify, all are taken
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 7), (37, 129), (500, 64)])
+def test_the_per_row_selection_kernel_takes_each_row_s_k_best_with_ties_to_the_lower_column(rows, cols):
+    """Fan-in rows and N:M groups: each row its own k (0, short of its qualifying entries, or more than the
+    row), many ties, -inf (kept) and NaN never taken; flat indices ascending."""
+    from sparsec.runtime.cpp import cpp_best_per_row
+
+    g = torch.Generator().manual_seed(rows * cols)
+    scores = torch.randint(-3, 6, (rows, cols), generator=g).float() / 3  # negative scores and ties
+    scores[torch.rand(rows, cols, generator=g) < 0.3] = -float("inf")
+    scores.view(-1)[5::17] = float("nan")
+    scores.view(-1)[3::29] = float("inf")
+    k = torch.randint(0, cols + 3, (rows,), generator=g)
+    got = cpp_best_per_row(scores, k)
+    expected = []
+    for r, row in enumerate(scores.tolist()):
+        expected += [r * cols + c for c in _best_by_sorting(row, int(k[r]), -float("inf"))]
+    assert got.tolist() == expected
+    assert rows < 30 or any(len(_best_by_sorting(row, cols, -float("inf"))) < int(k[r]) for r, row in enumerate(
+        scores.tolist()))  # fmt: skip
 
 
 @needs_compiler
