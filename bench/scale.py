@@ -43,6 +43,7 @@ def run_child(args: dict) -> dict:
 
     torch.manual_seed(0)
     h, variant, spec = args["h"], args["variant"], args["spec"]
+    classes = args.get("classes", 10)  # 16 for block specs: their blocks must tile the last layer
     t0 = time.perf_counter()
     if variant == "dense":
         model = nn.Sequential(nn.Linear(1024, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
@@ -52,14 +53,14 @@ def run_child(args: dict) -> dict:
         def layer(i, o):  # init "sparse": each output rescaled for its kept fan-in (at 99.9% about 1 of 1024)
             return sparsec.SparseLinear(i, o, spec=spec, policy=policy, init="sparse")
 
-        model = nn.Sequential(layer(1024, h), nn.ReLU(), layer(h, h), nn.ReLU(), layer(h, 10))
+        model = nn.Sequential(layer(1024, h), nn.ReLU(), layer(h, h), nn.ReLU(), layer(h, classes))
     build = time.perf_counter() - t0
     build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # imports included
     kept = sum(m.layout.nnz for m in model.modules() if isinstance(m, sparsec.SparseLinear))
     opt = torch.optim.SGD(model.parameters(), lr=args["lr"], momentum=0.9)
     updater = sparsec.MaskUpdater(model, opt, total_steps=10 * args["steps"]) if variant == "rigl" else None
     gen = torch.Generator().manual_seed(1)
-    teacher = torch.randn(1024, 10, generator=gen)
+    teacher = torch.randn(1024, classes, generator=gen)
     batches = []
     for _ in range(4):
         x = torch.randn(64, 1024, generator=gen)
@@ -99,7 +100,7 @@ def run_child(args: dict) -> dict:
     budget = None  # the issue's budget: an update at most an ordinary step + 1.5 dense forwards of the layers
     if variant == "rigl" and update and ordinary and h <= 16384:  # the dense layers fit beside the model
         with torch.no_grad():
-            dense = [nn.Linear(1024, h), nn.Linear(h, h), nn.Linear(h, 10)]
+            dense = [nn.Linear(1024, h), nn.Linear(h, h), nn.Linear(h, classes)]
             acts = [batches[0][0], torch.randn(64, h), torch.randn(64, h)]
             forwards = []
             for _ in range(3):
@@ -242,6 +243,31 @@ def scan_against_product(sparsity: float) -> str:
     return "\n".join(lines)
 
 
+STRUCTURES = ("fanin(99%)", "2:4", "block(16x16, 99%)")
+
+
+def structures(args: argparse.Namespace) -> None:
+    """RigL on the MLP with each structured spec, at H = 4096 and 8192: the update step against its budget
+    (the grow step of units no wider than a row, fan-in rows and N:M groups, and of blocks)."""
+    rows = []
+    for h in (4096, 8192):
+        for spec in STRUCTURES:
+            classes = 16 if spec.startswith("block") else 10
+            child = {"h": h, "variant": "rigl", "spec": spec, "steps": args.steps, "delta_t": args.delta_t,
+                     "lr": args.lr, "budget_s": args.budget_s, "classes": classes}  # fmt: skip
+            rows.append(launch(child, timeout=2 * args.budget_s + 120))
+            print(table([rows[-1]]).splitlines()[-1], flush=True)
+    write_section(
+        "scale-structures",
+        f"## Scale: RigL's update step on structured specs (CPU)\n\nMeasured {datetime.date.today().isoformat()} "
+        f"on {machine()}. Command: `python bench/scale.py --structures --steps {args.steps} --delta-t "
+        f"{args.delta_t} --lr {args.lr}`. The MLP 1024-H-H-10 (16 outputs for block specs), as the Scale table; "
+        "fan-in rows and N:M groups select their regrowth a chunk of rows at a time on the generated per-row "
+        "kernel, blocks on the chunked layer-wide selection. Ordinary steps with delta_t = 2 are arming steps (the "
+        "drop decided from the weights).\n\n" + table(rows),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -257,9 +283,15 @@ def main() -> None:
     parser.add_argument("--headline-only", action="store_true", help="the headline run alone")
     parser.add_argument("--headline-lr", type=float, default=0.02)
     parser.add_argument("--scan-only", action="store_true", help="the grow scan against the product alone")
+    parser.add_argument(
+        "--structures", action="store_true", help="RigL's update / budget for fan-in, N:M and block specs alone"
+    )
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
+        return
+    if args.structures:
+        structures(args)
         return
     if not args.scan_only and not args.headline_only:  # in its own process: a child's peak RSS counts its parent's
         subprocess.run([sys.executable, __file__, "--scan-only", "--sparsity", str(args.sparsity)], check=True)
