@@ -548,6 +548,8 @@ def cpp_best_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Ascending flat indices (into ``scores.view(-1)``) of the ``k[r]`` largest entries above -inf of each
     row ``r`` of the 2-D float32 ``scores`` (NaN never taken; fewer where fewer qualify), ties to the lower
     column: ``selection.best_per_row``'s choice, as indices, by the generated kernel (rows in parallel)."""
+    if scores.dim() != 2 or scores.dtype != torch.float32 or scores.is_cuda or k.numel() != scores.shape[0]:
+        raise ValueError(f"cpp_best_per_row: 2-D float32 CPU scores and a k per row; got {scores.shape}, {k.shape}")
     s = scores.contiguous()
     need = k.to(torch.int64).clamp(min=0, max=s.shape[1]).contiguous()
     at = torch.cumsum(need, 0) - need  # each row's first output slot

@@ -109,6 +109,25 @@ def test_the_cpp_grow_step_chooses_what_the_chunked_selection_chooses(regrow_dro
         assert torch.equal(select_growth(layout, kept, dropped, dy, x, regrow_dropped, rows).grown(), fused.grown())
 
 
+@pytest.mark.parametrize("spec", ["fanin(80%)", "2:4", "1:8"])
+@pytest.mark.parametrize("regrow_dropped", [True, False])
+def test_short_units_grow_on_the_per_row_kernel_what_torch_s_selection_grows(spec, regrow_dropped):
+    """Fan-in rows and N:M groups on the cpp backend: each chunk's regrowth from the generated per-row kernel
+    equals the torch selection's (integer scores: ties everywhere), over several chunks of rows."""
+    gen = torch.Generator().manual_seed(4)
+    layout = make_layout(sparsec.parse_spec(spec), 40, 64)
+    kept = layout.random_positions(gen)
+    dropped = choose_drops(torch.rand(kept.numel(), generator=gen), kept.numel() // 3)
+    dy, x = _ints(9, 40, gen=gen), _ints(9, 64, gen=gen)
+    chosen = {}
+    for backend in ("cpp", "cpu"):
+        with config.patch(backend=backend, grow_chunk_bytes=9 * 64 * 4 * 8):  # 4 chunks of rows
+            chosen[backend] = score_chunked(layout, kept, dropped, dy, x, regrow_dropped)
+    assert chosen["cpp"].finite and chosen["cpp"].complete
+    assert torch.equal(chosen["cpp"].grown(), chosen["cpu"].grown()) and chosen["cpp"].grown().numel() > 0
+    assert torch.equal(torch.cat(chosen["cpp"]._score), torch.cat(chosen["cpu"]._score))
+
+
 @pytest.mark.parametrize("backend", ["cpp", "cpu"])
 def test_drops_are_the_smallest_with_ties_to_the_lower_slot(backend):
     gen = torch.Generator().manual_seed(3)
