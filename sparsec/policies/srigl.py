@@ -53,12 +53,11 @@ class SRigL(Scheduled):
 
     name: ClassVar[str] = "srigl"
     default_init: ClassVar[str] = "sparse"  # condensed-sparsity re-initialises each row for its sparse fan-in
+    gamma_sal: float = 0.3
 
     @property
     def changes_density(self) -> bool:  # an ablation moves the layer to compressed rows of another count
         return self.gamma_sal > 0
-
-    gamma_sal: float = 0.3
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -53,15 +53,9 @@ class MaskUpdater:
         declare_dynamic_storage(self.layers)  # torch.compile: one graph for every density an update sets
         self.optimizer, self.total_steps = optimizer, total_steps
         self._check_optimizer_holds_values()
-        sharded_moving = [n for n, layer in self.layers.items() if sharded.is_sharded(layer.values) and
-                          layer.policy.changes_density]  # fmt: skip
-        if sharded_moving:
-            raise SparsecError(
-                f"layers {sharded_moving} are sharded by FSDP2 (fully_shard) and their policy changes their density, "
-                f"which needs a new values Parameter inside the sharded module: not supported. Under FSDP2 train "
-                f"with a policy that keeps each layer's density (rigl, set, static, srigl with gamma_sal=0), or use "
-                f"DistributedDataParallel, where the wrapper is built again (see MaskUpdater)"
-            )
+        _refuse_density_changes_on_sharded(
+            [n for n, layer in self.layers.items() if sharded.is_sharded(layer.values) and layer.policy.changes_density]
+        )
         self.t = 0
         self.generator = torch.Generator().manual_seed(seed)
         self.last_changes: dict[str, int] = {}  # layer -> positions grown (pruned, for gmp) at the last update
@@ -140,12 +134,7 @@ class MaskUpdater:
 
     def _apply(self, name: str, layer: SparseLayer, change: Change) -> None:
         if change.spec is not None and change.flat is not None and sharded.is_sharded(layer.values):
-            raise SparsecError(
-                f"{name}: {layer.policy.name} changes the layer's density at step {self.t}, which needs a new "
-                f"values Parameter, and FSDP2 (fully_shard) holds this one sharded: not supported. Under FSDP2 "
-                f"train with a policy that keeps each layer's density (rigl, set, static), or use "
-                f"DistributedDataParallel, where the wrapper is built again (see MaskUpdater)"
-            )
+            _refuse_density_changes_on_sharded([name])  # a policy that changes density without declaring it
         old = layer.values
         apply_change(layer, self.optimizer, change)
         if change.spec is not None:  # a new layout, perhaps of another format (srigl: fan-in to unstructured)
@@ -204,3 +193,13 @@ class MaskUpdater:
         self.t = state["step"]
         self.generator.set_state(state["generator"])
         self._arm(self.t + 1)
+
+
+def _refuse_density_changes_on_sharded(names: list[str]) -> None:
+    if names:
+        raise SparsecError(
+            f"layers {names} are sharded by FSDP2 (fully_shard) and their policy changes their density, which "
+            f"needs a new values Parameter inside the sharded module: not supported. Under FSDP2 train with a "
+            f"policy that keeps each layer's density (rigl, set, static, srigl with gamma_sal=0), or use "
+            f"DistributedDataParallel, where the wrapper is built again (see MaskUpdater)"
+        )
