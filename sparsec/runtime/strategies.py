@@ -5,6 +5,8 @@ Each ``Strategy`` computes ``forward`` (``x @ W^T + bias``), ``grad_input`` (``d
 
 - ``cpp``: sparsec's generated C++ kernels (CPU); ``cpp-rows``: the same on a block layer's rows instead of
   micro-tiles on its blocks (faster for some block sizes, batches and programs: the tuner times both);
+  ``cpp-scatter`` and ``cpp-transposed``: ``grad_input`` of a layer of single weights scattered through W's
+  rows, or walked along W^T's, where ``cpp`` chooses by a measured rule (``runtime.cpp.scatters_grad_input``);
 - ``triton``: sparsec's generated Triton kernels (CUDA; ``interpret``: the same in Triton's interpreter);
 - ``torch-csr``: PyTorch's CSR kernels (MKL on a CPU, cuSPARSE on a GPU);
 - ``dense``: the layer's weight decompressed for the call (one layer's, freed after it: the model stays
@@ -105,6 +107,7 @@ class Strategy:
 @dataclass(frozen=True)
 class Cpp(Strategy):
     micro_tiles: bool = True  # block layers: micro-tiles on the blocks (False: their rows, as other layers)
+    walk: str | None = None  # grad_input: "rows" (scatter) or "columns" (W^T) of single weights; None: the rule
 
     def plan_kind(self, backend):
         return "cpp"
@@ -113,15 +116,18 @@ class Cpp(Strategy):
         return super().problem(device_type) or cpp_problem()
 
     def fits(self, program, key, values):
-        if not self.micro_tiles and layout_of(*key).item == (1, 1):  # items of one weight: no blocks
+        single = layout_of(*key).item == (1, 1)
+        if not self.micro_tiles and single:  # items of one weight: no blocks
             return f"{self.name} differs from cpp on block layers only; this one is {key.spec}"
+        if self.walk is not None and (program != "grad_input" or not single):
+            return f"{self.name} differs from cpp in grad_input of layers of single weights only"
         return None
 
     def forward(self, key, backend, plan, x, values, bias):
         return cpp_forward(plan, x, values, bias, self.micro_tiles)
 
     def grad_input(self, key, backend, plan, dy, values):
-        return cpp_grad_input(plan, dy, values, self.micro_tiles)
+        return cpp_grad_input(plan, dy, values, self.micro_tiles, self.walk)
 
     def grad_values(self, key, backend, plan, dy, x, values):
         return cpp_grad_values(plan, dy, x, values, micro_tiles=self.micro_tiles)
@@ -247,6 +253,8 @@ STRATEGIES = {
     for s in (
         Cpp("cpp", ("cpu",)),
         Cpp("cpp-rows", ("cpu",), micro_tiles=False),
+        Cpp("cpp-scatter", ("cpu",), walk="rows"),
+        Cpp("cpp-transposed", ("cpu",), walk="columns"),
         Triton("triton", ("cuda",)),
         TorchCSR("torch-csr", ("cpu", "cuda")),
         Dense("dense", ("cpu", "cuda")),

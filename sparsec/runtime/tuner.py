@@ -209,7 +209,7 @@ def estimated_bytes(strategy: Strategy, layout: Layout, batch: int, elem: int) -
     acts = batch * (layout.out_features + layout.in_features) * elem
     if strategy.name == "dense":
         return 3 * dense + acts  # decompress (write, read) and the GEMM's read
-    index = {"cpp": 2, "cpp-rows": 2, "torch-csr": 8}.get(strategy.name, 4)
+    index = {"torch-csr": 8}.get(strategy.name, 2 if strategy.name.startswith("cpp") else 4)
     return layout.nnz * (elem + index) + acts
 
 
@@ -272,7 +272,7 @@ def tune_program(
     bias: torch.Tensor | None = None,
     candidates: Sequence[Strategy] | None = None,
     timer: Timer | None = None,
-    top: int = 4,
+    top: int = 6,
     top_configs: int = 16,
     cache: TuneCache | None = None,
     device: Device | None = None,

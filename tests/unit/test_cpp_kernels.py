@@ -50,19 +50,26 @@ def test_forward_and_both_gradients_match_the_dense_float64_reference(spec, out,
 @pytest.mark.parametrize(  # 99%: the gradient dots row by row; the denser ones: in blocks of rows and columns
     "spec,out,inn", [("fanin(90%)", 29, 301), ("95%", 23, 517), ("99%", 67, 2100), ("2:4", 9, 36)]
 )
-def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, batch, width, monkeypatch):
+@pytest.mark.parametrize("walk", ["rows", "columns"])  # dy @ W: a scatter through W's rows, or W^T's rows
+def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, batch, width, walk, monkeypatch):
     from sparsec.runtime import cpp
 
     monkeypatch.setattr(cpp, "_index_dtype", lambda extent: width)
     slots = torch.int32 if width == torch.uint16 else torch.int64  # 64-bit slots: past 2^31 values, forced
     monkeypatch.setattr(cpp, "_slot_dtype", lambda n: slots)
+    chosen = cpp.scatters_grad_input
+    monkeypatch.setattr(cpp, "scatters_grad_input", lambda plan, b, dtype, _=None: chosen(plan, b, dtype, walk))
     layer, x = _case(spec, out, inn, batch, torch.float32)
     dy = torch.randn(batch, out)
     with config.patch(backend="cpp"):
         y = layer(x)
         y.backward(dy)
     plan = plans.held_plan(list(layer.index_buffers().values()), "cpp")
-    assert plan.cols.dtype == width and plan.cols_t.dtype == width and plan.order_t.dtype == slots
+    assert plan.cols.dtype == width
+    if walk == "rows" or batch < 16:  # scattered through W's rows (under one vector always): W^T never built
+        assert plan.cols_t is None
+    else:
+        assert plan.cols_t.dtype == width and plan.order_t.dtype == slots
     w = layer.dense_weight().double()
     x64, dy64 = x.detach().double(), dy.double()
     tol = {"rtol": 1e-4, "atol": 1e-4}
@@ -160,7 +167,8 @@ def test_half_inputs_compute_in_float32():
 @pytest.mark.parametrize(
     "spec,out,inn", [("90%", 37, 53), ("2:4", 37, 52), ("block(4x8, 50%)", 36, 48), ("fanin(k=9)", 23, 41)]
 )
-def test_bfloat16_tensors_go_to_the_kernels_and_round_as_torch_does(spec, out, inn, batch):
+@pytest.mark.parametrize("walk", ["rows", "columns"])  # dy @ W: W's rows scattered (bf16 tiles widened), or W^T's
+def test_bfloat16_tensors_go_to_the_kernels_and_round_as_torch_does(spec, out, inn, batch, walk):
     """bf16 tensors go to the kernels as they are. Where the kernels compute in fp32 (the gather path of
     small batches; every path on a CPU without AVX512-BF16) the result is bit for bit what widening the
     inputs, the fp32 kernels and ``.to(torch.bfloat16)`` give (a rounding or widening slip changes some
@@ -177,7 +185,7 @@ def test_bfloat16_tensors_go_to_the_kernels_and_round_as_torch_does(spec, out, i
     bf, f32 = torch.bfloat16, torch.float32
     got = [
         cpp.cpp_forward(plan, xb, v, bias),
-        cpp.cpp_grad_input(plan, dy, v),
+        cpp.cpp_grad_input(plan, dy, v, walk=walk),
         cpp.cpp_grad_values(plan, dy, xb, v),
     ]
     w = layer.dense_weight().double()
@@ -195,7 +203,7 @@ def test_bfloat16_tensors_go_to_the_kernels_and_round_as_torch_does(spec, out, i
     if batch < cpp._tiling("float")[1] or not bf16_dots:  # fp32 arithmetic throughout
         widened = [
             cpp.cpp_forward(plan, xb.to(f32), v.to(f32), bias.to(f32)).to(bf),
-            cpp.cpp_grad_input(plan, dy.to(f32), v.to(f32)).to(bf),
+            cpp.cpp_grad_input(plan, dy.to(f32), v.to(f32), walk=walk).to(bf),
         ]
         for a, b in zip(got[:2], widened, strict=True):
             assert torch.equal(a, b)
@@ -221,7 +229,12 @@ def _train(backend: str):
 
 
 @needs_compiler
-def test_rigl_training_on_the_cpp_backend_follows_the_cpu_backend():
+@pytest.mark.parametrize("walk", ["rows", "columns"])  # columns: W^T built, gone stale at each update, rebuilt
+def test_rigl_training_on_the_cpp_backend_follows_the_cpu_backend(walk, monkeypatch):
+    from sparsec.runtime import cpp
+
+    rule = cpp.scatters_grad_input
+    monkeypatch.setattr(cpp, "scatters_grad_input", lambda plan, b, dtype, _=None: rule(plan, b, dtype, walk))
     moved, masks, params = _train("cpp")
     ref_moved, ref_masks, ref_params = _train("cpu")
     assert moved > 0 and moved == ref_moved
@@ -308,9 +321,13 @@ import sparsec
 from sparsec import config
 from sparsec.codegen import cpp
 
+from sparsec.runtime import cpp as kernels
+
 cpp.FLAGS = (*cpp.FLAGS, "-fsanitize=address", "-fno-omit-frame-pointer")
 cpp._identity.cache_clear()
-for dtype in (torch.float32, torch.float64, torch.bfloat16):
+rule = kernels.scatters_grad_input
+for dtype, walk in [(d, w) for d in (torch.float32, torch.float64, torch.bfloat16) for w in ("rows", "columns")]:
+    kernels.scatters_grad_input = lambda plan, b, dt, _=None: rule(plan, b, dt, walk)  # dy @ W: both walks
     specs = [("90%", 37, 53), ("2:4", 8, 16), ("block(3x5, 75%)", 21, 35), ("fanin(k=5)", 37, 53), ("99%", 9, 2100)]
     for spec, out, inn in specs:  # 99%: the gradient dots on the kept tiles
         for batch in (0, 1, 7, 8, 33, 70, 128):  # 128: the padded leading dimension of the dots

@@ -153,6 +153,8 @@ PLAN_CASES = [
 
 
 def _assert_same_plan(fast: CppPlan, slow: CppPlan) -> None:
+    """The generated kernels' plan, W^T built from its rows, is torch's."""
+    fast.transposed()
     for field in dataclasses.fields(CppPlan):
         a, b = getattr(fast, field.name), getattr(slow, field.name)
         if isinstance(a, torch.Tensor):
@@ -187,10 +189,15 @@ def test_a_plan_rebuilt_in_place_keeps_its_tensors_and_holds_the_new_mask():
     layout = make_layout(sparsec.parse_spec("90%"), 701, 997)
     first, second = (layout.random_positions(torch.Generator().manual_seed(s)) for s in (1, 2))
     plan = CppPlan.of_rows(*layout.format.compressed_rows(layout, layout.encode(first)), (701, 997))
-    held = {f.name: getattr(plan, f.name) for f in dataclasses.fields(CppPlan)}
+    assert plan.offsets_t is None and plan.cols_t is None and plan.order_t is None  # W^T: built at first use
+    plan.transposed()
+    _assert_same_plan(plan, CppPlan.build(CSRPlan.build(layout, first), layout, first))
+    held = {f.name: getattr(plan, f.name) for f in dataclasses.fields(CppPlan) if f.name != "stale_t"}
     again = CppPlan.of_rows(*layout.format.compressed_rows(layout, layout.encode(second)), (701, 997), into=plan)
     assert again is plan and all(getattr(again, k) is v for k, v in held.items())
+    assert again.stale_t  # W^T holds the first mask until its next use rebuilds it, into the same tensors
     _assert_same_plan(again, CppPlan.build(CSRPlan.build(layout, second), layout, second))
+    assert all(getattr(again, k) is v for k, v in held.items()) and not again.stale_t
 
 
 def test_the_merge_keeps_the_slots_of_positions_present_before():

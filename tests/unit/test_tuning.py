@@ -228,11 +228,30 @@ def test_every_real_cpu_strategy_passes_the_gate_on_each_program(program, spec, 
     layer.to(dtype)
     key = ops._key(layer.values, *layer.layout.op_key)
     calls = []
-    seconds = {"cpp": 1.0, "cpp-rows": 1.5, "torch-csr": 2.0, "dense": 3.0}
+    seconds = {"cpp": 1.0, "cpp-rows": 1.5, "torch-csr": 2.0, "dense": 3.0, "cpp-scatter": 1.2, "cpp-transposed": 1.3}
     result = _tune(program, layer, key, index, 5, seconds, calls)
-    rows = "timed" if spec.startswith("block") else "pruned"  # rows of a block layer; elsewhere cpp itself
+    block = spec.startswith("block")
+    rows = "timed" if block else "pruned"  # rows of a block layer; elsewhere cpp itself
+    walks = "timed" if program == "grad_input" and not block else "pruned"  # grad_input of single weights only
     want = {"cpp": "chosen", "cpp-rows": rows, "torch-csr": "timed", "dense": "timed"}
+    want |= {"cpp-scatter": walks, "cpp-transposed": walks}
     assert {o.strategy: o.status for o in result.outcomes} == want
+
+
+@pytest.mark.parametrize("spec", ["75%", "fanin(50%)"])
+def test_cpp_scatter_and_cpp_transposed_walk_w_rows_and_w_t_rows_through_the_gate(spec, monkeypatch):
+    import sparsec.runtime.cpp as cpp
+
+    layer, key, index = _layer(spec, 48, 40)  # batch 64: tiles, where the two walks are different kernels
+    walked = []
+    scatter, transposed = cpp._scatter_tiles_product, cpp.CppPlan.transposed
+    monkeypatch.setattr(cpp, "_scatter_tiles_product", lambda *a: walked.append("rows") or scatter(*a))
+    monkeypatch.setattr(cpp.CppPlan, "transposed", lambda plan: walked.append("columns") or transposed(plan))
+    for name, walk in (("cpp-scatter", "rows"), ("cpp-transposed", "columns")):
+        calls = []
+        result = _tune("grad_input", layer, key, index, 64, {name: 1.0}, calls, candidates=[STRATEGIES[name]])
+        assert result.chosen == name and set(walked) == {walk}  # through the float64 gate, on its own walk
+        walked.clear()
 
 
 @pytest.mark.parametrize("program", ["forward", "grad_input", "grad_values"])
@@ -344,7 +363,7 @@ def test_sparsec_tune_tunes_every_layer_and_moves_the_cache(tmp_path, monkeypatc
         "                               sparsec.SparseLinear(24, 8, spec='75%'))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    seconds = {"cpp": 1e-3, "torch-csr": 2e-3, "dense": 4e-3}
+    seconds = {"cpp": 1e-3, "cpp-scatter": 1.5e-3, "cpp-transposed": 1.5e-3, "torch-csr": 2e-3, "dense": 4e-3}
     monkeypatch.setattr(tuner, "default_timer", lambda device_type: _timer(seconds, []))
     assert cli.main(["tune", "tiny_model_for_tune:build", "--batch", "3", "--export", str(tmp_path / "t.json")]) == 0
     out = capsys.readouterr().out
