@@ -93,7 +93,9 @@ def run_child(args: dict) -> dict:
                     index = list(m.index_buffers().values())
                     held = plans.held_plan(index, "cpp")  # rebuilt into, as an update's refresh does
                     key = ops._key(m.values, *m.layout.op_key)
-                    plans._build_plan(key, "cpp", index, m.positions(), into=held)
+                    rebuilt = plans._build_plan(key, "cpp", index, m.positions(), into=held)
+                    if rebuilt.offsets_t is not None:  # its dy @ W walks W^T: rebuilt at its next use, counted
+                        rebuilt.transposed()
             rebuilds.append(time.perf_counter() - t)
         rebuild = sorted(rebuilds)[2]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the dense layers below
@@ -362,7 +364,8 @@ def main() -> None:
         "update / budget is the update step over (ordinary step + 1.5 dense forwards of the same layers at the",
         "batch, nn.Linear, same process; H <= 16384): the issue's target is at most 1.",
         "The plan rebuild is what an update pays to rebuild the cpp index plans of every sparse layer (from their",
-        "compressed rows, into the plans held); peak RSS is the process's, imports included: after the build, and",
+        "compressed rows, into the plans held; W^T too where a layer's dy @ W walks it); peak RSS is the process's,",
+        "imports included: after the build, and",
         "over the whole run (torch alone: 0.22 GB, sparsec 0.01 GB more; the first optimizer imports torch._dynamo,",
         "so any training process here peaks at 0.37 GB or more before its model). Dense stops where its weights,",
         "gradients and momentum no longer fit 80% of the machine's memory.",

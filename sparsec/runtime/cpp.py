@@ -148,7 +148,8 @@ def _weights_plan(entry: str, ins: list[int], n: int, shape: tuple[int, int], in
     elif plan.cols.numel() != n or plan.cols.dtype != _index_dtype(inn):
         plan = None
     if plan is None:
-        plan = CppPlan(torch.empty(out + 1, dtype=torch.int64), torch.empty(n, dtype=_index_dtype(inn)), None, None, None, None, tuple(shape))  # fmt: skip
+        rows = torch.empty(out + 1, dtype=torch.int64), torch.empty(n, dtype=_index_dtype(inn))
+        plan = CppPlan(*rows, None, None, None, None, tuple(shape))
     lib = _plan_library(INDEX_TYPES[plan.cols.dtype], "int32_t", "int32_t")
     getattr(lib, entry)(*ins, plan.offsets.data_ptr(), plan.cols.data_ptr())
     plan.stale_t = True
