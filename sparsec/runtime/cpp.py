@@ -150,7 +150,7 @@ def _weights_plan(entry: str, ins: list[int], n: int, shape: tuple[int, int], in
     if plan is None:
         rows = torch.empty(out + 1, dtype=torch.int64), torch.empty(n, dtype=_index_dtype(inn))
         plan = CppPlan(*rows, None, None, None, None, tuple(shape))
-    lib = _plan_library(INDEX_TYPES[plan.cols.dtype], "int32_t", "int32_t")
+    lib = _plan_library(INDEX_TYPES[plan.cols.dtype], INDEX_TYPES[_index_dtype(out)], INDEX_TYPES[_slot_dtype(n)])
     getattr(lib, entry)(*ins, plan.offsets.data_ptr(), plan.cols.data_ptr())
     plan.stale_t = True
     return plan

@@ -151,16 +151,28 @@ def records_graph(*tensors: torch.Tensor | None) -> bool:
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+# The strategies eager training runs as they are: cpp, and cpp with grad_input's walk chosen (its backward asks
+# the tuner's choice for the walk: ``_tuned_walk``)
+_EAGER_STRATEGIES = ("cpp", "cpp-scatter", "cpp-transposed")
+
+
 def trains_eagerly(x: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], layout_key: tuple) -> bool:
     """Whether eager training runs ``spmm_eager_training``: on the cpp backend, where every program's strategy
-    is cpp (a tuned choice of another strategy runs through the op)."""
+    is one of cpp's (a tuned choice of another strategy runs through the op)."""
     setting = settings.backend
     if backend_for(x, setting) != "cpp":
         return False
     if setting != "auto":
         return True
     key = _key(values, *layout_key)
-    return all(choose(p, key, "cpp", values, x.shape[0], index).name == "cpp" for p in PROGRAMS)
+    return all(choose(p, key, "cpp", values, x.shape[0], index).name in _EAGER_STRATEGIES for p in PROGRAMS)
+
+
+def _tuned_walk(key: LayoutKey, values: torch.Tensor, batch: int, index: list[torch.Tensor]) -> str | None:
+    """grad_input's walk for eager training: the tuned strategy's under ``SPARSEC_BACKEND=auto``, else the rule's."""
+    if settings.backend != "auto":
+        return None
+    return getattr(choose("grad_input", key, "cpp", values, batch, index), "walk", None)
 
 
 def spmm_eager_training(
@@ -196,10 +208,11 @@ class _EagerTraining(torch.autograd.Function):
         plan = index_plan(ctx.layout_key, "cpp", index)
         need_x, need_values, need_bias = ctx.needs_input_grad[:3]
         dx = dy_tiles = None
+        walk = _tuned_walk(ctx.layout_key, values, dy.shape[0], index) if need_x else None
         if need_x and need_values and x_tiles is not None:
-            dx, dy_tiles = cpp_grad_input_tiles(plan, dy, values)
+            dx, dy_tiles = cpp_grad_input_tiles(plan, dy, values, walk=walk)
         elif need_x:
-            dx = cpp_grad_input(plan, dy, values)
+            dx = cpp_grad_input(plan, dy, values, walk=walk)
         dv = None
         if need_values:
             _hand_to_tap(index, dy, x)

@@ -124,3 +124,18 @@ def test_sparsifying_a_sparse_model_again_names_its_sparse_layers():
     whole = sparsec.sparsify(nn.Sequential(nn.Linear(4, 4)), spec="50%")
     with pytest.raises(sparsec.SparsecError, match=r"already sparse: \['0'\].*overrides=.*dense="):
         sparsec.sparsify(whole, spec="50%")
+
+
+@pytest.mark.parametrize("spec", ["90%", "fanin(k=3)"])
+def test_a_checkpoint_whose_index_buffers_break_the_spec_is_refused_by_name(spec):
+    layer = SparseLinear(20, 6, spec=spec)
+    state = layer.state_dict()
+    cols = next(k for k in state if k.endswith("indices"))  # csr: col_indices; fan-in: fanin_indices
+    broken = state[cols].clone().view(-1)
+    broken[[0, 1]] = broken[[1, 0]]  # two columns of the first row swapped: not ascending
+    state[cols] = broken.view(state[cols].shape)
+    fresh = SparseLinear(20, 6, spec=spec)
+    with pytest.raises(ShapeError, match="the checkpoint's layer mask positions are not strictly increasing"):
+        fresh.load_state_dict(state)
+    fresh.load_state_dict(layer.state_dict())  # the checkpoint as saved loads
+    assert torch.equal(fresh.mask(), layer.mask())

@@ -438,3 +438,26 @@ def test_the_ranking_model_prices_a_batch_split_by_its_fill_and_its_partial_sums
     assert cost(None, 132) == pytest.approx(plain) and cost(split, 132) == pytest.approx(split_cost)
     assert cost(split, 132) < cost(None, 132)  # a short layer on a long batch: the split fills the GPU
     assert cost(split, 2) > cost(None, 2)  # already full (2 units): the partial sums are pure cost
+
+
+@pytest.mark.parametrize("tuned", ["cpp-scatter", "cpp-transposed", "torch-csr"])
+def test_eager_training_runs_a_tuned_walk_of_grad_input_and_another_strategy_through_the_op(tuned, monkeypatch):
+    import sparsec.runtime.cpp as cpp
+
+    torch.manual_seed(0)
+    layer = sparsec.SparseLinear(300, 40, spec="90%")  # the rule walks W^T here (a gradient wider than dy)
+    x, dy = torch.randn(64, 300, requires_grad=True), torch.randn(64, 40)
+    plan = ops.index_plan(ops._key(layer.values, *layer.layout.op_key), "cpp", list(layer.index_buffers().values()))
+    assert not cpp.scatters_grad_input(plan, 64, torch.float32)
+    chosen = {"grad_input": STRATEGIES[tuned]}
+    monkeypatch.setattr(ops, "choose", lambda program, *a, **k: chosen.get(program, STRATEGIES["cpp"]))
+    walked = []
+    scatter = cpp._scatter_tiles_product
+    monkeypatch.setattr(cpp, "_scatter_tiles_product", lambda *a: walked.append("rows") or scatter(*a))
+    with sparsec.config.patch(backend="auto"):
+        y = layer(x)
+        y.backward(dy)
+    eager = type(y.grad_fn).__name__ == "_EagerTrainingBackward"
+    assert eager == (tuned != "torch-csr")  # cpp's walks train eagerly; another strategy runs through the op
+    assert walked == (["rows"] if tuned == "cpp-scatter" else [])
+    torch.testing.assert_close(x.grad.double(), dy.double() @ layer.dense_weight().double(), rtol=1e-4, atol=1e-4)
