@@ -14,6 +14,7 @@ few chunk- or piece-sized tensors.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -44,7 +45,8 @@ def random_subsets(units: int, size: int, k: int, generator: torch.Generator | N
     if units == 1 and k > _PIECE:
         return _one_large_unit(size, k, generator)
     if _subsets_at_most(size, k, _TABLE):  # one of the unit's k-subsets, by its row in the table of them all
-        table = torch.combinations(torch.arange(size), k) if k > 1 else torch.arange(size)[:, None]
+        # (itertools lists the subsets themselves; torch.combinations builds all size**k tuples first: 9 s at 7 of 14)
+        table = torch.tensor(list(itertools.combinations(range(size), k)), dtype=torch.int64)
         local = table[torch.randint(table.shape[0], (units,), generator=generator)]
         return (torch.arange(units)[:, None] * size + local).view(-1)  # rows of the table ascend
     keys = torch.empty(0, dtype=torch.int64)

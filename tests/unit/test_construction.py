@@ -47,6 +47,14 @@ def test_the_paths_are_the_ones_named(monkeypatch):
     assert taken == ["_subsets_at_most"]  # a row of the table, no draws
 
 
+def test_the_table_of_a_unit_holds_its_subsets_not_every_tuple():
+    # 7 of 14 positions: 3432 subsets, at most _TABLE, so a row of their table (torch.combinations built all
+    # 14**7 tuples for it first: gigabytes and 9 s)
+    assert sampling._subsets_at_most(14, 7, sampling._TABLE)
+    biggest = largest_allocation_bytes(lambda: random_subsets(3, 14, 7, torch.Generator().manual_seed(0)))
+    assert biggest <= 3432 * 7 * 8, f"a {biggest}-byte tensor; the table is {3432 * 7 * 8}"
+
+
 def _chi_square(counts: collections.Counter, outcomes: list, trials: int) -> float:
     expected = trials / len(outcomes)
     return sum((counts[o] - expected) ** 2 / expected for o in outcomes)

@@ -66,7 +66,7 @@ def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, bat
         y.backward(dy)
     plan = plans.held_plan(list(layer.index_buffers().values()), "cpp")
     assert plan.cols.dtype == width
-    if walk == "rows" or batch < 16:  # scattered through W's rows (under one vector always): W^T never built
+    if walk == "rows" or batch < cpp._tiling("float")[1]:  # scattered through W's rows (always under one vector)
         assert plan.cols_t is None
     else:
         assert plan.cols_t.dtype == width and plan.order_t.dtype == slots
@@ -77,6 +77,56 @@ def test_both_index_widths_and_long_rows_match_the_reference(spec, out, inn, bat
     torch.testing.assert_close(x.grad.double(), dy64 @ w, **tol)
     expected = layer.layout.values_from_dense((dy64.T @ x64).view(layer.weight_shape), layer.positions())
     torch.testing.assert_close(layer.values.grad.double(), expected, **tol)
+
+
+@needs_compiler
+@pytest.mark.parametrize(  # (spec, out, inn, batch) -> whether dy @ W scatters through W's rows
+    "spec,out,inn,batch,scatters",
+    [
+        ("2:4", 64, 64, 256, True),  # half dense: at any batch
+        ("75%", 64, 64, 200, True),  # 25% dense: the rule's bound
+        ("90%", 64, 64, 64, True),  # one tile, a gradient no wider than dy
+        ("90%", 64, 64, 65, False),  # two tiles
+        ("90%", 40, 300, 64, False),  # one tile, a gradient wider than dy
+        ("block(4x4, 50%)", 64, 64, 64, False),  # blocks walk their own micro-tiles' W^T
+    ],
+)
+def test_the_rule_scatters_dense_layers_and_one_tile_of_a_no_wider_gradient(spec, out, inn, batch, scatters):
+    from sparsec.runtime import cpp
+
+    assert cpp._tiling("float")[0] == 64  # the rule's cases assume this CPU's 64-row tiles (AVX-512)
+    layer = sparsec.SparseLinear(inn, out, spec=spec)
+    with config.patch(backend="cpp"), torch.no_grad():
+        layer(torch.randn(2, inn))
+    plan = plans.held_plan(list(layer.index_buffers().values()), "cpp")
+    assert cpp.scatters_grad_input(plan, batch, torch.float32) == scatters
+    assert cpp.scatters_grad_input(plan, batch, torch.float32, "columns") is False
+    assert cpp.scatters_grad_input(plan, batch, torch.float32, "rows") == (plan.block is None)
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [2, 3, 5])  # more threads than columns: some own none
+@pytest.mark.parametrize("out,inn,spec", [(1, 1, "dense"), (3, 1, "dense"), (1, 3, "dense"), (7, 2, "50%")])
+def test_the_scatter_on_tiny_layers_and_more_threads_than_columns_matches(out, inn, spec, threads):
+    from sparsec.runtime import cpp
+
+    torch.manual_seed(threads)
+    if spec == "dense":  # every position kept: one value per weight
+        layer = sparsec.SparseLinear(inn, out, spec="0%")
+    else:
+        layer = sparsec.SparseLinear(inn, out, spec=spec)
+    with config.patch(backend="cpp"), torch.no_grad():
+        layer(torch.randn(2, inn))
+    plan = plans.held_plan(list(layer.index_buffers().values()), "cpp")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in (64, 65, 128):  # one tile, one row past it, two whole tiles
+            dy = torch.randn(batch, out)
+            got = cpp.cpp_grad_input(plan, dy, layer.values.detach(), walk="rows")
+            torch.testing.assert_close(got.double(), dy.double() @ layer.dense_weight().double(), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_compiler
