@@ -48,10 +48,14 @@ def choose_drops(drop_score: torch.Tensor, n_drop: int) -> torch.Tensor:
     """Slots of the ``n_drop`` smallest scores, ascending; slots follow flat order, so ties keep the lower.
 
     A selection, not a sort: the largest of the negated scores (``selection.best_in_row``: on the cpp backend
-    the generated radix select; linear work), ties to the lower slot. Scores it cannot rank (NaN, inf) go
-    to the stable sort, which ranks NaN last."""
+    the generated radix select; linear work), ties to the lower slot; the scores are negated in place for it
+    and back after (exactly: no copy of a layer's scores). Scores it cannot rank (NaN, inf) go to the stable
+    sort, which ranks NaN last."""
     if 0 < n_drop < drop_score.numel():
-        picked = best_in_row(-drop_score, n_drop)
+        try:
+            picked = best_in_row(drop_score.neg_(), n_drop)
+        finally:
+            drop_score.neg_()
         if picked.numel() == n_drop:
             return picked
     return drop_score.argsort(stable=True)[:n_drop].sort().values

@@ -16,6 +16,7 @@ import torch
 from sparsec.nn.layers import SparseLayer
 from sparsec.policies.base import Capture, Context, Policy
 from sparsec.policies.decision import choose_drops, drop_scores, n_drop_for
+from sparsec.runtime.selection import all_finite
 from sparsec.spec.policy import check_fraction, check_regrow, check_schedule
 
 
@@ -60,7 +61,7 @@ class Scheduled(Policy, abc.ABC):
         if not self.is_update_step(ctx.t, ctx.total_steps):
             return None
         scores = drop_scores(layer.layout, layer.whole_values())
-        if not bool(torch.isfinite(scores).all()):
+        if not all_finite(scores):
             return "a NaN or Inf weight"
         dropped = choose_drops(scores, n_drop_for(layer.layout, self.drop_fraction(ctx.t, ctx.total_steps)))
         return self.capture(layer, layer.positions(), dropped)

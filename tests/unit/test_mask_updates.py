@@ -463,3 +463,17 @@ def test_a_layer_called_twice_in_a_step_grows_by_the_steps_whole_gradient(spec):
     assert not torch.equal(expected, one_call)  # the case tells the whole gradient from the first call's
     updater.step()
     assert torch.equal(layer.mask(), expected)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpp"])
+def test_choose_drops_takes_the_smallest_with_ties_low_and_leaves_its_scores_as_they_were(backend):
+    # the 3 smallest of (0.5, -0, 0.2, 0, 0.2, 0.9): -0 and 0 tie at slots 1 and 3, then 0.2 at slot 2 (not 4)
+    scores = torch.tensor([0.5, -0.0, 0.2, 0.0, 0.2, 0.9])
+    before = scores.clone()
+    with config.patch(backend=backend):
+        assert choose_drops(scores, 3).tolist() == [1, 2, 3]
+        with_nan = torch.tensor([0.5, float("nan"), 0.1, 0.3])  # the sort's path: NaN ranks last
+        nan_before = with_nan.clone()
+        assert choose_drops(with_nan, 2).tolist() == [2, 3]
+    assert torch.equal(scores, before) and torch.equal(scores.signbit(), before.signbit())  # -0 stays -0
+    assert torch.allclose(with_nan, nan_before, rtol=0, atol=0, equal_nan=True)  # NaN and all
