@@ -39,7 +39,7 @@ from sparsec import config
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
 from sparsec.formats import Layout
 from sparsec.formats.base import cdiv, pow2_at_least
-from sparsec.runtime.cpp import cpp_grow_layer_wide
+from sparsec.runtime.cpp import cpp_grow_layer_wide, cpp_grow_per_row
 from sparsec.runtime.ops import backend_for
 from sparsec.runtime.plans import index_plan
 from sparsec.runtime.selection import GrowSelector, best_per_row, score_chunked
@@ -302,12 +302,14 @@ def cpp_selection(
     regrow_dropped: bool,
     rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GrowSelector | None:
-    """Grow selection of a layer-wide unit of single weights (unstructured) on the cpp backend: one fused
-    C++ scan of ``|dY^T X|`` that keeps the best fresh positions as the product leaves the registers
-    (``runtime.cpp.cpp_grow_layer_wide``: nothing of the gradient's size is stored, not even a chunk).
-    None elsewhere: other backends, units of a row or less, blocks (scored by their means), a unit that
-    must regrow just-dropped positions (nearly dense)."""
-    if backend_for(dy) != "cpp" or layout.n_units != 1 or layout.item != (1, 1):
+    """Grow selection of a layer-wide unit of single weights (unstructured), or of units of one row
+    (fan-in), on the cpp backend: one fused C++ scan of ``|dY^T X|`` that keeps the best fresh positions as
+    the product leaves the registers (``runtime.cpp.cpp_grow_layer_wide``, ``cpp_grow_per_row``: a heap per
+    row; nothing of the gradient's size is stored, not even a chunk). None elsewhere: other backends,
+    units shorter than a row (N:M groups), blocks (scored by their means), a unit that must regrow
+    just-dropped positions (nearly dense), srigl's per-unit needs."""
+    per_row = layout.n_units == layout.grid[0] and layout.unit_size == layout.grid[1]
+    if backend_for(dy) != "cpp" or layout.item != (1, 1) or not (layout.n_units == 1 or per_row):
         return None
     selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
     if selector.any_short:
@@ -316,9 +318,13 @@ def cpp_selection(
     if regrow_dropped:  # the just-dropped compete with fresh positions
         stays = torch.ones(kept.numel(), dtype=torch.bool)
         stays[dropped] = False
-    k = int(selector.fresh_need[0]) if dropped.numel() else 0
     with torch.no_grad():
-        flat, score, finite = cpp_grow_layer_wide(dy, x, kept, k, stays, rows)
+        if layout.n_units == 1:
+            k = int(selector.fresh_need[0]) if dropped.numel() else 0
+            flat, score, finite = cpp_grow_layer_wide(dy, x, kept, k, stays, rows)
+        else:
+            need = selector.fresh_need if dropped.numel() else torch.zeros_like(selector.fresh_need)
+            flat, score, finite = cpp_grow_per_row(dy, x, kept, need, stays, rows)
     selector.finite = finite
     selector.set_result(flat, score)
     selector.rows_seen = layout.grid[0]
