@@ -264,8 +264,9 @@ def structures(args: argparse.Namespace) -> None:
         f"## Scale: RigL's update step on structured specs (CPU)\n\nMeasured {datetime.date.today().isoformat()} "
         f"on {machine()}. Command: `python bench/scale.py --structures --steps {args.steps} --delta-t "
         f"{args.delta_t} --lr {args.lr}`. The MLP 1024-H-H-10 (16 outputs for block specs), as the Scale table; "
-        "fan-in rows and N:M groups select their regrowth a chunk of rows at a time on the generated per-row "
-        "kernel, blocks on the chunked layer-wide selection. Ordinary steps with delta_t = 2 are arming steps (the "
+        "fan-in rows grow on the fused per-row scan (a heap per row as the product leaves the registers), N:M "
+        "groups a chunk of rows at a time on the generated per-row kernel, blocks on the chunked layer-wide "
+        "selection. Ordinary steps with delta_t = 2 are arming steps (the "
         "drop decided from the weights).\n\n" + table(rows),
     )
 
