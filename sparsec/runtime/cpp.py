@@ -456,18 +456,9 @@ def _scatter_tiles_product(src: torch.Tensor, values: torch.Tensor, plan: CppPla
     out = src.new_empty(b, n_out)
     src_t, out_t = _work(lib, padded * n_rows, src), _scratch(padded * n_out, src)  # held: the call reads them
     lib.sparsec_rows_spmm_scatter_tiles(
-        src.data_ptr(),
-        values.data_ptr(),
-        plan.offsets.data_ptr(),
-        plan.cols.data_ptr(),
-        out.data_ptr(),
-        src_t.data_ptr(),
-        out_t.data_ptr(),
-        b,
-        n_rows,
-        n_out,
-        torch.get_num_threads(),
-    )
+        src.data_ptr(), values.data_ptr(), plan.offsets.data_ptr(), plan.cols.data_ptr(), out.data_ptr(),
+        src_t.data_ptr(), out_t.data_ptr(), b, n_rows, n_out, torch.get_num_threads(),
+    )  # fmt: skip
     return out, Tiles(src_t, (src.dtype, src.shape))
 
 
@@ -654,6 +645,17 @@ def _grow_library() -> ctypes.CDLL:
     return lib
 
 
+def _scan_operands(dy, x, listed, stays, rows):
+    """The grow scans' operands: dY transposed and X in float32, ``listed``'s int32 compressed rows (the
+    caller's ``rows`` where they hold it), and ``stays`` as bytes (or None)."""
+    dyt, xs = dy.t().float().contiguous(), x.float().contiguous()
+    if rows is None or rows[1].numel() != listed.numel():
+        rows = compressed_rows_of(listed, dy.shape[1], x.shape[1])
+    eoff, ecol = (t.to(torch.int32).contiguous().view(-1) for t in rows)
+    flags = None if stays is None else stays.contiguous().view(torch.uint8)  # bool: one byte, 0 or 1
+    return dyt, xs, eoff, ecol, flags
+
+
 def cpp_grow_layer_wide(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -668,12 +670,7 @@ def cpp_grow_layer_wide(
     ``kernels/cpu/grow.cpp.jinja`` (the product is never stored; ``listed`` goes to it as int32 rows:
     ``rows``, int32 offsets and columns of ``listed``, where the caller holds them)."""
     o, inn = dy.shape[1], x.shape[1]
-    dyt = dy.t().float().contiguous()
-    xs = x.float().contiguous()
-    if rows is None or rows[1].numel() != listed.numel():
-        rows = compressed_rows_of(listed, o, inn)
-    eoff, ecol = (t.to(torch.int32).contiguous().view(-1) for t in rows)
-    flags = None if stays is None else stays.contiguous().view(torch.uint8)  # bool: one byte, 0 or 1
+    dyt, xs, eoff, ecol, flags = _scan_operands(dy, x, listed, stays, rows)
     flat = torch.empty(max(0, k), dtype=torch.int64)
     score = torch.empty(max(0, k), dtype=torch.float32)
     bad = torch.zeros(1, dtype=torch.int64)
@@ -700,12 +697,7 @@ def cpp_grow_per_row(
     o, inn = dy.shape[1], x.shape[1]
     if need.numel() != o:
         raise ValueError(f"cpp_grow_per_row: a need per row of the {o} x {inn} gradient; got {need.numel()}")
-    dyt = dy.t().float().contiguous()
-    xs = x.float().contiguous()
-    if rows is None or rows[1].numel() != listed.numel():
-        rows = compressed_rows_of(listed, o, inn)
-    eoff, ecol = (t.to(torch.int32).contiguous().view(-1) for t in rows)
-    flags = None if stays is None else stays.contiguous().view(torch.uint8)  # bool: one byte, 0 or 1
+    dyt, xs, eoff, ecol, flags = _scan_operands(dy, x, listed, stays, rows)
     want = need.to(torch.int64).clamp(min=0, max=inn).contiguous()
     at = torch.cumsum(want, 0) - want  # each row's first output slot
     flat, score = torch.empty(int(want.sum()), dtype=torch.int64), torch.empty(int(want.sum()), dtype=torch.float32)
