@@ -640,8 +640,8 @@ def _grow_library() -> ctypes.CDLL:
     lib = load(render("cpu/grow.cpp.jinja"))
     lib.sparsec_grow_layer_wide.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _INT]
     lib.sparsec_grow_layer_wide.restype = _I64
-    lib.sparsec_grow_per_row.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
-    lib.sparsec_grow_per_row.restype = None
+    lib.sparsec_grow_per_unit.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
+    lib.sparsec_grow_per_unit.restype = None
     return lib
 
 
@@ -682,32 +682,37 @@ def cpp_grow_layer_wide(
     return flat[:n], score[:n], int(bad) == 0
 
 
-def cpp_grow_per_row(
+def cpp_grow_per_unit(
     dy: torch.Tensor,
     x: torch.Tensor,
     listed: torch.Tensor,
     need: torch.Tensor,
+    width: int,
     stays: torch.Tensor | None = None,
     rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Each row ``r``'s ``need[r]`` best positions of ``|dy^T x|`` outside ``listed`` (as
+    """Each unit ``u``'s ``need[u]`` best positions of ``|dy^T x|`` outside ``listed`` (as
     ``cpp_grow_layer_wide``: where ``stays`` is given, only those it flags), ascending flat, ties to the lower
-    column, fewer where a row has fewer eligible; with their scores and whether every score was finite: one
-    fused scan of ``kernels/cpu/grow.cpp.jinja`` with a heap per row (units of one row: fan-in)."""
+    column, fewer where a unit has fewer eligible; with their scores and whether every score was finite. Units
+    are ``width`` consecutive columns of a row, numbered row by row (fan-in rows: the row's width; N:M groups:
+    M): one fused scan of ``kernels/cpu/grow.cpp.jinja`` with a heap per unit."""
     o, inn = dy.shape[1], x.shape[1]
-    if need.numel() != o:
-        raise ValueError(f"cpp_grow_per_row: a need per row of the {o} x {inn} gradient; got {need.numel()}")
+    if width <= 0 or inn % width or need.numel() != o * (inn // width):
+        raise ValueError(
+            f"cpp_grow_per_unit: units of {width} columns must tile the {o} x {inn} gradient's rows, with a "
+            f"need per unit ({o * (inn // max(width, 1))}); got {need.numel()}"
+        )
     dyt, xs, eoff, ecol, flags = _scan_operands(dy, x, listed, stays, rows)
-    want = need.to(torch.int64).clamp(min=0, max=inn).contiguous()
-    at = torch.cumsum(want, 0) - want  # each row's first output slot
+    want = need.to(torch.int64).clamp(min=0, max=width).contiguous()
+    at = torch.cumsum(want, 0) - want  # each unit's first output slot
     flat, score = torch.empty(int(want.sum()), dtype=torch.int64), torch.empty(int(want.sum()), dtype=torch.float32)
-    count, bad = torch.empty(o, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-    _grow_library().sparsec_grow_per_row(
-        dyt.data_ptr(), xs.data_ptr(), dy.shape[0], o, inn, eoff.data_ptr(), ecol.data_ptr(),
+    count, bad = torch.empty(want.numel(), dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    _grow_library().sparsec_grow_per_unit(
+        dyt.data_ptr(), xs.data_ptr(), dy.shape[0], o, inn, width, eoff.data_ptr(), ecol.data_ptr(),
         None if flags is None else flags.data_ptr(), want.data_ptr(), at.data_ptr(), flat.data_ptr(),
         score.data_ptr(), count.data_ptr(), bad.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
-    if bool((count < want).any()):  # rows with fewer eligible positions than asked: their slots' tails are unset
+    if bool((count < want).any()):  # units with fewer eligible positions than asked: their slots' tails are unset
         slot = torch.arange(flat.numel()) - torch.repeat_interleave(at, want)
         held = slot < torch.repeat_interleave(count, want)
         flat, score = flat[held], score[held]

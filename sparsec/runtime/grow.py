@@ -39,7 +39,7 @@ from sparsec import config
 from sparsec.dtypes import KERNEL_TORCH_DTYPES
 from sparsec.formats import Layout
 from sparsec.formats.base import cdiv, pow2_at_least
-from sparsec.runtime.cpp import cpp_grow_layer_wide, cpp_grow_per_row
+from sparsec.runtime.cpp import cpp_grow_layer_wide, cpp_grow_per_unit
 from sparsec.runtime.ops import backend_for
 from sparsec.runtime.plans import index_plan
 from sparsec.runtime.selection import GrowSelector, best_per_row, score_chunked
@@ -302,14 +302,15 @@ def cpp_selection(
     regrow_dropped: bool,
     rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GrowSelector | None:
-    """Grow selection of a layer-wide unit of single weights (unstructured), or of units of one row
-    (fan-in), on the cpp backend: one fused C++ scan of ``|dY^T X|`` that keeps the best fresh positions as
-    the product leaves the registers (``runtime.cpp.cpp_grow_layer_wide``, ``cpp_grow_per_row``: a heap per
-    row; nothing of the gradient's size is stored, not even a chunk). None elsewhere: other backends,
-    units shorter than a row (N:M groups), blocks (scored by their means), a unit that must regrow
-    just-dropped positions (nearly dense), srigl's per-unit needs."""
-    per_row = layout.n_units == layout.grid[0] and layout.unit_size == layout.grid[1]
-    if backend_for(dy) != "cpp" or layout.item != (1, 1) or not (layout.n_units == 1 or per_row):
+    """Grow selection of a layer-wide unit of single weights (unstructured), or of units of one row (fan-in),
+    on the cpp backend: one fused C++ scan of ``|dY^T X|`` that keeps the best fresh positions as the product
+    leaves the registers (``runtime.cpp.cpp_grow_layer_wide``, ``cpp_grow_per_unit``: a heap per row; nothing
+    of the gradient's size is stored, not even a chunk). None elsewhere: other backends, blocks (scored by
+    their means), N:M groups (the kernel serves them, but every position of a group that grows must be looked
+    at, and its scalar walk measured 1.3-1.5x slower than the chunked GEMMs and per-row kernel at 2:4), a unit
+    that must regrow just-dropped positions (nearly dense)."""
+    rows_are_units = layout.unit_size == layout.grid[1]
+    if backend_for(dy) != "cpp" or layout.item != (1, 1) or not (layout.n_units == 1 or rows_are_units):
         return None
     selector = GrowSelector(layout, kept, dropped, regrow_dropped=regrow_dropped)
     if selector.any_short:
@@ -324,7 +325,7 @@ def cpp_selection(
             flat, score, finite = cpp_grow_layer_wide(dy, x, kept, k, stays, rows)
         else:
             need = selector.fresh_need if dropped.numel() else torch.zeros_like(selector.fresh_need)
-            flat, score, finite = cpp_grow_per_row(dy, x, kept, need, stays, rows)
+            flat, score, finite = cpp_grow_per_unit(dy, x, kept, need, layout.unit_size, stays, rows)
     selector.finite = finite
     selector.set_result(flat, score)
     selector.rows_seen = layout.grid[0]

@@ -391,11 +391,11 @@ from sparsec.runtime.cpp import cpp_best_in_row
 for n, k, floor in [(0, 3, 0.0), (1, 1, -1.0), (9, 20, 0.3), (1001, 500, 0.1), (70001, 69999, -1.0)]:
     s = (torch.randint(0, 9, (n,)).float() / 9).contiguous()
     cpp_best_in_row(s, k, floor)
-from sparsec.runtime.cpp import cpp_grow_per_row
-for b, o, i in [(1, 1, 1), (3, 7, 5), (9, 13, 70), (64, 7, 33)]:  # rows past a tile's 6, columns past its 32
-    dy, x = torch.randn(b, o), torch.randn(b, i)
+from sparsec.runtime.cpp import cpp_grow_per_unit
+for b, o, i, w in [(1, 1, 1, 1), (3, 7, 5, 5), (9, 13, 70, 70), (64, 7, 33, 33), (9, 13, 72, 4), (5, 8, 24, 8)]:
+    dy, x = torch.randn(b, o), torch.randn(b, i)  # rows past a tile's 6, columns past its 32; N:M groups
     listed = torch.randperm(o * i)[: o * i // 3].sort().values
-    cpp_grow_per_row(dy, x, listed, torch.randint(0, i + 2, (o,)))
+    cpp_grow_per_unit(dy, x, listed, torch.randint(0, w + 2, (o * (i // w),)), w)
 from sparsec.runtime.cpp import cpp_best_per_row
 for rows, cols in [(1, 1), (5, 3), (33, 257)]:
     s = torch.randint(0, 4, (rows, cols)).float()

@@ -13,7 +13,7 @@ import sparsec.runtime.cpp as cpp
 from sparsec import config
 from sparsec.formats import make_layout
 from sparsec.policies.decision import choose_drops, remap_positions, survivor_mask
-from sparsec.runtime.cpp import CppPlan, cpp_grow_layer_wide, cpp_grow_per_row, cpp_merge_kept
+from sparsec.runtime.cpp import CppPlan, cpp_grow_layer_wide, cpp_grow_per_unit, cpp_merge_kept
 from sparsec.runtime.cpu import CSRPlan
 from sparsec.runtime.grow import select_growth
 from sparsec.runtime.selection import score_chunked
@@ -110,58 +110,71 @@ def test_the_cpp_grow_step_chooses_what_the_chunked_selection_chooses(regrow_dro
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize(
-    "b,o,i,share", [(7, 37, 53, 0.1), (3, 5, 3, 0.2), (64, 13, 71, 0.0), (5, 31, 33, 0.5), (9, 6, 40, 0.3)]
+@pytest.mark.parametrize(  # width: a unit's columns (the row's for fan-in; N:M groups: 4, 8, 2)
+    "b,o,i,width,share",
+    [
+        (7, 37, 53, 53, 0.1),
+        (3, 5, 3, 3, 0.2),
+        (64, 13, 71, 71, 0.0),
+        (5, 31, 33, 33, 0.5),
+        (9, 6, 40, 40, 0.3),
+        (7, 37, 52, 4, 0.3),
+        (5, 9, 72, 8, 0.4),
+        (64, 13, 34, 2, 0.2),
+    ],
 )
-def test_the_per_row_scan_takes_each_row_s_best_with_the_tie_rule(b, o, i, share, threads):
-    """Each row's need of |dy^T x| outside the listed positions, by (score desc, column asc), against a full
-    sort in float64; integer scores (ties everywhere), needs from 0 to past a row's eligible count."""
+def test_the_per_unit_scan_takes_each_unit_s_best_with_the_tie_rule(b, o, i, width, share, threads):
+    """Each unit's need of |dy^T x| outside the listed positions, by (score desc, column asc), against a full
+    sort in float64; integer scores (ties everywhere), needs from 0 to past a unit's eligible count."""
     gen = torch.Generator().manual_seed(o * i + threads)
     dy, x = _ints(b, o, gen=gen), _ints(b, i, gen=gen)
     x[:, 1] = 0  # a column of exact zeros: ties at the bottom
     listed = torch.randperm(o * i, generator=gen)[: int(share * o * i)].sort().values
-    need = torch.randint(0, i + 3, (o,), generator=gen)
+    units = o * (i // width)
+    need = torch.randint(0, width + 3, (units,), generator=gen)
     need[0] = 0
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        flat, score, finite = cpp_grow_per_row(dy, x, listed, need)
+        flat, score, finite = cpp_grow_per_unit(dy, x, listed, need, width)
     finally:
         torch.set_num_threads(before)
-    ref = (dy.double().t() @ x.double()).abs()
+    ref = (dy.double().t() @ x.double()).abs().reshape(-1)
     eligible = torch.ones(o * i, dtype=torch.bool)
     eligible[listed] = False
     want = []
-    for r in range(o):
-        cols = [c for c in range(i) if eligible[r * i + c]]
-        best = sorted(cols, key=lambda c: (-ref[r, c].item(), c))[: int(need[r])]
-        want += [r * i + c for c in sorted(best)]
+    for u in range(units):  # unit u: positions u * width .. + width (row by row: units tile the rows)
+        cols = [f for f in range(u * width, (u + 1) * width) if eligible[f]]
+        want += sorted(sorted(cols, key=lambda f: (-ref[f].item(), f))[: int(need[u])])
     assert finite and flat.tolist() == want
-    assert torch.equal(score.double(), ref.view(-1)[flat])
-    assert bool((need > torch.bincount(flat // i, minlength=o)).any()) or share == 0.0  # some row runs short
+    assert torch.equal(score.double(), ref[flat])
+    assert bool((need > torch.bincount(flat // width, minlength=units)).any()) or share == 0.0  # some run short
 
 
-def test_the_per_row_scan_counts_non_finite_scores_and_never_takes_them():
+def test_the_per_unit_scan_counts_non_finite_scores_and_never_takes_them():
     gen = torch.Generator().manual_seed(3)
     dy, x = _ints(5, 9, gen=gen), _ints(5, 70, gen=gen)
     none = torch.empty(0, dtype=torch.int64)
     need = torch.full((9,), 5)
     need[3] = 0
     x[2, 4] = float("nan")  # column 4: NaN in every row
-    flat, _, finite = cpp_grow_per_row(dy, x, none, need)
+    flat, _, finite = cpp_grow_per_unit(dy, x, none, need, 70)
     assert not finite and flat.numel() == 40 and 4 not in (flat % 70).tolist()
     x[2, 4] = 1.0
     dy[:, 3] = float("inf")  # row 3 alone: inf or NaN everywhere, and it grows nothing: still counted
-    flat, _, finite = cpp_grow_per_row(dy, x, none, need)
+    flat, _, finite = cpp_grow_per_unit(dy, x, none, need, 70)
     assert not finite and 3 not in (flat // 70).tolist()
     dy[:, 3] = 1.0
-    flat, _, finite = cpp_grow_per_row(dy, x, none, need)
+    flat, _, finite = cpp_grow_per_unit(dy, x, none, need, 70)
     assert finite and flat.numel() == 40
 
 
 @pytest.mark.parametrize("regrow_dropped", [True, False])
-@pytest.mark.parametrize("spec,out,inn", [("fanin(90%)", 29, 301), ("fanin(k=5)", 13, 97), ("fanin(80%)", 64, 700)])
-def test_the_cpp_grow_step_of_fan_in_rows_is_the_fused_per_row_scan_and_chooses_what_torch_chooses(
+@pytest.mark.parametrize(
+    "spec,out,inn",
+    [("fanin(90%)", 29, 301), ("fanin(k=5)", 13, 97), ("fanin(80%)", 64, 700), ("2:4", 29, 52), ("1:8", 13, 96)],
+)
+def test_the_cpp_grow_step_of_fan_in_rows_is_the_fused_scan_and_of_n_m_groups_chooses_what_torch_chooses(
     spec, out, inn, regrow_dropped, monkeypatch
 ):
     from sparsec.runtime import grow
@@ -172,13 +185,13 @@ def test_the_cpp_grow_step_of_fan_in_rows_is_the_fused_per_row_scan_and_chooses_
     dropped = choose_drops(torch.rand(kept.numel(), generator=gen), kept.numel() // 3)
     dy, x = _ints(9, out, gen=gen), _ints(9, inn, gen=gen)
     scans = []
-    real = grow.cpp_grow_per_row
-    monkeypatch.setattr(grow, "cpp_grow_per_row", lambda *a: scans.append(1) or real(*a))
+    real = grow.cpp_grow_per_unit
+    monkeypatch.setattr(grow, "cpp_grow_per_unit", lambda *a: scans.append(1) or real(*a))
     with config.patch(backend="cpp"):
         fused = select_growth(layout, kept, dropped, dy, x, regrow_dropped)
     with config.patch(backend="cpu"):
         chunked = score_chunked(layout, kept, dropped, dy, x, regrow_dropped)
-    assert scans == [1] and fused.finite and fused.complete
+    assert scans == ([1] if spec.startswith("fanin") else []) and fused.finite and fused.complete  # N:M: chunked
     assert torch.equal(fused.grown(), chunked.grown()) and fused.grown().numel() == dropped.numel()
     if regrow_dropped and spec != "fanin(k=5)":  # just-dropped positions compete, and some win (not at k=5)
         assert bool(torch.isin(fused.grown(), kept[dropped]).any())
