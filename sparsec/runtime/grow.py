@@ -282,7 +282,8 @@ def select_growth(
     rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GrowSelector:
     """A completed ``GrowSelector`` for the grow step: the generated ``grow_scores`` kernel where it applies
-    (``kernel_selection``), the fused C++ scan for a layer-wide unit on the cpp backend (``cpp_selection``),
+    (``kernel_selection``), the fused C++ scan for a layer-wide unit or fan-in rows on the cpp backend
+    (``cpp_selection``),
     else chunked torch (``selection.score_chunked``). ``rows``: the layer's int32 compressed rows of ``kept``,
     where its buffers hold them (the fused scan reads them instead of a copy)."""
     selector = kernel_selection(layout, kept, dropped, dy, x, regrow_dropped)

@@ -121,6 +121,9 @@ def test_the_cpp_grow_step_chooses_what_the_chunked_selection_chooses(regrow_dro
         (7, 37, 52, 4, 0.3),
         (5, 9, 72, 8, 0.4),
         (64, 13, 34, 2, 0.2),
+        (9, 6, 1030, 1030, 0.1),  # past a block of 1024 columns: each row's columns still reach it ascending
+        (3, 7, 2100, 2100, 0.3),
+        (3, 7, 2100, 4, 0.3),
     ],
 )
 def test_the_per_unit_scan_takes_each_unit_s_best_with_the_tie_rule(b, o, i, width, share, threads):
@@ -132,7 +135,7 @@ def test_the_per_unit_scan_takes_each_unit_s_best_with_the_tie_rule(b, o, i, wid
     listed = torch.randperm(o * i, generator=gen)[: int(share * o * i)].sort().values
     units = o * (i // width)
     need = torch.randint(0, width + 3, (units,), generator=gen)
-    need[0] = 0
+    need[0], need[-1] = 0, width + 2  # a unit that grows nothing, and one asking past its eligible count
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -148,7 +151,7 @@ def test_the_per_unit_scan_takes_each_unit_s_best_with_the_tie_rule(b, o, i, wid
         want += sorted(sorted(cols, key=lambda f: (-ref[f].item(), f))[: int(need[u])])
     assert finite and flat.tolist() == want
     assert torch.equal(score.double(), ref[flat])
-    assert bool((need > torch.bincount(flat // width, minlength=units)).any()) or share == 0.0  # some run short
+    assert bool((need > torch.bincount(flat // width, minlength=units)).any())  # some unit runs short
 
 
 def test_the_per_unit_scan_counts_non_finite_scores_and_never_takes_them():
@@ -167,6 +170,19 @@ def test_the_per_unit_scan_counts_non_finite_scores_and_never_takes_them():
     dy[:, 3] = 1.0
     flat, _, finite = cpp_grow_per_unit(dy, x, none, need, 70)
     assert finite and flat.numel() == 40
+    # finite inputs whose products overflow to +inf (no NaN anywhere), in a whole 6 x 32 register tile whose
+    # rows all grow nothing: the tile's early-out must still let the inf through to be counted
+    dy, x = torch.full((4, 6), 3e38), torch.ones(4, 32)
+    flat, _, finite = cpp_grow_per_unit(dy, x, none, torch.zeros(6, dtype=torch.int64), 32)
+    assert not finite and flat.numel() == 0
+
+
+@pytest.mark.parametrize("need", [0, 1, 700, 2101])
+def test_equal_scores_past_a_column_block_go_to_the_lowest_columns(need):
+    dy, x = torch.ones(3, 5), torch.ones(3, 2100)  # every score 3: the tie rule alone decides
+    flat, _, finite = cpp_grow_per_unit(dy, x, torch.empty(0, dtype=torch.int64), torch.full((5,), need), 2100)
+    k = min(need, 2100)
+    assert finite and flat.tolist() == [r * 2100 + c for r in range(5) for c in range(k)]
 
 
 @pytest.mark.parametrize("regrow_dropped", [True, False])
