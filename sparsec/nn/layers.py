@@ -330,7 +330,8 @@ class SparseLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._unset = self.values.is_meta  # a checkpoint sets positions and values (to_empty, then a load)
         if not self._unset:  # loaded index buffers hold a mask the spec allows (the kernels rely on sorted rows)
-            self.layout.check_positions(self.positions(), what=f"the checkpoint's {prefix or 'layer '}mask")
+            loaded = self.layout.decode(self.index_buffers())  # not positions(): its cache would hold them
+            self.layout.check_positions(loaded, what=f"the checkpoint's {prefix or 'layer '}mask")
         self.grow_capture = self._grow_capture  # load_state_dict(assign=True) puts in new buffers
 
     def _take_bias(self, dense: nn.Module):
