@@ -88,6 +88,11 @@ class StepActivations(Capture):
             self.calls, self.gathered = [tuple(rows_of_every_rank(t) for t in self.calls[0])], True
         return self.calls[0]
 
+    def release(self) -> None:
+        """Let go of the held rows once the update has used them, so its later arrays (the merged positions,
+        the remapped values) can take their memory."""
+        self.calls = []
+
 
 def rows_of_every_rank(t: torch.Tensor) -> torch.Tensor:
     """``t``'s rows from every rank of the default process group, concatenated in rank order (``t`` itself
@@ -163,7 +168,7 @@ class Change:
 
     @property
     def changed(self) -> int:
-        return self.pruned or int((self.src < 0).sum())
+        return self.pruned or int((self.src < 0).count_nonzero())  # a bool sum() casts to int64 first
 
 
 class Policy(PolicyValue):

@@ -67,6 +67,8 @@ class RigL(Scheduled):
         for name in due:
             capture = captures[name]
             selector = None if capture is None else capture.selector  # computed once, here
+            if capture is not None:
+                capture.release()  # the selection holds what the change needs
             if selector is None or not selector.complete:
                 changes[name] = "no backward ran through the layer since the updater armed it"
             else:

@@ -591,7 +591,7 @@ def cpp_merge_kept(
     if grown.numel() > 1 and not bool((grown[1:] > grown[:-1]).all()):  # a policy may grow out of order
         grown = grown.sort().values
     flags = survives.to(torch.bool).contiguous().view(torch.uint8)  # one byte, 0 or 1
-    n = int(survives.sum()) + grown.numel()
+    n = int(survives.count_nonzero()) + grown.numel()  # a bool sum() would cast to int64 first: 8 B a slot
     narrow = kept.numel() < 2**31  # slots in int32: half the bytes the remaps of values and state read
     flat, src = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int32 if narrow else torch.int64)
     merge = _select_library().sparsec_merge_kept32 if narrow else _select_library().sparsec_merge_kept

@@ -259,7 +259,7 @@ class _RunningBest:
         flat, score, flag = flat[order], score[order], flag[order]
         take = best_per_row(score.view(1, -1), torch.tensor([self.k], device=flat.device)).view(-1)
         self.parts = [(flat[take], score[take], flag[take])]
-        self.held = int(take.sum())
+        self.held = int(take.count_nonzero())
         if self.held == self.k and self.k > 0:
             self.threshold = score[take].min()
 
