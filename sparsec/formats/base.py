@@ -175,6 +175,14 @@ class Layout:
         """Sorted flat item positions (int64) from the index buffers."""
         return self.format.decode(self, buffers)
 
+    def decode_int32(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``decode`` as int32 (half the bytes), from the format's compressed rows; None where it holds none
+        or the item grid has 2^31 positions or more."""
+        rows = self.format.compressed_rows(self, buffers)
+        if rows is None or self.grid[0] * self.grid[1] >= 2**31:
+            return None
+        return decode_rows(self, *rows, dtype=torch.int32)
+
     # --- invariants ------------------------------------------------------------------------------
 
     def check_positions(self, flat: torch.Tensor, what: str = "mask") -> None:
@@ -289,6 +297,8 @@ def compressed_rows_of(
     ``out`` where given). The offsets are a binary search of every row's start; the columns are computed a
     chunk at a time, so no int64 temporary of the positions' size exists beside ``flat`` itself."""
     starts = torch.arange(n_rows + 1, device=flat.device, dtype=torch.int64) * n_cols
+    if flat.dtype == torch.int32:  # the positions fit, so do the rows' starts: searchsorted would widen flat
+        starts = starts.to(torch.int32)
     ptr = int32_index(torch.searchsorted(flat, starts), "row offsets")
     if out is None:
         out = (ptr, torch.empty(flat.shape, dtype=torch.int32, device=flat.device))
@@ -305,15 +315,17 @@ def chunked_into(dst: torch.Tensor, flat: torch.Tensor, fn) -> torch.Tensor:
     return dst
 
 
-def decode_rows(layout: Layout, offsets: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Sorted flat item positions from compressed rows of the item grid, a chunk of rows at a time (the
-    int64 temporaries are a chunk's, not the layer's)."""
+def decode_rows(
+    layout: Layout, offsets: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """Sorted flat item positions (``dtype``: int32 only where they fit) from compressed rows of the item
+    grid, a chunk of rows at a time (the int64 temporaries are a chunk's, not the layer's)."""
     n_rows, n_cols = layout.grid
     ptr = offsets.to(torch.int64)
     if cols.device.type != "cpu":  # device memory is not the constraint there: one pass of few kernels
         rows = torch.repeat_interleave(torch.arange(n_rows, device=cols.device), ptr.diff())
-        return rows * n_cols + cols.to(torch.int64)
-    flat = torch.empty(cols.shape, dtype=torch.int64, device=cols.device)
+        return (rows * n_cols + cols.to(torch.int64)).to(dtype)
+    flat = torch.empty(cols.shape, dtype=dtype, device=cols.device)
     ends = ptr[1:].tolist() if n_rows else []
     r0 = 0
     while r0 < n_rows:  # rows r0 .. r1 hold at most a chunk of items (or one row, if longer)

@@ -150,8 +150,17 @@ class SparseLayer(nn.Module):
             self._cache = ([weakref.ref(b) for b in bufs], versions, self.layout.decode(named))
         return self._cache[2]
 
+    def update_positions(self) -> torch.Tensor:
+        """``positions()`` as an update step holds them (its drop, grow selection and merge): on the cpp
+        backend int32 where they fit and the format holds compressed rows (``Layout.decode_int32``: half the
+        bytes of int64, decoded anew, not cached), else ``positions()``."""
+        self._check_materialised()
+        narrow = self.layout.decode_int32(self.index_buffers()) if ops.backend_for(self.values) == "cpp" else None
+        return self.positions() if narrow is None else narrow
+
     def write_positions(self, flat: torch.Tensor) -> None:
-        """Store sorted flat item positions ``flat`` (already satisfying the spec) in the index buffers, and
+        """Store sorted flat item positions ``flat`` (int64, or int32 where they fit; already satisfying the
+        spec) in the index buffers, and
         the kernels' index plan with them (in place: a captured CUDA graph replays the new mask)."""
         named = self.index_buffers()
         for name, tensor in self.layout.encode(flat, out=named).items():

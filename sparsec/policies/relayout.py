@@ -17,7 +17,12 @@ from sparsec.policies.base import Change
 
 @torch.no_grad()
 def apply_change(layer: SparseLayer, optimizer: torch.optim.Optimizer | None, change: Change) -> None:
-    """Move ``layer`` (values, index buffers, storage) and its optimizer state to ``change``."""
+    """Move ``layer`` (values, index buffers, storage) and its optimizer state to ``change``.
+
+    A gradient the values still hold is the last step's, spent by the optimizer step before the update and
+    laid out by the old slots: it goes (as ``zero_grad()`` would) before the new arrays are made."""
+    if change.flat is not None:
+        layer.values.grad = None
     if change.flat is None:  # same counts: only the recorded spec moves on
         layer.set_spec(change.spec)
     elif change.spec is None:  # same layout: values move in place, the Parameter stays

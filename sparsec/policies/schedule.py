@@ -64,8 +64,9 @@ class Scheduled(Policy, abc.ABC):
         if not all_finite(scores):
             return "a NaN or Inf weight"
         dropped = choose_drops(scores, n_drop_for(layer.layout, self.drop_fraction(ctx.t, ctx.total_steps)))
-        return self.capture(layer, layer.positions(), dropped)
+        return self.capture(layer, layer.update_positions(), dropped)
 
     @abc.abstractmethod
     def capture(self, layer: SparseLayer, kept: torch.Tensor, dropped: torch.Tensor) -> Capture:
-        """What to arm once the drop (``dropped`` slots of ``kept``) is decided."""
+        """What to arm once the drop (``dropped`` slots of ``kept``) is decided; ``kept`` is int32 where the
+        layer's ``update_positions`` narrows them."""

@@ -130,7 +130,7 @@ def _update(layer: SparseLayer, capture: ActivationCapture | None, last: bool) -
         return "a NaN or Inf gradient score"
     layout = layer.layout
     out, inn = layout.out_features, layout.in_features
-    kept, dropped = capture.kept, capture.dropped
+    kept, dropped = capture.kept.long(), capture.dropped  # int64: the ablation's arithmetic mixes it with int64
     rows = kept // inn
     budget = fan_in_budget(layer.target_spec, out, inn)
     survives = survivor_mask(kept, dropped)

@@ -304,18 +304,48 @@ def test_a_plan_rebuilt_in_place_keeps_its_tensors_and_holds_the_new_mask():
     assert all(getattr(again, k) is v for k, v in held.items()) and not again.stale_t
 
 
-def test_the_merge_keeps_the_slots_of_positions_present_before():
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_the_merge_keeps_the_slots_of_positions_present_before(dtype):
     gen = torch.Generator().manual_seed(5)
-    kept = torch.randperm(500, generator=gen)[:120].sort().values
+    kept = torch.randperm(500, generator=gen)[:120].sort().values.to(dtype)
     dropped = torch.randperm(120, generator=gen)[:30].sort().values
     survives = survivor_mask(kept, dropped)
     fresh = torch.tensor(sorted(set(range(500)) - set(kept.tolist())))[:20]
     grown = torch.cat([fresh, kept[dropped[:10]]]).sort().values  # ten just-dropped positions regrown
     with config.patch(backend="cpu"):
         want = remap_positions(kept, survives, grown)
-    got = cpp_merge_kept(kept, survives, grown)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    got = cpp_merge_kept(kept, survives, grown.long())
+    assert got[0].dtype == dtype  # int32 positions stay int32 (half the bytes of an update's largest array)
+    assert torch.equal(got[0].long(), want[0].long()) and torch.equal(got[1].long(), want[1].long())
     assert int((got[1] >= 0).sum()) == 90 + 10  # survivors and regrown keep slots; 20 fresh get -1
+
+
+@pytest.mark.parametrize("spec", ["97%", "fanin(k=5)"])
+def test_an_update_holds_int32_positions_where_the_format_has_rows_and_they_fit(spec):
+    layer = sparsec.SparseLinear(301, 203, spec=spec, policy=sparsec.rigl(delta_t=1))
+    updater = sparsec.MaskUpdater(layer, torch.optim.SGD(layer.parameters(), lr=0.1), total_steps=100)
+    armed = layer.grow_capture  # armed by the updater for step 1: its positions are the update's
+    assert armed.kept.dtype == torch.int32 and torch.equal(armed.kept.long(), layer.positions())
+    before = layer.positions().clone()
+    layer(torch.randn(7, 301)).square().sum().backward()
+    assert updater.step()[""] > 0  # the int32 positions went through the grow step, the merge and the encode
+    layer.layout.check_positions(layer.positions())
+    assert not torch.equal(layer.positions(), before)
+    with config.patch(backend="cpu"):  # another backend, or a format without compressed rows: int64
+        assert layer.update_positions().dtype == torch.int64
+    assert sparsec.SparseLinear(16, 8, spec="2:4").update_positions().dtype == torch.int64
+
+
+def test_positions_past_int32_are_never_narrowed():
+    layout = make_layout(sparsec.parse_spec("99.99%"), 65536, 32768)  # 2^31 positions: the last is 2^31 - 1
+    rows = {"row_offsets": torch.zeros(65537, dtype=torch.int32), "col_indices": torch.zeros(0, dtype=torch.int32)}
+    assert layout.decode_int32(rows) is None
+    small = make_layout(sparsec.parse_spec("90%"), 37, 41)
+    flat = small.random_positions(torch.Generator().manual_seed(3))
+    narrow = small.decode_int32(small.encode(flat))
+    assert narrow.dtype == torch.int32 and torch.equal(narrow.long(), flat)
+    for a, b in zip(small.encode(flat).values(), small.encode(narrow).values(), strict=True):  # int32 encodes alike
+        assert torch.equal(a, b)
 
 
 def test_a_short_unit_on_cpp_grows_what_the_reference_grows():
