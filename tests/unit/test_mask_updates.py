@@ -161,6 +161,24 @@ def test_grown_weights_and_state_start_at_zero_survivors_keep_theirs(make_opt):
     assert "step" not in state or float(state["step"]) == 1.0  # scalar state untouched
 
 
+def test_an_update_lets_go_of_the_spent_gradient_a_skipped_one_keeps_it():
+    """The last step's gradient is laid out by the old slots (the optimizer step used it): an update that
+    moves the mask drops it, as zero_grad() would, so no later step reads it against the new positions."""
+    layer = _layer("50%", 1, 6, sparsec.rigl(delta_t=1, alpha=0.5), flat=[0, 1, 2], values=[0.5, 0.1, 3.0])
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)
+    updater = MaskUpdater(layer, opt, total_steps=10**6)
+    (layer(torch.eye(6)) * torch.tensor([[1.0, 2.0, 3.0, 0.0, 6.0, 5.0]]).t()).sum().backward()
+    opt.step()
+    assert layer.values.grad is not None
+    assert updater.step() == {"": 1}
+    assert layer.values.grad is None
+    (layer(torch.eye(6)) * float("nan")).sum().backward()  # a NaN score: the update is skipped
+    opt.step()
+    with pytest.warns(SparsecWarning):
+        assert updater.step() == {}
+    assert layer.values.grad is not None  # nothing moved: the gradient is the user's to clear
+
+
 def test_dropped_and_regrown_keeps_value_and_state():
     """The default rule really drops and regrows: of the two weights dropped, the one whose gradient leads
     comes back with its value and momentum; the other's place goes to a fresh position starting at zero."""
