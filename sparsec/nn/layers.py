@@ -160,8 +160,8 @@ class SparseLayer(nn.Module):
 
     def write_positions(self, flat: torch.Tensor) -> None:
         """Store sorted flat item positions ``flat`` (int64, or int32 where they fit; already satisfying the
-        spec) in the index buffers, and
-        the kernels' index plan with them (in place: a captured CUDA graph replays the new mask)."""
+        spec) in the index buffers, and the kernels' index plan with them (in place: a captured CUDA graph
+        replays the new mask)."""
         named = self.index_buffers()
         for name, tensor in self.layout.encode(flat, out=named).items():
             if tensor is not named[name]:

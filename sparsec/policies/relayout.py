@@ -19,14 +19,14 @@ from sparsec.policies.base import Change
 def apply_change(layer: SparseLayer, optimizer: torch.optim.Optimizer | None, change: Change) -> None:
     """Move ``layer`` (values, index buffers, storage) and its optimizer state to ``change``.
 
-    A gradient the values still hold is the last step's, spent by the optimizer step before the update and
-    laid out by the old slots: it goes (as ``zero_grad()`` would) before the new arrays are made."""
-    if change.flat is not None:
-        layer.values.grad = None
+    Where the values move in place, a gradient they still hold is the last step's, spent by the optimizer
+    step before the update and laid out by the old slots: it goes (as ``zero_grad()`` would) before the new
+    arrays are made."""
     if change.flat is None:  # same counts: only the recorded spec moves on
         layer.set_spec(change.spec)
     elif change.spec is None:  # same layout: values move in place, the Parameter stays
         layer.layout.check_positions(change.flat, what="updated mask")  # exact counts per unit, every time
+        layer.values.grad = None
         remap_optimizer_state(optimizer, layer.values, change.src)
         layer.set_positions(change.flat, change.src)
     else:  # new storage: a new values Parameter, the optimizer pointed at it

@@ -590,23 +590,20 @@ def cpp_merge_kept(
     """(ascending positions after an update: the surviving ``kept`` and ``grown``, in ``kept``'s dtype where
     it is int32, else int64; each one's old slot in ``kept``, -1 for a new one: int32 where the slots fit),
     merged in one pass by the generated kernel."""
-    narrow_positions = kept.dtype == torch.int32  # every position fits: the layer's update_positions
-    kept = kept.contiguous() if narrow_positions else kept.to(torch.int64).contiguous()
+    int32_positions = kept.dtype == torch.int32  # every position fits: the layer's update_positions
+    kept = kept.contiguous() if int32_positions else kept.to(torch.int64).contiguous()
     grown = grown.to(torch.int64).contiguous()
     if grown.numel() > 1 and not bool((grown[1:] > grown[:-1]).all()):  # a policy may grow out of order
         grown = grown.sort().values
     flags = survives.to(torch.bool).contiguous().view(torch.uint8)  # one byte, 0 or 1
     n = int(survives.count_nonzero()) + grown.numel()  # a bool sum() would cast to int64 first: 8 B a slot
-    narrow = kept.numel() < 2**31  # slots in int32: half the bytes the remaps of values and state read
-    flat, src = torch.empty(n, dtype=kept.dtype), torch.empty(n, dtype=torch.int32 if narrow else torch.int64)
+    int32_slots = kept.numel() < 2**31  # half the bytes the remaps of values and state read
+    flat, src = torch.empty(n, dtype=kept.dtype), torch.empty(n, dtype=torch.int32 if int32_slots else torch.int64)
     lib = _select_library()
-    merge = (
-        lib.sparsec_merge_kept_int32
-        if narrow_positions
-        else lib.sparsec_merge_kept32
-        if narrow
-        else lib.sparsec_merge_kept
-    )
+    if int32_positions:  # fewer than 2^31 positions: fewer slots too
+        merge = lib.sparsec_merge_kept_int32
+    else:
+        merge = lib.sparsec_merge_kept32 if int32_slots else lib.sparsec_merge_kept
     w = merge(
         kept.data_ptr(), flags.data_ptr(), kept.numel(), grown.data_ptr(), grown.numel(), flat.data_ptr(),
         src.data_ptr(),

@@ -197,9 +197,10 @@ class GrowSelector:
         """Flat positions to grow (ascending); regrown just-dropped positions among them."""
         if self.layout.unit_size > self.layout.grid[1] and len(self._flat) > 1:
             self._merge()
-        grown = (
-            self._flat[0] if len(self._flat) == 1 else torch.cat(self._flat) if self._flat else self.kept.new_empty(0)
-        )
+        if len(self._flat) > 1:
+            grown = torch.cat(self._flat)
+        else:  # one part is handed over as it is: no copy
+            grown = self._flat[0] if self._flat else self.kept.new_empty(0)
         if self.any_short and self._dropped:
             flat = torch.cat([f for f, _ in self._dropped])
             score = torch.cat([s for _, s in self._dropped])
