@@ -5,9 +5,13 @@
 2. forward and forward+backward of every structure against cuBLAS dense (``torch.nn.functional.linear``
    on the dense weight) at one realistic shape: a 4096 x 4096 layer, 8192 tokens, fp16, timed side by
    side with CUDA events in one process;
-3. the GPU, the software, the date, the tests' outcome and the table into bench/RESULTS.md.
+3. RigL's update step on the generated kernels (grow_topk and its host-side merge) against the issue's
+   budget (an ordinary step plus 1.5 dense forwards of the same layers): bench/scale.py's MLP
+   1024 -> H -> H -> 10, batch 64, fp32, for each structure, and the grow step alone (selection and the
+   ``|dY^T X|`` product it scores, never stored) against ``torch.mm`` computing the product alone;
+4. the GPU, the software, the date, the tests' outcome and the tables into bench/RESULTS.md.
 
-    python bench/gpu_check.py [--size 4096] [--tokens 8192] [--skip-tests]
+    python bench/gpu_check.py [--size 4096] [--tokens 8192] [--mlp-h 16384] [--skip-tests]
 
 ``--dry-run`` runs the timing code on the CPU (Triton's interpreter, a tiny layer, wall-clock timing) and
 writes nothing: tests/unit/test_gpu_scripts.py keeps the script working where no GPU is.
@@ -25,11 +29,14 @@ from pathlib import Path
 
 import torch
 from results import write_section
+from scale import run_child, table
 
 import sparsec
 from sparsec import config
+from sparsec.runtime.grow import select_growth
 
 SPECS = ["90%", "95%", "2:4", "block(32x32, 90%)", "fanin(90%)"]
+UPDATE_SPECS = ["99%", "fanin(99%)", "2:4", "block(16x16, 99%)"]  # bench/scale.py's and its --structures'
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -98,15 +105,65 @@ def time_layers(size: int, tokens: int, dry_run: bool = False) -> list[tuple[str
     return rows
 
 
+def time_updates(h: int, dry_run: bool = False) -> list[dict]:
+    """bench/scale.py's RigL run of the MLP 1024 -> h -> h -> 10 per structure on the generated kernels, each
+    run twice (the first compiles the kernels; the second is reported)."""
+    device, backend = ("cpu", "interpret") if dry_run else ("cuda", "triton")
+    rows = []
+    with config.patch(backend=backend):
+        for spec in UPDATE_SPECS if not dry_run else ["90%", "2:4"]:  # the interpreter: minutes per update
+            classes = 16 if spec.startswith("block") else 10
+            child = {"h": h, "variant": "rigl", "spec": spec, "steps": 4 if dry_run else 12, "delta_t": 2,
+                     "lr": 0.1, "budget_s": 120.0, "classes": classes, "device": device}  # fmt: skip
+            for _ in range(1 if dry_run else 2):
+                result = run_child(child)
+            rows.append(result)
+            gpu = f", {result['gpu_peak_gb']:.2f} GB on the GPU" if "gpu_peak_gb" in result else ""
+            print(f"{spec:<20} update {table([result]).splitlines()[-1]}{gpu}", flush=True)
+    return rows
+
+
+GROW_SHAPES = ((4096, 1024), (4096, 4096), (8192, 8192), (16384, 16384))
+
+
+def time_grow(dry_run: bool = False) -> list[tuple[str, float, float]]:
+    """The grow step alone on the generated kernels (``select_growth``: grow_topk over ``|dY^T X|`` and the
+    host's merge, up to the grown positions) against ``torch.mm`` computing the product alone, at batch 64,
+    fp32, 99% unstructured layers with 30% of their kept positions just dropped (RigL's first update)."""
+    device, backend, timer = ("cpu", "interpret", wall_ms) if dry_run else ("cuda", "triton", cuda_ms)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    with config.patch(backend=backend):
+        for out, inn in GROW_SHAPES if not dry_run else ((64, 48),):
+            layer = sparsec.SparseLinear(inn, out, spec="99%" if not dry_run else "90%", device=device)
+            kept = layer.positions()
+            dropped = torch.randperm(kept.numel(), generator=gen)[: int(0.3 * kept.numel())].sort().values.to(device)
+            dy = torch.randn(64, out, generator=gen).to(device)
+            x = torch.randn(64, inn, generator=gen).to(device)
+
+            def grow(layer=layer, kept=kept, dropped=dropped, dy=dy, x=x):
+                select_growth(layer.layout, kept, dropped, dy, x, regrow_dropped=False).grown()
+
+            def product(dy=dy, x=x):
+                torch.mm(dy.t(), x)
+
+            rows.append((f"{out} x {inn}", timer(grow), timer(product)))
+            print(f"grow {rows[-1][0]:<14} {rows[-1][1]:8.3f} ms   torch.mm {rows[-1][2]:8.3f} ms", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="in = out features")
     parser.add_argument("--tokens", type=int, default=8192, help="batch rows (tokens)")
+    parser.add_argument("--mlp-h", type=int, default=16384, help="H of the update step's MLP 1024-H-H-10")
     parser.add_argument("--skip-tests", action="store_true", help="time only (tests/gpu already ran)")
     parser.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny layer, writes nothing")
     args = parser.parse_args(argv)
     if args.dry_run:
         time_layers(64, 32, dry_run=True)
+        time_updates(32, dry_run=True)
+        time_grow(dry_run=True)
         return 0
     if not torch.cuda.is_available():
         print("bench/gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was run")
@@ -116,6 +173,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     tests, test_s = ("skipped (--skip-tests)", 0.0) if args.skip_tests else run_tests()
     rows = time_layers(args.size, args.tokens)
+    updates = time_updates(args.mlp_h)
+    grows = time_grow()
     dense_f, dense_fb = rows[0][1], rows[0][2]
     gpu = torch.cuda.get_device_name()
     lines = [
@@ -136,6 +195,29 @@ def main(argv=None) -> int:
     ]
     for spec, f, fb in rows:
         lines.append(f"| `{spec}` | {f:.3f} | {dense_f / f:.2f}x | {fb:.3f} | {dense_fb / fb:.2f}x |")
+    lines += [
+        "",
+        f"RigL's update step on the generated kernels: bench/scale.py's MLP 1024-{args.mlp_h}-{args.mlp_h}-10 "
+        "(16 outputs for block specs), batch 64, fp32, SGD momentum, delta_t 2, 12 steps after a first run that "
+        "compiled the kernels; every step timed to the device's end (an update's host-side merge counts); "
+        "update / budget = update step / (ordinary step + 1.5 dense forwards of the same layers, cuBLAS): the "
+        "issue's target is at most 1. Peak RSS is the host process's.",
+        "",
+        *table(updates).splitlines(),
+        "",
+        "| spec | GPU peak memory |",
+        "|---|---|",
+        *(f"| `{r['spec']}` | {r['gpu_peak_gb']:.2f} GB |" for r in updates),
+        "",
+        "The grow step alone (`select_growth`: grow_topk scoring |dY^T X| and the host's merge, up to the grown "
+        "positions) against `torch.mm` computing the product alone, batch 64, fp32, 99% unstructured, 30% of the "
+        "kept positions just dropped; CUDA events, median of 10. The issue's target: the selection under 25% of "
+        "the product time (grow / product under 1.25).",
+        "",
+        "| layer (out x in) | grow step ms | torch.mm ms | grow / product |",
+        "|---|---|---|---|",
+        *(f"| {shape} | {g:.3f} | {p:.3f} | {g / p:.2f} |" for shape, g, p in grows),
+    ]
     write_section("gpu-check", "\n".join(lines))
     print(f"wrote bench/RESULTS.md ({time.time() - t0:.0f} s)")
     return 0

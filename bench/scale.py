@@ -34,7 +34,9 @@ VARIANTS = ("dense", "static", "rigl")
 
 
 def run_child(args: dict) -> dict:
-    """One (variant, H) run in this process; returns its measurements."""
+    """One (variant, H) run in this process; returns its measurements. ``args["device"]`` (default ``cpu``):
+    where the model trains; on a GPU every timing waits for the device (an update's host-side work counts)
+    and ``gpu_peak_gb`` is added (bench/gpu_check.py runs it there, on the generated kernels)."""
     import torch
     from torch import nn
 
@@ -43,18 +45,31 @@ def run_child(args: dict) -> dict:
 
     torch.manual_seed(0)
     h, variant, spec = args["h"], args["variant"], args["spec"]
+    device = torch.device(args.get("device", "cpu"))
+    cuda = device.type == "cuda"
+
+    def now() -> float:  # wall clock once the device is done: a step's kernels and its host work
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     classes = args.get("classes", 10)  # 16 for block specs: their blocks must tile the last layer
-    t0 = time.perf_counter()
+    t0 = now()
     if variant == "dense":
-        model = nn.Sequential(nn.Linear(1024, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
+        model = nn.Sequential(
+            nn.Linear(1024, h, device=device), nn.ReLU(), nn.Linear(h, h, device=device), nn.ReLU(),
+            nn.Linear(h, 10, device=device),
+        )  # fmt: skip
     else:
         policy = sparsec.static if variant == "static" else sparsec.rigl(delta_t=args["delta_t"])
 
         def layer(i, o):  # init "sparse": each output rescaled for its kept fan-in (at 99.9% about 1 of 1024)
-            return sparsec.SparseLinear(i, o, spec=spec, policy=policy, init="sparse")
+            return sparsec.SparseLinear(i, o, spec=spec, policy=policy, init="sparse", device=device)
 
         model = nn.Sequential(layer(1024, h), nn.ReLU(), layer(h, h), nn.ReLU(), layer(h, classes))
-    build = time.perf_counter() - t0
+    build = now() - t0
     build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # imports included
     kept = sum(m.layout.nnz for m in model.modules() if isinstance(m, sparsec.SparseLinear))
     opt = torch.optim.SGD(model.parameters(), lr=args["lr"], momentum=0.9)
@@ -64,18 +79,18 @@ def run_child(args: dict) -> dict:
     batches = []
     for _ in range(4):
         x = torch.randn(64, 1024, generator=gen)
-        batches.append((x, (x @ teacher).argmax(1)))
+        batches.append((x.to(device), (x @ teacher).argmax(1).to(device)))
     ordinary, update, losses = [], [], []
     deadline = time.perf_counter() + args["budget_s"]
     for step in range(args["steps"]):
         x, y = batches[step % len(batches)]
-        t = time.perf_counter()
+        t = now()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         changed = updater.step() if updater is not None else {}
         opt.zero_grad()
-        took = time.perf_counter() - t
+        took = now() - t
         (update if changed else ordinary).append(took)
         losses.append(loss.item())
         if time.perf_counter() > deadline:
@@ -87,33 +102,43 @@ def run_child(args: dict) -> dict:
                 m.positions()
         rebuilds = []
         for _ in range(5):  # the median of five: one rebuild is a few milliseconds on a noisy machine
-            t = time.perf_counter()
+            t = now()
             for m in model.modules():
-                if isinstance(m, sparsec.SparseLinear):
-                    index = list(m.index_buffers().values())
-                    held = plans.held_plan(index, "cpp")  # rebuilt into, as an update's refresh does
-                    key = ops._key(m.values, *m.layout.op_key)
-                    rebuilt = plans._build_plan(key, "cpp", index, m.positions(), into=held)
-                    if rebuilt.offsets_t is not None:  # its dy @ W walks W^T: rebuilt at its next use, counted
-                        rebuilt.transposed()
-            rebuilds.append(time.perf_counter() - t)
+                if not isinstance(m, sparsec.SparseLinear):
+                    continue
+                index = list(m.index_buffers().values())
+                if ops.backend_for(m.values) != "cpp":  # generated kernels: the refresh an update runs
+                    plans.refresh_plan(index, m.positions())
+                    continue
+                held = plans.held_plan(index, "cpp")  # rebuilt into, as an update's refresh does
+                key = ops._key(m.values, *m.layout.op_key)
+                rebuilt = plans._build_plan(key, "cpp", index, m.positions(), into=held)
+                if rebuilt.offsets_t is not None:  # its dy @ W walks W^T: rebuilt at its next use, counted
+                    rebuilt.transposed()
+            rebuilds.append(now() - t)
         rebuild = sorted(rebuilds)[2]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the dense layers below
     budget = None  # the issue's budget: an update at most an ordinary step + 1.5 dense forwards of the layers
     if variant == "rigl" and update and ordinary and h <= 16384:  # the dense layers fit beside the model
         with torch.no_grad():
-            dense = [nn.Linear(1024, h), nn.Linear(h, h), nn.Linear(h, classes)]
-            acts = [batches[0][0], torch.randn(64, h), torch.randn(64, h)]
+            dense = [
+                nn.Linear(1024, h, device=device),
+                nn.Linear(h, h, device=device),
+                nn.Linear(h, classes, device=device),
+            ]
+            acts = [batches[0][0], torch.randn(64, h, device=device), torch.randn(64, h, device=device)]
             forwards = []
-            for _ in range(3):
-                t = time.perf_counter()
+            for _ in range(3 + 2 * cuda):  # on a GPU the first calls load cuBLAS's kernels
+                t = now()
                 for layer, a in zip(dense, acts, strict=True):
                     layer(a)
-                forwards.append(time.perf_counter() - t)
+                forwards.append(now() - t)
         mid = sorted(ordinary)[len(ordinary) // 2]
         budget = sorted(update)[len(update) // 2] / (mid + 1.5 * min(forwards))
     quarter = max(1, len(losses) // 4)
+    extra = {"gpu_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}
     return {
+        **extra,
         "h": h,
         "variant": variant,
         "spec": spec if variant != "dense" else "dense",
