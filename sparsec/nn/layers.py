@@ -106,6 +106,12 @@ class SparseLayer(nn.Module):
             self.bias.uniform_(-bound, bound)
         self._unset = False
 
+    def __getstate__(self) -> dict:
+        """What ``torch.save(model)`` and ``copy.deepcopy`` carry: everything but the decoded positions (weakly
+        cached, decoded again on request) and an armed grow capture (it feeds the live layer's MaskUpdater;
+        the index buffers' plans and tap are left out with them, ``runtime.tensor_state``)."""
+        return {**super().__getstate__(), "_cache": None, "_grow_capture": None}
+
     @property
     def grow_capture(self):
         """What the values gradient hands each backward's ``dY`` and ``X`` (``capture.observe``); set by

@@ -48,6 +48,7 @@ from sparsec.runtime.cpp import (
 from sparsec.runtime.cpu import compute_dtype
 from sparsec.runtime.plans import index_plan
 from sparsec.runtime.strategies import DEFAULT, PROGRAMS, STRATEGIES, Strategy
+from sparsec.runtime.tensor_state import tensor_state
 from sparsec.runtime.tuner import choose
 
 
@@ -100,15 +101,16 @@ _TAP_ATTR = "_sparsec_tap"
 def set_tap(index: list[torch.Tensor], tap) -> None:
     """Hand every later ``spmm_grad_values`` on these index buffers its ``dY`` and ``X``:
     ``tap.observe(dy, x)`` (None: stop). Held on the first buffer, like the plan, so it belongs to the
-    layer's storage; the layer sets it again when its buffers are replaced (``.to()``, a new layout)."""
+    layer's storage (not pickled or deep-copied with it: ``tensor_state``); the layer sets it again when its
+    buffers are replaced (``.to()``, a new layout)."""
     if tap is None:
         index[0].__dict__.pop(_TAP_ATTR, None)
     else:
-        setattr(index[0], _TAP_ATTR, tap)
+        tensor_state(index[0], _TAP_ATTR)["tap"] = tap
 
 
 def _hand_to_tap(index: list[torch.Tensor], dy: torch.Tensor, x: torch.Tensor) -> None:
-    tap = getattr(index[0], _TAP_ATTR, None)
+    tap = index[0].__dict__.get(_TAP_ATTR, {}).get("tap")
     if tap is not None:
         dt = compute_dtype(dy)  # half types score in float32 on the CPU, as the cpu backend computes
         tap.observe(dy.detach().to(dt), x.detach().to(dt))

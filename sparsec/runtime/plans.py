@@ -2,7 +2,8 @@
 
 A layer's plans hang on its first index buffer, one per kind (``cpu``: the CSR structures PyTorch's kernels
 and the dense strategy read; ``cpp``; the Triton strategy's), so they belong to the layer: freed with its
-buffers, never confused with another tensor that reuses an address. An in-place mask change (a new
+buffers, never confused with another tensor that reuses an address, never pickled or deep-copied with it
+(``tensor_state``: a copy builds its own). An in-place mask change (a new
 ``_version``) rebuilds a plan into the same tensors where the shapes allow (they do for one layout), so a
 CUDA graph captured before an update reads the new mask when it replays.
 """
@@ -17,6 +18,7 @@ import torch
 from sparsec.formats import LayoutKey, layout_of
 from sparsec.runtime.cpp import CppPlan
 from sparsec.runtime.cpu import CSRPlan
+from sparsec.runtime.tensor_state import tensor_state
 
 _PLAN_ATTR = "_sparsec_plans"
 
@@ -25,7 +27,7 @@ def index_plan(key: LayoutKey, kind: str, index: list[torch.Tensor], items: torc
     """The plan of ``kind`` (a backend name: ``cpu``, ``cpp``, ``triton``, ``interpret``) for these buffers;
     ``items``: their sorted flat item positions where the caller has them (else decoded from the buffers)."""
     versions = tuple(t._version for t in index)
-    plans: dict[str, _HeldPlan] = _plans(index[0])
+    plans: dict[str, _HeldPlan] = tensor_state(index[0], _PLAN_ATTR)
     held = plans.get(kind)
     if held is not None and held.serves(key, index):
         if held.versions != versions:
@@ -53,14 +55,6 @@ def refresh_plan(index: list[torch.Tensor], items: torch.Tensor | None = None) -
     for kind, held in list(getattr(index[0], _PLAN_ATTR, {}).items()):
         if held.serves(held.key, index):
             index_plan(held.key, kind, index, items)
-
-
-def _plans(anchor: torch.Tensor) -> dict:
-    plans = getattr(anchor, _PLAN_ATTR, None)
-    if plans is None:
-        plans = {}
-        setattr(anchor, _PLAN_ATTR, plans)
-    return plans
 
 
 @dataclasses.dataclass
