@@ -56,6 +56,9 @@ class Capture:
     """
 
     observes: ClassVar[bool] = True
+    # the data-parallel group whose ranks split the batch, over which what it observes is gathered (set by
+    # MaskUpdater from its ``process_group``; None: the default group)
+    process_group: torch.distributed.ProcessGroup | None = None
 
     def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         """Take one backward's ``dY`` and ``X`` (every backward through the layer before the update)."""
@@ -85,7 +88,8 @@ class StepActivations(Capture):
             dy, x = (torch.cat(t) for t in zip(*self.calls, strict=True))
             self.calls = [(dy, x)]
         if not self.gathered:
-            self.calls, self.gathered = [tuple(rows_of_every_rank(t) for t in self.calls[0])], True
+            self.calls = [tuple(rows_of_every_rank(t, self.process_group) for t in self.calls[0])]
+            self.gathered = True
         return self.calls[0]
 
     def release(self) -> None:
@@ -94,9 +98,10 @@ class StepActivations(Capture):
         self.calls = []
 
 
-def rows_of_every_rank(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s rows from every rank of the default process group, concatenated in rank order (``t`` itself
-    outside torch.distributed or with one rank); ranks may hold different row counts.
+def rows_of_every_rank(t: torch.Tensor, group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
+    """``t``'s rows from every rank of ``group`` (None: the default process group), concatenated in the
+    group's rank order (``t`` itself outside torch.distributed or with one rank); ranks may hold different
+    row counts.
 
     Why gather the update step's ``dY`` and ``X`` (``B x (out + in)`` values per rank) rather than
     all-reduce ``|dY^T X|``: the grow score is a function of the global batch's product, which the gathered
@@ -105,21 +110,24 @@ def rows_of_every_rank(t: torch.Tensor) -> torch.Tensor:
     against 64 MB reduced (a ring all-reduce moves about twice the tensor per rank); the gather costs less
     until the global batch passes ``out * in / (out + in)`` rows (2048 here), beyond the batches a grow
     step sees. The collective runs on update steps only, on every rank, layer by layer in model order."""
-    world = world_size()
+    world = world_size(group)
     if world < 2:
         return t
     counts = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(world)]
-    torch.distributed.all_gather(counts, torch.tensor([t.shape[0]], device=t.device))
+    torch.distributed.all_gather(counts, torch.tensor([t.shape[0]], device=t.device), group=group)
     rows = [int(c) for c in counts]
     padded = t.new_zeros((max(rows), *t.shape[1:]))
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded.contiguous())
+    torch.distributed.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)])
 
 
-def check_ranks_agree(layers: Mapping[str, SparseLayer], t: int) -> None:
-    """Raise ``SparsecError`` unless every rank holds the same kept count and values sum in every layer: one
+def check_ranks_agree(
+    layers: Mapping[str, SparseLayer], t: int, group: torch.distributed.ProcessGroup | None = None
+) -> None:
+    """Raise ``SparsecError`` unless every rank of ``group`` (None: the default process group) holds the same
+    kept count and values sum in every layer: one
     all-gather of two numbers a layer, after a step that replaced values Parameters (a DDP wrapper still
     built over the old ones leaves the new values' gradients unreduced, so the ranks drift apart)."""
     device = next(iter(layers.values())).values.device  # NCCL gathers device tensors only
@@ -131,7 +139,9 @@ def check_ranks_agree(layers: Mapping[str, SparseLayer], t: int) -> None:
         dtype=torch.float64,
         device=device,
     )
-    every = rows_of_every_rank(mine[None]).view(world_size(), *mine.shape).view(torch.int64)  # bits: NaN == NaN
+    every = (
+        rows_of_every_rank(mine[None], group).view(world_size(group), *mine.shape).view(torch.int64)
+    )  # bits: NaN == NaN
     apart = [name for i, name in enumerate(layers) if not bool((every[:, i] == every[0, i]).all())]
     if apart:
         raise SparsecError(
@@ -142,10 +152,10 @@ def check_ranks_agree(layers: Mapping[str, SparseLayer], t: int) -> None:
         )
 
 
-def world_size() -> int:
-    """Ranks of the default torch.distributed process group (1 outside torch.distributed)."""
+def world_size(group: torch.distributed.ProcessGroup | None = None) -> int:
+    """Ranks of ``group`` (None: the default torch.distributed process group; 1 outside torch.distributed)."""
     dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,9 @@ class MomentumShadow(Capture):
 
     @torch.no_grad()
     def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
-        world = world_size()
+        world = world_size(self.process_group)
         if world > 1:  # DDP: fold the global batch's gradient, the mean of the ranks' (see SNFS)
-            dy, x = rows_of_every_rank(dy), rows_of_every_rank(x)
+            dy, x = rows_of_every_rank(dy, self.process_group), rows_of_every_rank(x, self.process_group)
         group = self._group()
         first = self.steps == 0
         for r0, g in grad_row_chunks(self.layer.layout, dy, x):

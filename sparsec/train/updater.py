@@ -42,11 +42,24 @@ class MaskUpdater:
     (``ddp = DistributedDataParallel(model, ...)``; every rank holds the same masks and values, so
     ``init_sync=False`` may skip its broadcast). Under several ranks the next ``step()`` checks that the
     ranks still agree on every layer's values and raises, naming the fix, where they do not.
+
+    ``process_group``: the data-parallel group, whose ranks each see a shard of the batch and average their
+    gradients (what ``DistributedDataParallel(process_group=...)`` is given; HSDP's replicate group). A grow
+    step gathers its ``dY`` and ``X`` rows over it; None (default): the default process group, as DDP.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int, *, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        total_steps: int,
+        *,
+        seed: int = 0,
+        process_group: torch.distributed.ProcessGroup | None = None,
+    ):
         if not isinstance(total_steps, int) or total_steps < 1:
             raise SparsecError(f"total_steps={total_steps!r} must be a positive integer (optimizer steps in training)")
+        self.process_group = process_group
         self.layers: dict[str, SparseLayer] = {n: m for n, m in model.named_modules() if isinstance(m, SparseLayer)}
         if not self.layers:
             raise SparsecError("the model has no sparse layers; apply sparsec.sparsify(model, ...) or @sparse first")
@@ -66,6 +79,8 @@ class MaskUpdater:
         for name, layer in self.layers.items():
             state = layer.policy.layer_state(layer, optimizer)
             if state is not None:
+                if isinstance(state, Capture):  # snfs's momentum shadow observes every step's backward
+                    state.process_group = process_group
                 self._states[name] = state
         self._arm(1)
 
@@ -93,8 +108,8 @@ class MaskUpdater:
                 f"updater.load_state_dict(...) with the checkpoint's updater state (it points the optimizer at "
                 f"the new parameters), or build the optimizer after loading the model"
             )
-        if self.storage_changed and world_size() > 1:  # the wrapper rebuilt since? Its ranks agree if so
-            check_ranks_agree(self.layers, self.t)
+        if self.storage_changed and world_size(self.process_group) > 1:  # the wrapper rebuilt since? Ranks agree?
+            check_ranks_agree(self.layers, self.t, self.process_group)
         self.t += 1
         self.last_changes, self.last_dropped, self.storage_changed = {}, {}, False
         due: dict[type, dict[str, SparseLayer]] = {}  # policy class -> its layers due now, in model order
@@ -128,6 +143,8 @@ class MaskUpdater:
         ctx = self._context(t)
         for name, layer in self.layers.items():
             armed = layer.policy.arm(layer, ctx, self._states.get(name))
+            if isinstance(armed, Capture):
+                armed.process_group = self.process_group
             if armed is not None:
                 self._armed[name] = armed
             layer.grow_capture = armed if isinstance(armed, Capture) and armed.observes else None

@@ -9,8 +9,10 @@ python ddp_run.py SPEC POLICY WORLD OUT [ACC]  # WORLD = 1: one process on the w
 
 Environment: DDP_BATCH=N sets the global batch (48); DDP_ADAM=1 trains with Adam (else SGD
 with momentum); DDP_MOMENTUM=PATH saves the policies' states (snfs's momentum shadows) to PATH.RANK at the end;
-DDP_WRAP=fsdp shards with FSDP2 instead of DDP. Checkpoints: DDP_SAVE_AT=T DDP_CKPT=PATH saves the model,
-optimizer and updater state after
+DDP_WRAP=fsdp shards with FSDP2 instead of DDP; DDP_GROUPS=G splits the ranks into G data-parallel groups of
+consecutive ranks (torch.distributed.new_group), each a replica of its own under DDP(process_group=...) and
+MaskUpdater(process_group=...), group g training on the data of generator seed 1 + g. Checkpoints:
+DDP_SAVE_AT=T DDP_CKPT=PATH saves the model, optimizer and updater state after
 step T (rank 0, from the inner model); DDP_RESUME=PATH loads such a checkpoint into the fresh objects and
 trains on from the step after it (the data generator replays the steps before). OUT holds (step, masks)
 for every update step. A density change (snfs, srigl's ablation) builds the DDP wrapper again over the new
@@ -52,7 +54,18 @@ def optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 
+def data_parallel_group(rank: int, world: int):
+    """(this rank's data-parallel group or None, its rank in it, the group's size, the group's index)."""
+    groups = int(os.environ.get("DDP_GROUPS", 1))
+    if world == 1 or groups == 1:
+        return None, rank, world, 0
+    size = world // groups
+    every = [torch.distributed.new_group(list(range(g * size, (g + 1) * size))) for g in range(groups)]
+    return every[rank // size], rank % size, size, rank // size
+
+
 def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[dict[str, list[int]]]:
+    group, rank, world, replica = data_parallel_group(rank, world)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     sparsec.sparsify(model, spec=spec, policy=policy_of(policy), dense=["4"])
@@ -68,11 +81,11 @@ def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[d
                 fully_shard(m, mesh=mesh)
         fully_shard(model, mesh=mesh)
     elif world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+        net = nn.parallel.DistributedDataParallel(model, process_group=group)
     if not os.environ.get("DDP_OPT_FIRST"):
         opt = optimizer(model)
-    updater = sparsec.MaskUpdater(model, opt, total_steps=STEPS * 2)
-    gen = torch.Generator().manual_seed(1)
+    updater = sparsec.MaskUpdater(model, opt, total_steps=STEPS * 2, process_group=group)
+    gen = torch.Generator().manual_seed(1 + replica)
     teacher = torch.randn(32, 10, generator=gen, dtype=torch.float64)
     shard = GLOBAL_BATCH // world
     masks = []
@@ -105,7 +118,7 @@ def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[d
         opt.step()
         changed = updater.step()
         if world > 1 and updater.storage_changed and not os.environ.get("DDP_KEEP_WRAPPER"):
-            net = nn.parallel.DistributedDataParallel(model, init_sync=False)  # over the new values Parameters
+            net = nn.parallel.DistributedDataParallel(model, init_sync=False, process_group=group)  # new values
         if changed:
             masks.append((updater.t, {n: m.positions().tolist() for n, m in updater.layers.items()}))
         opt.zero_grad()
@@ -128,7 +141,7 @@ def _rank(rank: int, spec: str, policy: str, world: int, out: str, acc: int) -> 
     # a file rendezvous: no port to pick (a free port probed and released can be taken before the group binds it)
     dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=world)
     try:
-        torch.save(train(spec, policy, rank, world, acc), f"{out}.{rank}")
+        torch.save(train(spec, policy, rank, world, acc), f"{out}.{rank}")  # named by the global rank
         dist.barrier()  # no rank tears the group down under another's last collective
     finally:
         dist.destroy_process_group()

@@ -187,3 +187,20 @@ def test_the_ddp_example_runs_under_torchrun_with_identical_masks():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "masks identical on every rank: True" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["rigl", "snfs"])
+def test_each_data_parallel_group_decides_its_masks_on_its_own_batch(policy, tmp_path):
+    """4 ranks in 2 data-parallel groups of 2 (DDP and MaskUpdater given ``process_group``), each replica on
+    its own data: every rank holds the mask one process decides on its group's global batch, not on the
+    rows of all 4 ranks (rigl gathers the update step's rows over the group; snfs folds every backward's)."""
+    one = tmp_path / "one"
+    assert _run("90%", policy, 1, one).returncode == 0
+    many = tmp_path / "many"
+    done = _run("90%", policy, 4, many, DDP_GROUPS="2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    single, ranks = torch.load(one), [torch.load(f"{many}.{r}") for r in range(4)]
+    assert len(single) == 4
+    assert ranks[0] == single and ranks[1] == single  # group 0 trains on the single process's data
+    assert ranks[2] == ranks[3] and ranks[2] != single  # group 1: its own data, its own masks
