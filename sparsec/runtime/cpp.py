@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -86,22 +87,37 @@ class CppPlan:
 
     def transposed(self) -> CppPlan:
         """This plan with W^T built (a single-weight plan's first use of it, or its first since an update:
-        the generated counting sort, into the tensors it held)."""
+        the generated counting sort, into the tensors it held). Thread-safe: two backwards through one layer
+        build it once."""
         if self.offsets_t is not None and not self.stale_t:
             return self
+        with _TRANSPOSE_LOCK:
+            if self.offsets_t is None or self.stale_t:  # not built by a thread that held the lock first
+                self._build_transposed()
+        return self
+
+    def release_transposed(self) -> None:
+        """Let go of W^T (its next use builds it again): what a caller that built it only to time it does."""
+        self.cols_t = self.order_t = self.offsets_t = None
+        self.stale_t = False
+
+    def _build_transposed(self) -> None:
         out, inn = self.shape
         n = self.cols.numel()
         dtypes = (_index_dtype(out), _slot_dtype(n))
-        if self.cols_t is None or self.cols_t.numel() != n or (self.cols_t.dtype, self.order_t.dtype) != dtypes:
-            self.cols_t, self.order_t = (torch.empty(n, dtype=d) for d in dtypes)
-            self.offsets_t = torch.empty(inn + 1, dtype=torch.int64)
+        cols_t, order_t, offsets_t = self.cols_t, self.order_t, self.offsets_t
+        if cols_t is None or cols_t.numel() != n or (cols_t.dtype, order_t.dtype) != dtypes:
+            cols_t, order_t = (torch.empty(n, dtype=d) for d in dtypes)
+            offsets_t = torch.empty(inn + 1, dtype=torch.int64)
         lib = _plan_library(INDEX_TYPES[self.cols.dtype], *(INDEX_TYPES[d] for d in dtypes))
+        # the kernel runs without the GIL: the tensors are published on the plan only once they hold W^T
         lib.sparsec_transpose_plan(
-            self.offsets.data_ptr(), self.cols.data_ptr(), n, out, inn, self.offsets_t.data_ptr(),
-            self.cols_t.data_ptr(), self.order_t.data_ptr(), PLAN_DIRECT_BYTES, PLAN_CHUNK, torch.get_num_threads(),
+            self.offsets.data_ptr(), self.cols.data_ptr(), n, out, inn, offsets_t.data_ptr(),
+            cols_t.data_ptr(), order_t.data_ptr(), PLAN_DIRECT_BYTES, PLAN_CHUNK, torch.get_num_threads(),
         )  # fmt: skip
+        self.cols_t, self.order_t = cols_t, order_t
+        self.offsets_t = offsets_t  # last: transposed() checks it without the lock
         self.stale_t = False
-        return self
 
     @staticmethod
     def build(csr: CSRPlan, layout: Layout, flat_items: torch.Tensor) -> CppPlan:
@@ -240,6 +256,7 @@ def _scratch(n: int, like: torch.Tensor) -> torch.Tensor:
 # 5 ms at 2.7M entries on 2 threads, 10 ms on one), else through 256 column buckets a chunk of entries at a
 # time (0.6-1.2 s at 43M over 65536 columns, against 4.5 s direct: a cache and TLB miss per entry).
 PLAN_DIRECT_BYTES, PLAN_CHUNK = 32 << 20, 1 << 20
+_TRANSPOSE_LOCK = threading.Lock()  # CppPlan.transposed: one build of a plan's W^T at a time
 
 TILE_DOTS_DENSITY = 0.03  # below: the dots read the step's tiles (measured: faster at 98-99%, slower at 90-95%)
 

@@ -36,10 +36,10 @@ from sparsec.dtypes import name_of as dtype_name
 from sparsec.formats import Layout, LayoutKey, format_of, layout_of
 from sparsec.runtime.aot import SHARED_LIMITS, compile_call, record_calls
 from sparsec.runtime.compile import compile_layer
-from sparsec.runtime.cpp import INDEX_TYPES, KERNEL_TYPES
+from sparsec.runtime.cpp import INDEX_TYPES, KERNEL_TYPES, CppPlan
 from sparsec.runtime.devices import Device, device_of
 from sparsec.runtime.launch import LaunchConfig, batch_split
-from sparsec.runtime.plans import index_plan
+from sparsec.runtime.plans import held_plan, index_plan
 from sparsec.runtime.strategies import DEFAULT, PROGRAMS, STRATEGIES, Strategy, Triton
 from sparsec.runtime.tunecache import TuneCache, TuneKey, TuningWarning, batch_bucket, density_bucket
 from sparsec.spec import parse_spec
@@ -253,6 +253,12 @@ def _reference(program: str, layout: Layout, index, operands: dict) -> torch.Ten
     return layout.values_from_dense(dy.T @ x, flat)
 
 
+def _holds_transposed(index: list[torch.Tensor]) -> bool:
+    """Whether the layer's cpp plan holds W^T (single weights build it at first use: ``CppPlan.transposed``)."""
+    plan = held_plan(index, "cpp")
+    return isinstance(plan, CppPlan) and plan.offsets_t is not None
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
     if got.shape != want.shape:
         return False
@@ -327,6 +333,9 @@ def tune_program(
         "bias": None if bias is None else bias.detach(),
     }
     want = _reference(program, layout, index, operands)
+    if any(s.plan_kind(backend) == "cpp" for s in viable):  # the layer's plan as its own calls build it
+        index_plan(key, "cpp", index)
+    had_transposed = _holds_transposed(index)  # blocks' plans hold it from the start; single weights' on use
     timed: dict[str, float] = {}
     by_label: dict[str, Strategy] = {}
     for strategy in viable:
@@ -346,6 +355,8 @@ def tune_program(
 
         timed[strategy.label] = timer(call)
         by_label[strategy.label] = strategy
+    if not had_transposed and _holds_transposed(index):  # built only to time cpp-transposed: the layer's
+        held_plan(index, "cpp").release_transposed()  # next use builds it again if its walk needs it
     chosen = min(timed, key=timed.get) if timed else None
     outcomes += [Outcome(n, "chosen" if n == chosen else "timed", s) for n, s in timed.items()]
     winner = by_label.get(chosen)

@@ -20,6 +20,7 @@ from sparsec.runtime import ops, tuner
 from sparsec.runtime.compile import compile_layer
 from sparsec.runtime.cpp import CppPlan, cpp_densify, cpp_sample
 from sparsec.runtime.devices import Device, cpu_device
+from sparsec.runtime.plans import held_plan
 from sparsec.runtime.strategies import STRATEGIES, Strategy
 from sparsec.runtime.tunecache import TuneCache, TuneKey, TuningWarning, batch_bucket, density_bucket
 from sparsec.tuning import summary
@@ -461,3 +462,81 @@ def test_eager_training_runs_a_tuned_walk_of_grad_input_and_another_strategy_thr
     assert eager == (tuned != "torch-csr")  # cpp's walks train eagerly; another strategy runs through the op
     assert walked == (["rows"] if tuned == "cpp-scatter" else [])
     torch.testing.assert_close(x.grad.double(), dy.double() @ layer.dense_weight().double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("built_before", [False, True])
+def test_tuning_grad_input_leaves_the_layers_w_t_as_it_found_it(built_before):
+    """Timing cpp-transposed builds W^T on the layer's own plan; a layer that did not hold it before (its
+    walk scatters through W's rows) is not left holding its memory, and one that did keeps it."""
+    layer, key, index = _layer("90%", 48, 40)
+    plan = ops.index_plan(key, "cpp", index)
+    if built_before:
+        plan.transposed()
+    walked = []
+    transposed = type(plan).transposed
+
+    def counting(p):
+        walked.append("columns")
+        return transposed(p)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(plan), "transposed", counting)
+        candidates = [STRATEGIES["cpp-scatter"], STRATEGIES["cpp-transposed"]]
+        seconds = {"cpp-scatter": 1.0, "cpp-transposed": 2.0}
+        result = _tune("grad_input", layer, key, index, 64, seconds, [], candidates=candidates)
+    assert walked and {o.strategy: o.status for o in result.outcomes}["cpp-transposed"] == "timed"
+    held = held_plan(index, "cpp")
+    assert held is plan and (held.offsets_t is not None) == built_before
+    dy = torch.randn(64, 48)
+    want = dy.double() @ layer.dense_weight().double()  # and W^T, when next walked, is built again right
+    got = STRATEGIES["cpp-transposed"].grad_input(key, "cpp", held, dy, layer.values.detach())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_thread_walking_w_t_while_another_builds_it_waits_for_the_whole_of_it():
+    """Thread a builds the layer's W^T (held inside the kernel until b has asked for it); b must neither
+    build it again nor read it before a's kernel has filled it."""
+    import threading
+
+    import sparsec.runtime.cpp as cpp
+
+    layer, key, index = _layer("90%", 2048, 1024)
+    plan = ops.index_plan(key, "cpp", index)
+    inside, proceed, builds, results = threading.Event(), threading.Event(), [], {}
+    library = cpp._plan_library
+
+    class HeldKernel:  # the plan library, with its W^T kernel held until the test lets it go
+        def __init__(self, lib):
+            self.lib = lib
+
+        def sparsec_transpose_plan(self, *args):
+            builds.append(1)
+            inside.set()
+            assert proceed.wait(timeout=30)
+            return self.lib.sparsec_transpose_plan(*args)
+
+    def walk(name):
+        wt = plan.transposed()
+        results[name] = (wt.offsets_t.clone(), wt.cols_t.clone(), wt.order_t.clone())
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpp, "_plan_library", lambda *types: HeldKernel(library(*types)))
+        a = threading.Thread(target=walk, args=("a",))
+        a.start()
+        assert inside.wait(timeout=30)
+        b = threading.Thread(target=walk, args=("b",))
+        b.start()
+        b.join(timeout=0.3)  # b waits on a's build (the bug: it returns now, with W^T's tensors unfilled)
+        proceed.set()
+        a.join()
+        b.join()
+    assert len(builds) == 1
+    # W^T by hand: each entry's row, the entries in (column, row) order, and where each column starts
+    rows = torch.repeat_interleave(torch.arange(plan.shape[0]), plan.offsets.long().diff())
+    cols = plan.cols.long()
+    order = torch.argsort(cols, stable=True)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(cols, minlength=plan.shape[1]).cumsum(0)])
+    for name in "ab":  # what each thread read is the whole of W^T
+        offsets_t, cols_t, order_t = results[name]
+        assert torch.equal(offsets_t, starts) and torch.equal(cols_t.long(), rows[order]), name
+        assert torch.equal(order_t.long(), order), name
