@@ -133,7 +133,7 @@ def check_ranks_agree(
     device = next(iter(layers.values())).values.device  # NCCL gathers device tensors only
     mine = torch.tensor(
         [
-            [float(layer.values.numel()), layer.whole_values().detach().sum(dtype=torch.float64).item()]
+            [float(layer.values.numel()), layer.whole_values().detach().double().sum().item()]
             for layer in layers.values()
         ],
         dtype=torch.float64,
