@@ -97,9 +97,12 @@ class CppPlan:
         return self
 
     def release_transposed(self) -> None:
-        """Let go of W^T (its next use builds it again): what a caller that built it only to time it does."""
-        self.cols_t = self.order_t = self.offsets_t = None
-        self.stale_t = False
+        """Let go of W^T (its next use builds it again): what a caller that built it only to time it does.
+        Not while another thread walks it (the tuner calls it from the thread whose call it tunes)."""
+        with _TRANSPOSE_LOCK:
+            self.offsets_t = None  # first: transposed() checks it without the lock
+            self.cols_t = self.order_t = None
+            self.stale_t = False
 
     def _build_transposed(self) -> None:
         out, inn = self.shape

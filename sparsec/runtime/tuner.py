@@ -36,11 +36,11 @@ from sparsec.dtypes import name_of as dtype_name
 from sparsec.formats import Layout, LayoutKey, format_of, layout_of
 from sparsec.runtime.aot import SHARED_LIMITS, compile_call, record_calls
 from sparsec.runtime.compile import compile_layer
-from sparsec.runtime.cpp import INDEX_TYPES, KERNEL_TYPES, CppPlan
+from sparsec.runtime.cpp import INDEX_TYPES, KERNEL_TYPES, CppPlan, scatters_grad_input
 from sparsec.runtime.devices import Device, device_of
 from sparsec.runtime.launch import LaunchConfig, batch_split
 from sparsec.runtime.plans import held_plan, index_plan
-from sparsec.runtime.strategies import DEFAULT, PROGRAMS, STRATEGIES, Strategy, Triton
+from sparsec.runtime.strategies import DEFAULT, PROGRAMS, STRATEGIES, Cpp, Strategy, Triton
 from sparsec.runtime.tunecache import TuneCache, TuneKey, TuningWarning, batch_bucket, density_bucket
 from sparsec.spec import parse_spec
 
@@ -259,6 +259,14 @@ def _holds_transposed(index: list[torch.Tensor]) -> bool:
     return isinstance(plan, CppPlan) and plan.offsets_t is not None
 
 
+def _walks_transposed(strategy: Strategy | None, index: list[torch.Tensor], batch: int, dtype: torch.dtype) -> bool:
+    """Whether ``strategy``'s ``grad_input`` at ``batch`` walks the layer's W^T (cpp-transposed, or cpp where
+    its rule walks W^T there): the layer will use the W^T its tuning built."""
+    if not isinstance(strategy, Cpp) or strategy.walk == "rows":
+        return False
+    return strategy.walk == "columns" or not scatters_grad_input(held_plan(index, "cpp"), batch, dtype)
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
     if got.shape != want.shape:
         return False
@@ -355,11 +363,11 @@ def tune_program(
 
         timed[strategy.label] = timer(call)
         by_label[strategy.label] = strategy
-    if not had_transposed and _holds_transposed(index):  # built only to time cpp-transposed: the layer's
-        held_plan(index, "cpp").release_transposed()  # next use builds it again if its walk needs it
     chosen = min(timed, key=timed.get) if timed else None
     outcomes += [Outcome(n, "chosen" if n == chosen else "timed", s) for n, s in timed.items()]
     winner = by_label.get(chosen)
+    if not had_transposed and _holds_transposed(index) and not _walks_transposed(winner, index, batch, values.dtype):
+        held_plan(index, "cpp").release_transposed()  # built only to time cpp-transposed: not the layer's walk
     result = TuneResult(tkey, chosen, timed.get(chosen), timed.get("dense"), tuple(outcomes))
     if winner is not None:
         cache.store(
