@@ -108,9 +108,10 @@ class SparseLayer(nn.Module):
 
     def __getstate__(self) -> dict:
         """What ``torch.save(model)`` and ``copy.deepcopy`` carry: everything but the decoded positions (weakly
-        cached, decoded again on request) and an armed grow capture (it feeds the live layer's MaskUpdater;
-        the index buffers' plans and tap are left out with them, ``runtime.tensor_state``)."""
-        return {**super().__getstate__(), "_cache": None, "_grow_capture": None}
+        cached, decoded again on request), an armed grow capture (it feeds the live layer's MaskUpdater;
+        the index buffers' plans and tap are left out with them, ``runtime.tensor_state``) and the values
+        Parameter a load replaced (only the live model's optimizer may still hold it)."""
+        return {**super().__getstate__(), "_cache": None, "_grow_capture": None, "replaced_values": None}
 
     @property
     def grow_capture(self):

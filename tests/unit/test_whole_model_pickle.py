@@ -69,8 +69,9 @@ def test_a_copy_of_an_armed_model_computes_the_same_and_holds_no_per_process_sta
     assert torch.equal(y, model(x))
     # the copy's backward feeds no capture of the original: the original's armed update still sees its own step
     y.square().sum().backward()
-    assert copied[0].values.grad is not None
+    assert copied[0].values.grad is not None and layer.grow_capture.calls == []  # the original saw nothing
     model(x).square().sum().backward()
+    assert len(layer.grow_capture.calls) == 1
     opt.step()
     changed = updater.step()
     assert changed and sum(changed.values()) > 0
