@@ -43,9 +43,10 @@ class MaskUpdater:
     ``init_sync=False`` may skip its broadcast). Under several ranks the next ``step()`` checks that the
     ranks still agree on every layer's values and raises, naming the fix, where they do not.
 
-    ``process_group``: the data-parallel group, whose ranks each see a shard of the batch and average their
-    gradients (what ``DistributedDataParallel(process_group=...)`` is given; HSDP's replicate group). A grow
-    step gathers its ``dY`` and ``X`` rows over it; None (default): the default process group, as DDP.
+    ``process_group``: every rank that sees another part of the batch and averages its gradient with the
+    others (what ``DistributedDataParallel(process_group=...)`` is given; with tensor parallelism beside it the
+    data-parallel dimension's group; under HSDP the whole mesh, not its replicate group). A grow step gathers
+    its ``dY`` and ``X`` rows over it; None (default): the default process group, as DDP.
     """
 
     def __init__(

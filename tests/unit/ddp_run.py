@@ -65,7 +65,7 @@ def data_parallel_group(rank: int, world: int):
 
 
 def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[dict[str, list[int]]]:
-    group, rank, world, replica = data_parallel_group(rank, world)
+    group, local, world, replica = data_parallel_group(rank, world)  # rank: global (files); local: its shard
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     sparsec.sparsify(model, spec=spec, policy=policy_of(policy), dense=["4"])
@@ -108,7 +108,7 @@ def train(spec: str, policy: str, rank: int, world: int, acc: int = 1) -> list[d
         y = (x @ teacher).argmax(1)
         if step < start:  # before the checkpoint: only the data is replayed
             continue
-        xs, ys = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
+        xs, ys = x[local * shard : (local + 1) * shard], y[local * shard : (local + 1) * shard]
         micro = shard // acc
         for m in range(acc):
             part = slice(m * micro, (m + 1) * micro)

@@ -195,12 +195,17 @@ def test_each_data_parallel_group_decides_its_masks_on_its_own_batch(policy, tmp
     """4 ranks in 2 data-parallel groups of 2 (DDP and MaskUpdater given ``process_group``), each replica on
     its own data: every rank holds the mask one process decides on its group's global batch, not on the
     rows of all 4 ranks (rigl gathers the update step's rows over the group; snfs folds every backward's)."""
-    one = tmp_path / "one"
-    assert _run("90%", policy, 1, one).returncode == 0
-    many = tmp_path / "many"
-    done = _run("90%", policy, 4, many, DDP_GROUPS="2")
+    one, many = tmp_path / "one", tmp_path / "many"
+    momentum = {"DDP_MOMENTUM": str(tmp_path / "m")} if policy == "snfs" else {}
+    assert _run("90%", policy, 1, one, **{k: f"{v}_one" for k, v in momentum.items()}).returncode == 0
+    done = _run("90%", policy, 4, many, DDP_GROUPS="2", **momentum)
     assert done.returncode == 0, done.stderr[-2000:]
     single, ranks = torch.load(one), [torch.load(f"{many}.{r}") for r in range(4)]
     assert len(single) == 4
     assert ranks[0] == single and ranks[1] == single  # group 0 trains on the single process's data
     assert ranks[2] == ranks[3] and ranks[2] != single  # group 1: its own data, its own masks
+    if momentum:  # snfs's shadows: the mean over the group's 2 ranks of dY^T X, one process's on its batch
+        want = torch.load(tmp_path / "m_one.0")
+        for rank in (0, 1):
+            for name, state in torch.load(tmp_path / f"m.{rank}").items():
+                assert torch.allclose(state["m"], want[name]["m"], rtol=1e-5, atol=1e-9), (rank, name)
