@@ -36,7 +36,9 @@ VARIANTS = ("dense", "static", "rigl")
 def run_child(args: dict) -> dict:
     """One (variant, H) run in this process; returns its measurements. ``args["device"]`` (default ``cpu``):
     where the model trains; on a GPU every timing waits for the device (an update's host-side work counts)
-    and ``gpu_peak_gb`` is added (bench/gpu_check.py runs it there, on the generated kernels)."""
+    and ``gpu_peak_gb`` is added (bench/gpu_check.py runs it there, on the generated kernels). The plan
+    rebuild on the cpp backend is the plans' rebuild from the buffers; on generated kernels, the write of
+    the positions an update runs (encoded into the index buffers, the plans refreshed)."""
     import torch
     from torch import nn
 
@@ -107,8 +109,8 @@ def run_child(args: dict) -> dict:
                 if not isinstance(m, sparsec.SparseLinear):
                     continue
                 index = list(m.index_buffers().values())
-                if ops.backend_for(m.values) != "cpp":  # generated kernels: the refresh an update runs
-                    plans.refresh_plan(index, m.positions())
+                if ops.backend_for(m.values) != "cpp":  # generated kernels: what an update's write of the
+                    m.write_positions(m.positions())  # positions runs (encode into the buffers, plans refreshed)
                     continue
                 held = plans.held_plan(index, "cpp")  # rebuilt into, as an update's refresh does
                 key = ops._key(m.values, *m.layout.op_key)
@@ -118,6 +120,7 @@ def run_child(args: dict) -> dict:
             rebuilds.append(now() - t)
         rebuild = sorted(rebuilds)[2]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the dense layers below
+    extra = {"gpu_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}  # the same
     budget = None  # the issue's budget: an update at most an ordinary step + 1.5 dense forwards of the layers
     if variant == "rigl" and update and ordinary and h <= 16384:  # the dense layers fit beside the model
         with torch.no_grad():
@@ -136,7 +139,6 @@ def run_child(args: dict) -> dict:
         mid = sorted(ordinary)[len(ordinary) // 2]
         budget = sorted(update)[len(update) // 2] / (mid + 1.5 * min(forwards))
     quarter = max(1, len(losses) // 4)
-    extra = {"gpu_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}
     return {
         **extra,
         "h": h,
@@ -163,15 +165,16 @@ def dense_bytes(h: int) -> int:
     return 3 * 4 * (1024 * h + h * h + 10 * h)
 
 
-def launch(args: dict, timeout: float) -> dict:
+def launch(args: dict, timeout: float, env: dict[str, str] | None = None) -> dict:
+    """``run_child(args)`` in a process of its own (its peak RSS its own; ``env`` added to this one's)."""
     cmd = [sys.executable, __file__, "--child", json.dumps(args)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {**args, "failed": f"past the {timeout:.0f} s budget"}
     if done.returncode != 0:
-        why = "killed (out of memory?)" if done.returncode < 0 else done.stderr.strip().splitlines()[-1][:120]
-        return {**args, "failed": why}
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1][:120]
+        return {**args, "failed": "killed (out of memory?)" if done.returncode < 0 else last}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
