@@ -1,4 +1,4 @@
-"""What a person with one GPU runs to check sparsec on it, in under 8 minutes.
+"""What a person with one GPU runs to check sparsec on it (its length never measured: no GPU lent yet).
 
 1. tests/gpu (every generated kernel against float64 at fp32/tf32/fp16/bf16, fp16 and bf16 RigL
    training with updates on every structure, autocast, a second device, CUDA graphs after an update);
